@@ -1,8 +1,25 @@
-"""TunedContext: the tuned keys/values of the demonstrations, used as every query's prefix."""
+"""TunedContext: the tuned keys/values of the demonstrations, used as every query's prefix.
+
+A context saves to a folder (`save` / `load`, `deepthink tune --out DIR`):
+
+    context.safetensors   per layer l: "k.l", "v.l", each [kv_heads, L, head_dim] (the batch axis dropped)
+    context.json          format version, deepthink version, model (name, source, weights and tokenizer
+                          fingerprints), dtype, tuning config, origin (task/seed/shots or demos file),
+                          demonstration text, prefix token ids and count, per-step ||dK||/||dV|| norms,
+                          why tuning stopped early (if it did), every tensor's name/shape/dtype, sha256
+
+Loading never unpickles (safetensors + JSON only) and refuses, saying what it expected and found: another
+model, tokenizer or dtype; a tensor file that is missing, truncated, altered or whose tensors do not match
+the JSON; a format version newer than this deepthink reads. Saving writes a temporary folder beside the
+target and renames it into place, so an interrupted save never leaves a folder that `load` accepts; a
+folder that already holds a context is replaced only with `overwrite=True`.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +38,7 @@ class TunedContext:
 
     def __init__(self, lm, keys: list[torch.Tensor], values: list[torch.Tensor], prefix_ids: list[int],
                  config: TuningConfig | None = None, demonstrations: str = "", steps_done: int = 1,
-                 history: list[dict] | None = None, stopped: str | None = None):
+                 history: list[dict] | None = None, stopped: str | None = None, origin: dict | None = None):
         self.lm, self.keys, self.values = lm, keys, values
         self.prefix_ids = list(prefix_ids)
         self.config = config
@@ -29,6 +46,7 @@ class TunedContext:
         self.steps_done = steps_done
         self.history = history or []
         self.stopped = stopped
+        self.origin = origin     # where the demonstrations came from, e.g. {"task": "sst2", "seed": 0, "shots": 1}
 
     @property
     def length(self) -> int:
@@ -58,26 +76,80 @@ class TunedContext:
         """
         if method not in METHODS:
             raise ValueError(f"unknown scoring method {method!r}; valid: {', '.join(METHODS)}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         units, n = scoring.prepare(self.lm.tokenizer, queries, choices, self.length,
                                    kv.max_positions(self.lm.config))
         fn = scoring.score_fast if method == "fast" else scoring.score_naive
         return fn(self.lm.model, self.prefix, units, n, len(queries), batch_size=batch_size, progress=progress)
 
+    def predict(self, queries: Sequence[str], choices, normalize: bool = False, method: str = "fast",
+                batch_size: int = 16, progress: bool = False) -> list[dict]:
+        """Score and pick one choice per query; one dict per query, in order:
+
+        {"query", "choices", "logprob" (summed per choice), "normalized" (per token), "prediction" (argmax of
+        logprob), "prediction_normalized" (argmax of normalized), "answer" (the chosen choice's text: by
+        normalized when `normalize`, else by logprob)}. Ties go to the first choice.
+        Unlike `score`, queries may have different numbers of choices: they are scored in groups of equal size.
+        """
+        if isinstance(queries, str) or not isinstance(queries, Sequence):
+            raise ValueError("queries must be a list of strings")
+        queries = list(queries)
+        if choices and all(isinstance(c, str) for c in choices):
+            choices = [list(choices)] * len(queries)
+        if not isinstance(choices, Sequence) or len(choices) != len(queries):
+            raise ValueError(f"got {len(queries)} queries but {len(choices)} choice lists: pass one list per "
+                             "query or a single list of strings shared by all")
+        groups: dict[int, list[int]] = {}
+        for i, cs in enumerate(choices):
+            groups.setdefault(len(cs), []).append(i)
+        rows: list[dict | None] = [None] * len(queries)
+        for idx in groups.values():
+            try:
+                s = self.score([queries[i] for i in idx], [list(choices[i]) for i in idx], method=method,
+                               batch_size=batch_size, progress=progress)
+            except ValueError as e:   # name the caller's query index, not the index inside the group
+                raise ValueError(re.sub(r"^query (\d+)", lambda m: f"query {idx[int(m[1])]}", str(e))) from None
+            by_sum, by_norm = s.predictions(), s.predictions(normalize=True)
+            for g, i in enumerate(idx):
+                cs = list(choices[i])
+                rows[i] = {"query": queries[i], "choices": cs, "logprob": s.logprob[g],
+                           "normalized": s.normalized[g], "prediction": by_sum[g],
+                           "prediction_normalized": by_norm[g], "answer": cs[by_norm[g] if normalize else by_sum[g]]}
+        return rows
+
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_at_eos: bool = True) -> str:
-        """Continue `prompt` after the tuned prefix (greedy at temperature 0, else nucleus sampling)."""
+        """Continue `prompt` after the tuned prefix (greedy at temperature 0, else nucleus sampling).
+
+        The prompt is tokenised without special tokens and sits right after the prefix, as a scored query
+        does; the returned text is the continuation only (the end-of-sequence token is not included).
+        """
+        return self.lm.tokenizer.decode(self.generate_tokens(prompt, max_new_tokens, temperature, top_p, seed,
+                                                             stop_at_eos))
+
+    def generate_tokens(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                        top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> list[int]:
+        """`generate`, returning the new token ids instead of text."""
         return _generate(self, prompt, max_new_tokens, temperature, top_p, seed, stop_at_eos)
 
-    def save(self, path) -> Path:
-        """Write safetensors + JSON to the folder `path` (atomically: temporary folder, then rename)."""
-        return _save(self, path)
+    def save(self, path, overwrite: bool = False) -> Path:
+        """Write safetensors + JSON to the folder `path` (atomically: temporary folder, then rename).
+
+        `path` must not exist, or be an empty folder; a folder holding an earlier context is replaced only
+        with overwrite=True, and any other existing folder is refused.
+        """
+        return _save(self, path, overwrite)
 
     @staticmethod
     def load(path, lm, device=None) -> "TunedContext":
         """Read a saved context for `lm`; refuses another model, tokenizer or dtype and altered files."""
         return _load(path, lm, device)
+
+    @staticmethod
+    def read_config(path) -> dict:
+        """The checked context.json of a saved context (without its tensors): e.g. to learn its model."""
+        return read_config(path)
 
 
 @torch.inference_mode()
@@ -95,34 +167,79 @@ def zero_shot(lm) -> TunedContext:
 FORMAT_VERSION = 1
 TENSORS = "context.safetensors"
 CONFIG = "context.json"
+REQUIRED = ("format_version", "model", "dtype", "tuning", "steps_done", "stopped", "demonstrations", "prefix_ids",
+            "tokens", "layers", "history", "tensors", "checksums")
 
 
-def _save(ctx: TunedContext, path) -> Path:
-    """Write `path/` atomically: tensors to a temporary folder beside it, then one rename."""
-    from safetensors.torch import save_file
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
-    from . import __version__
-    from .models import sha256_file
 
+def check_output_dir(path, overwrite: bool = False) -> Path:
+    """Raise a clear error unless a context may be written to `path`; returns it as a Path.
+
+    Allowed: a path that does not exist, an empty folder, or (only with overwrite) a folder holding a
+    saved context. The parent folder is created if needed and must be writable.
+    """
     path = Path(path)
-    if path.exists() and not (path / CONFIG).exists():
-        raise FileExistsError(f"{path} exists and is not a deepthink context: choose a new output directory")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise FileExistsError(f"{path} exists and is not a folder: choose a new output directory")
+        if any(path.iterdir()):
+            if not (path / CONFIG).is_file():
+                raise FileExistsError(f"{path} exists, is not empty and does not hold a deepthink context: "
+                                      "choose a new output directory (it is never overwritten)")
+            if not overwrite:
+                raise FileExistsError(f"{path} already holds a tuned context: pass --overwrite "
+                                      "(overwrite=True) to replace it, or choose a new output directory")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.probe-"))
+    except OSError as e:
+        raise OSError(f"cannot write the context to {path}: {path.parent} is not writable "
+                      f"({e.strerror or e}); choose another output directory") from e
+    return path
+
+
+def _write_synced(path: Path, write) -> None:
+    """Create `path` with write(f) and flush it to disk before anything is renamed over it."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
+    """Write `path/` atomically: both files to a temporary folder beside it, then one rename.
+
+    The tensors are written first and context.json (holding their checksum) last, so a folder left by a
+    killed process has no context.json, or a complete one; it also keeps its temporary name.
+    """
+    from safetensors.torch import save
+
+    from . import __version__
+
+    path = check_output_dir(path, overwrite)
+    try:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     except OSError as e:
-        raise OSError(f"cannot write the context to {path}: {e.strerror or e}; choose a writable --out") from e
+        raise OSError(f"cannot write the context to {path} ({e.strerror or e}): choose a writable directory") from e
+    old = None
     try:
-        tensors = {f"{kind}.{i}": t[0].contiguous().cpu()
+        tensors = {f"{kind}.{i}": t[0].detach().contiguous().cpu()
                    for kind, ts in (("k", ctx.keys), ("v", ctx.values)) for i, t in enumerate(ts)}
-        save_file(tensors, tmp / TENSORS)
+        blob = save(tensors)
+        _write_synced(tmp / TENSORS, lambda f: f.write(blob))
+        lm = ctx.lm
         meta = {
             "format_version": FORMAT_VERSION,
             "deepthink_version": __version__,
-            "model": {"name": ctx.lm.name, "source": ctx.lm.source, "fingerprint": ctx.lm.fingerprint,
-                      "tokenizer_fingerprint": ctx.lm.tokenizer_fingerprint, "model_type": ctx.lm.config.model_type},
-            "dtype": str(ctx.lm.dtype).removeprefix("torch."),
+            "model": {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint,
+                      "tokenizer_fingerprint": lm.tokenizer_fingerprint, "model_type": lm.config.model_type,
+                      "max_positions": kv.max_positions(lm.config), "sliding_window": kv.sliding_window(lm.config)},
+            "dtype": _dtype_name(lm.dtype),
             "tuning": ctx.config.to_dict() if ctx.config else None,
+            "origin": ctx.origin,
             "steps_done": ctx.steps_done,
             "stopped": ctx.stopped,
             "demonstrations": ctx.demonstrations,
@@ -130,73 +247,134 @@ def _save(ctx: TunedContext, path) -> Path:
             "tokens": ctx.length,
             "layers": len(ctx.keys),
             "history": ctx.history,
-            "checksums": {TENSORS: sha256_file(tmp / TENSORS)},
+            "tensors": {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for name, t in tensors.items()},
+            "checksums": {TENSORS: _sha256(blob)},
         }
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-        if path.exists():
-            shutil.rmtree(path)
+        text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
+        _write_synced(tmp / CONFIG, lambda f: f.write(text.encode("utf-8")))
+        if path.exists():            # an empty folder, or an earlier context (overwrite=True, checked above)
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return path
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_config(path) -> dict:
+    """context.json of a saved context, checked for presence, format version and required fields."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no saved context at {path}: expected a folder written by `deepthink tune --out` "
+                                "or TunedContext.save")
+    if not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{path / CONFIG} not found: {path} is not a (complete) saved deepthink context; "
+                                "re-run `deepthink tune`")
+    try:
+        meta = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path / CONFIG} cannot be read as JSON ({e}): the artifact is damaged; "
+                         "re-run `deepthink tune`") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path / CONFIG} holds {type(meta).__name__}, expected a JSON object: not a deepthink context")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path / CONFIG}: format_version {version!r} is not one deepthink knows "
+                         f"(expected an integer 1..{FORMAT_VERSION}): not a deepthink context")
+    if version > FORMAT_VERSION:
+        made = meta.get("deepthink_version", "a newer deepthink")
+        raise ValueError(f"{path} has context format version {version}, newer than the {FORMAT_VERSION} this "
+                         f"deepthink reads (it was written by deepthink {made}): upgrade deepthink")
+    missing = [k for k in REQUIRED if k not in meta]
+    missing += [f"model.{k}" for k in ("name", "source", "fingerprint", "tokenizer_fingerprint")
+                if not isinstance(meta.get("model"), dict) or k not in meta["model"]]
+    if missing:
+        raise ValueError(f"{path / CONFIG} lacks field(s) {missing}: the artifact is damaged; re-run `deepthink tune`")
+    wrong = [k for k, kind in (("layers", int), ("tokens", int), ("steps_done", int), ("prefix_ids", list),
+                               ("history", list), ("tensors", dict), ("checksums", dict), ("demonstrations", str))
+             if not isinstance(meta[k], kind)]
+    if wrong:
+        raise ValueError(f"{path / CONFIG}: field(s) {wrong} have the wrong type: the artifact is damaged; "
+                         "re-run `deepthink tune`")
+    return meta
 
 
 def _load(path, lm, device=None) -> TunedContext:
     """Read a saved context, refusing anything made for another model, tokenizer or dtype, or altered."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .models import sha256_file
+    from safetensors.torch import load
 
     path = Path(path)
-    if not (path / CONFIG).is_file():
-        raise FileNotFoundError(f"{path / CONFIG} not found: {path} is not a saved deepthink context")
-    try:
-        meta = json.loads((path / CONFIG).read_text())
-    except ValueError as e:
-        raise ValueError(f"{path / CONFIG} is not valid JSON ({e}): the artifact is damaged; re-run `deepthink tune`") from e
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {version!r} is newer than this deepthink reads ({FORMAT_VERSION}); "
-                         "upgrade deepthink")
-
-    def expect(what, wanted, found):
-        if wanted != found:
-            raise ValueError(f"{path} was made for {what} {wanted!r}, but the loaded model has {found!r}: "
-                             f"load the model the context was tuned with")
-
+    meta = read_config(path)
     m = meta["model"]
-    expect("model fingerprint", m["fingerprint"], lm.fingerprint)
-    expect("tokenizer fingerprint", m["tokenizer_fingerprint"], lm.tokenizer_fingerprint)
-    expect("dtype", meta["dtype"], str(lm.dtype).removeprefix("torch."))
+    dtype = _dtype_name(lm.dtype)
+    if meta["dtype"] != dtype:
+        raise ValueError(f"{path} was tuned in {meta['dtype']}, but the model is loaded in {dtype}: "
+                         f"load it with --dtype {meta['dtype']} (dtype=torch.{meta['dtype']})")
+    if m["fingerprint"] != lm.fingerprint:
+        raise ValueError(f"{path} was made for model {m['name']!r} (weights fingerprint {m['fingerprint'][:16]}), "
+                         f"but the loaded model {lm.name!r} has fingerprint {lm.fingerprint[:16]}: load the model "
+                         f"the context was tuned with ({m['source']})")
+    if m["tokenizer_fingerprint"] != lm.tokenizer_fingerprint:
+        raise ValueError(f"{path} was made with tokenizer fingerprint {m['tokenizer_fingerprint'][:16]}, but the "
+                         f"loaded tokenizer has {lm.tokenizer_fingerprint[:16]}: load the tokenizer of "
+                         f"{m['name']!r} that the context was tuned with")
     tensor_file = path / TENSORS
     if not tensor_file.is_file():
         raise FileNotFoundError(f"{tensor_file} is missing: the artifact is incomplete; re-run `deepthink tune`")
-    digest = sha256_file(tensor_file)
-    if digest != meta["checksums"][TENSORS]:
-        raise ValueError(f"{tensor_file} is altered or truncated (sha256 {digest[:12]}… != recorded "
-                         f"{meta['checksums'][TENSORS][:12]}…): re-run `deepthink tune`")
+    blob = tensor_file.read_bytes()
+    digest, want = _sha256(blob), str(meta["checksums"].get(TENSORS))
+    if digest != want:
+        raise ValueError(f"{tensor_file} is altered or truncated: its sha256 is {digest[:16]}, context.json records "
+                         f"{want[:16]} ({len(blob)} bytes now); re-run `deepthink tune`")
     try:
-        tensors = load_file(tensor_file, device=str(device or lm.device))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{tensor_file} cannot be read ({e}): re-run `deepthink tune`") from e
-    n = meta["layers"]
-    keys = [tensors[f"k.{i}"][None] for i in range(n)]
-    values = [tensors[f"v.{i}"][None] for i in range(n)]
+        tensors = load(blob)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{tensor_file} cannot be read as safetensors ({e}): re-run `deepthink tune`") from e
+    found = {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for name, t in tensors.items()}
+    n, L, recorded = meta["layers"], meta["tokens"], meta["tensors"]
+    if set(recorded) != {f"{kind}.{i}" for kind in "kv" for i in range(n)}:
+        raise ValueError(f"{path / CONFIG} lists tensors {sorted(recorded)[:4]}... but records {n} layers (k.0..k.{n - 1}, "
+                         "v.0..): the artifact is damaged; re-run `deepthink tune`")
+    diff = sorted(k for k in set(found) | set(recorded) if found.get(k) != recorded.get(k))
+    if diff:
+        raise ValueError(f"{tensor_file} does not match {CONFIG}: " + "; ".join(
+            f"{k}: expected {recorded.get(k) or 'no such tensor'}, found {found.get(k) or 'nothing'}" for k in diff[:4])
+            + "; re-run `deepthink tune`")
+    bad = [k for k, t in found.items() if t["dtype"] != dtype or len(t["shape"]) != 3 or t["shape"][-2] != L]
+    if bad or len(meta["prefix_ids"]) != L:
+        raise ValueError(f"{path}: tensors {bad[:4]} or the {len(meta['prefix_ids'])} prefix ids disagree with the "
+                         f"recorded {L} tokens in {dtype} ([kv_heads, {L}, head_dim] each): the artifact is damaged; "
+                         "re-run `deepthink tune`")
+    target = torch.device(device) if device is not None else lm.device
+    keys = [tensors[f"k.{i}"][None].to(target) for i in range(n)]           # (1, kv_heads, L, head_dim)
+    values = [tensors[f"v.{i}"][None].to(target) for i in range(n)]
     config = TuningConfig.from_dict(meta["tuning"]) if meta["tuning"] else None
     return TunedContext(lm, keys, values, meta["prefix_ids"], config=config, demonstrations=meta["demonstrations"],
-                        steps_done=meta["steps_done"], history=meta["history"], stopped=meta["stopped"])
+                        steps_done=meta["steps_done"], history=meta["history"], stopped=meta["stopped"],
+                        origin=meta.get("origin"))
 
 
 @torch.inference_mode()
 def _generate(ctx: TunedContext, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> str:
-    """Continue `prompt` after the tuned prefix: greedy when temperature == 0, else nucleus sampling."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+              top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> list[int]:
+    """New token ids continuing `prompt` after the tuned prefix: greedy at temperature 0, else nucleus sampling."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {top_p!r}")
+    if not isinstance(prompt, str):
+        raise ValueError(f"the prompt must be a string, got {type(prompt).__name__}")
     lm = ctx.lm
     ids = lm.tokenizer(prompt, add_special_tokens=False).input_ids
     if not ids:
@@ -206,32 +384,31 @@ def _generate(ctx: TunedContext, prompt: str, max_new_tokens: int = 64, temperat
         raise ValueError(f"{ctx.length} prefix + {len(ids)} prompt + {max_new_tokens} new tokens exceed the "
                          f"model's {limit} positions: lower --max-new-tokens or shorten the prompt")
     gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(lm.model) else {}
     cache = kv.build_cache(lm.model, *ctx.prefix)
-    x = torch.tensor([ids], device=lm.device)
+    x = torch.tensor([ids], device=lm.device)                                  # (1, T), then (1, 1)
     out_ids: list[int] = []
     eos = lm.tokenizer.eos_token_id
     for _ in range(max_new_tokens):
-        out = lm.model(x, cache=cache, use_cache=True, logits_to_keep=1) if _takes_logits_to_keep(lm.model) \
-            else lm.model(x, cache=cache, use_cache=True)
+        out = lm.model(x, cache=cache, use_cache=True, **kwargs)
         cache = out.cache
-        logits = out.logits[0, -1].float()
+        logits = out.logits[0, -1].float()                                     # (V,)
         if temperature == 0:
             nxt = int(logits.argmax())
         else:
             probs = (logits / temperature).softmax(-1).cpu()
             sorted_p, idx = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < top_p
+            keep = sorted_p.cumsum(0) - sorted_p < top_p                       # always keeps the top token
             sorted_p = sorted_p * keep
             nxt = int(idx[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
         if stop_at_eos and nxt == eos:
             break
         out_ids.append(nxt)
         x = torch.tensor([[nxt]], device=lm.device)
-    return lm.tokenizer.decode(out_ids)
+    return out_ids
 
 
 def _takes_logits_to_keep(model) -> bool:
     import inspect
 
     return "logits_to_keep" in inspect.signature(model.forward).parameters
-
