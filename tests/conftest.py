@@ -107,3 +107,13 @@ def approx(expected, abs=1e-4):
     import numpy as np
 
     return pytest.approx(np.asarray(expected, dtype=float), abs=abs, rel=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved as a local Hugging Face model folder (what `--model DIR` takes)."""
+    lm = tiny_lm("llama")
+    d = tmp_path_factory.mktemp("tiny-llama")
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d

@@ -250,7 +250,7 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
             "tensors": {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for name, t in tensors.items()},
             "checksums": {TENSORS: _sha256(blob)},
         }
-        text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
+        text = _dumps(meta)
         _write_synced(tmp / CONFIG, lambda f: f.write(text.encode("utf-8")))
         if path.exists():            # an empty folder, or an earlier context (overwrite=True, checked above)
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
@@ -261,6 +261,13 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
             if leftover is not None and leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
     return path
+
+
+def _dumps(meta: dict) -> str:
+    """Indented JSON with every list of plain numbers on one line (a raw newline never occurs in a string)."""
+    text = json.dumps(meta, indent=1, ensure_ascii=False)
+    return re.sub(r"\[\n([^\[\]{}\"]*?)\n\s*\]", lambda m: "[" + ", ".join(x.strip() for x in m[1].split(",")) + "]",
+                  text) + "\n"
 
 
 def _sha256(data: bytes) -> str:

@@ -1,0 +1,133 @@
+"""The evaluation runner end to end on a tiny model folder: outputs, honesty, resume, reproducibility."""
+import json
+
+import pytest
+
+from deepthink import cli, evaluate
+from deepthink.evaluate import EvalConfig, SETTINGS
+
+ARGS = ["--task", "sentiment-demo", "sst2", "--seeds", "0", "1", "--shots", "1", "--steps", "3",
+        "--dev-size", "6", "--max-eval", "8", "--quiet"]
+
+
+def run_cli(tmp, model_dir, out, *extra):
+    return cli.main(["eval", "--model", str(model_dir), *ARGS, "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert run_cli(None, tiny_model_dir, out, "--curve") == 0
+    return out
+
+
+def test_outputs_are_complete(finished):
+    res = json.loads((finished / "results.json").read_text())
+    assert {"deepthink", "torch", "transformers", "git"} <= set(res["environment"])
+    assert len(res["units"]) == 4
+    for u in res["units"]:
+        assert set(u["accuracy"]) == set(SETTINGS)
+        assert all(set(a) == {"sum", "norm"} for a in u["accuracy"].values())
+        assert 1 <= u["chosen_steps"] <= 3 and len(u["dev_curve"]) == 3
+        assert u["eval_curve"]["label"] == evaluate.ORACLE      # the per-step eval curve is marked
+        assert u["n_eval"] == 8 and u["n_dev"] == 6
+        assert u["model_fingerprint"] and u["config"]["steps"] == 3 and u["demonstrations"]["tokens"] > 0
+        assert len(u["norms"]["dt_dev"]) == 3 and len(u["norms"]["dt_dev"][1]["dk"]) == 2
+        assert {"zero_shot", "icl", "dt_fixed", "total"} <= set(u["wall_s"])
+        # demonstrations, dev and scored items never overlap
+        demo = {(d["split"], d["index"]) for d in u["demonstrations"]["items"]}
+        dev = {("train", i) for i in u["dev_indices"]}
+        ev = {("eval", i) for i in u["eval_indices"]}
+        assert not (demo & dev) and not (demo & ev) and not (dev & ev)
+    preds = [json.loads(l) for l in (finished / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4 * 8
+    for p in preds:
+        for s in SETTINGS:
+            assert len(p[s]["logprob"]) == 2 and p[s]["pred"] in (0, 1)
+    assert len(list((finished / "plots").glob("*.png"))) == 2
+
+
+def test_dev_choice_is_argmax_with_ties_to_smaller_T(finished):
+    for u in json.loads((finished / "results.json").read_text())["units"]:
+        accs = [p["sum"] for p in u["dev_curve"]]
+        assert u["chosen_steps"] == accs.index(max(accs)) + 1
+
+
+def test_reported_numbers_come_from_predictions(finished):
+    preds = [json.loads(l) for l in (finished / "predictions.jsonl").read_text().splitlines()]
+    for u in json.loads((finished / "results.json").read_text())["units"]:
+        rows = [p for p in preds if (p["model"], p["task"], p["seed"]) == (u["model"], u["task"], u["seed"])]
+        for s in SETTINGS:
+            acc = 100 * sum(r[s]["pred"] == r["gold"] for r in rows) / len(rows)
+            assert u["accuracy"][s]["sum"] == pytest.approx(acc)
+
+
+def test_rerun_skips_and_reproduces(finished, tiny_model_dir, tmp_path, capsys):
+    before = (finished / "results.json").read_text()
+    assert run_cli(None, tiny_model_dir, finished, "--curve") == 0
+    assert "already done" in capsys.readouterr().out
+    fresh = tmp_path / "again"
+    assert run_cli(None, tiny_model_dir, fresh, "--curve") == 0
+    a = json.loads(before)["units"]
+    b = json.loads((fresh / "results.json").read_text())["units"]
+    key = lambda u: (u["task"], u["seed"])
+    for x, y in zip(sorted(a, key=key), sorted(b, key=key)):
+        assert x["accuracy"] == y["accuracy"] and x["dev_curve"] == y["dev_curve"]
+
+
+def test_interrupt_loses_only_the_unit_in_flight(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = evaluate.run_unit
+    calls = []
+
+    def flaky(lm, task, seed, cfg, **kw):
+        calls.append((task.name, seed))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(lm, task, seed, cfg, **kw)
+
+    monkeypatch.setattr(evaluate, "run_unit", flaky)
+    assert run_cli(None, tiny_model_dir, out) == 130
+    done = sorted(p.name for p in (out / "units").iterdir())
+    assert len([d for d in done if d.endswith("seed0.json")]) == 1 and not any(d.startswith(".") for d in done)
+    monkeypatch.setattr(evaluate, "run_unit", real)
+    assert run_cli(None, tiny_model_dir, out) == 0
+    assert len(list((out / "units").glob("*seed?.json"))) == 4
+
+
+def test_changed_settings_refuse_to_mix(finished, tiny_model_dir, capsys):
+    assert run_cli(None, tiny_model_dir, finished, "--step-size", "0.5") == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_report_merges_runs(finished, tmp_path, capsys):
+    assert cli.main(["report", str(finished), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "DT dev-T" in out and "sentiment-demo" in out and "sst2" in out
+    assert (tmp_path / "results.json").exists()
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--task", "nope"], "unknown task"),
+    (["--task", "sst2", "--shots", "0"], "shots"),
+    (["--task", "sst2", "--momentum", "1.5"], "momentum"),
+    (["--task", "sst2", "--data-dir", "/nonexistent"], "does not exist"),
+])
+def test_bad_eval_arguments(tiny_model_dir, tmp_path, capsys, argv, match):
+    assert cli.main(["eval", "--model", str(tiny_model_dir), *argv, "--out", str(tmp_path), "--quiet"]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_unwritable_out(tiny_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["eval", "--model", str(tiny_model_dir), "--task", "sst2", "--out", str(blocker / "sub")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_eval_config_validation():
+    with pytest.raises(ValueError, match="max-eval"):
+        EvalConfig(max_eval=0)
+    with pytest.raises(ValueError, match="TuningConfig.steps"):
+        EvalConfig(steps=0)
