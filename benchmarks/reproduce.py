@@ -1,0 +1,162 @@
+"""Reproduction benchmark: the paper's ten tasks on the real models installable here, >= 3 seeds.
+
+Resumable: every (model, task, seed) unit is saved when it finishes under
+benchmarks/results/reproduction/<profile>/; run the same command again to continue. When all units
+of the profile are present (or with --write-only) it writes benchmarks/results/REPRODUCTION.md.
+
+    python benchmarks/reproduce.py                      # default profile
+    python benchmarks/reproduce.py --profile full       # bigger eval/dev sizes, adds qwen2.5-coder-0.5b
+    python benchmarks/reproduce.py --models smollm2-135m --tasks sst2   # a slice of the profile
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from deepthink import evaluate, report
+from deepthink.evaluate import EvalConfig
+from deepthink.tasks import list_tasks
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+PAPER = ROOT.parents[1] / "shared" / "PAPER.md"
+TASKS = [t for t in list_tasks() if t != "sentiment-demo"]
+
+# Sizes are chosen so that the default profile fits about 2 hours on a 2-core CPU (see README).
+PROFILES = {
+    "default": dict(models=["gemma3-270m", "smollm2-135m"], seeds=[0, 1, 2],
+                    config=EvalConfig(shots=1, steps=15, step_size=0.01, momentum=0.9, fixed_steps=5,
+                                      fixed_momentum=0.0, dev_size=32, max_eval=100)),
+    "full": dict(models=["gemma3-270m", "smollm2-135m", "qwen2.5-coder-0.5b"], seeds=[0, 1, 2, 3, 4],
+                 config=EvalConfig(shots=1, steps=15, step_size=0.01, momentum=0.9, fixed_steps=5,
+                                   fixed_momentum=0.0, dev_size=128, max_eval=500)),
+}
+PAPER_TASKS = {"SST2": "sst2", "SST5": "sst5", "TREC": "trec", "MR": "mr", "AGNews": "agnews"}
+
+
+def paper_table2(path: Path = PAPER) -> dict[str, dict[str, tuple[float, float]]]:
+    """{model: {task: (ICL, Deep-Thinking)}} from PAPER.md's v3 Table 2, if the file is there."""
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    section = text.split("## v3 Table 2", 1)[-1].split("##", 1)[0]
+    out = {}
+    for m in re.finditer(r"^\| ([^|]+?) \| ([\d. /]+) \| ([\d. /]+) \|$", section, re.M):
+        icl = [float(x) for x in m.group(2).split("/")]
+        dt = [float(x) for x in m.group(3).split("/")]
+        out[m.group(1)] = {t: (a, b) for t, a, b in zip(PAPER_TASKS.values(), icl, dt)}
+    return out
+
+
+def fmt(ms) -> str:
+    return f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+
+def write_markdown(profile: str, out_dir: Path, command: str) -> Path:
+    units = report.load_units([out_dir])
+    rows = report.summarize(units, "sum")
+    norm_rows = {(r["model"], r["task"]): r for r in report.summarize(units, "norm")}
+    cfg = units[0]["config"]
+    env = units[0]["environment"]
+    paper = paper_table2()
+    lines = [
+        "# Reproduction: zero-shot vs ICL vs Deep-Thinking on the paper's ten tasks",
+        "",
+        f"Profile `{profile}`, produced by `{command}` (resumable; units in "
+        f"`{out_dir.relative_to(ROOT.parent)}/units/`, per-item scores in `predictions.jsonl`).",
+        f"deepthink {env['deepthink']} (git {str(env['git'])[:10]}), torch {env['torch']}, transformers "
+        f"{env['transformers']}, {env['threads']} CPU threads, {env['platform']}.",
+        "",
+        "Protocol (per model, task and seed): demonstrations sampled as the reference does "
+        f"({cfg['shots']} per class, or {cfg['shots']} in total for tasks without fixed labels); "
+        f"eval = a seeded random {cfg['max_eval']} items of the scored split (fewer where the split is smaller); "
+        f"dev = {cfg['dev_size']} items drawn from the training data, disjoint from the demonstrations. "
+        f"DT fixed-T: T = {cfg['fixed_steps']}, momentum {cfg['fixed_momentum']} (the ACL paper's no-dev "
+        f"setting). DT dev-T: T in 1..{cfg['steps']} with momentum {cfg['momentum']}, chosen by dev accuracy "
+        f"(ties to the smaller T); T = 1 is plain ICL. Step size {cfg['step_size']}. Nothing is chosen on eval. "
+        "Scoring: summed log-probability of the choice tokens (the per-token table follows).",
+        "",
+        "## Accuracy % (mean ± std over seeds, summed log-prob)",
+        "",
+        "| model | task | seeds | n eval | zero-shot | ICL | DT fixed-T | DT dev-T | dev-chosen T | DT dev − ICL |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['task']} | {len(r['seeds'])} | {r['n_eval']} | {fmt(r['zero_shot'])} | "
+                     f"{fmt(r['icl'])} | {fmt(r['dt_fixed'])} | {fmt(r['dt_dev'])} | "
+                     f"{','.join(map(str, r['chosen_steps']))} | {r['dt_dev'][0] - r['icl'][0]:+.1f} |")
+    lines += ["", "## Accuracy % with per-token normalised scores (same runs)", "",
+              "| model | task | zero-shot | ICL | DT fixed-T | DT dev-T |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        n = norm_rows[(r["model"], r["task"])]
+        lines.append(f"| {r['model']} | {r['task']} | {fmt(n['zero_shot'])} | {fmt(n['icl'])} | "
+                     f"{fmt(n['dt_fixed'])} | {fmt(n['dt_dev'])} |")
+    lines += ["", "## Does Deep-Thinking help here?", ""]
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        for key, label in (("dt_fixed", "DT fixed-T"), ("dt_dev", "DT dev-T")):
+            gains = [r[key][0] - r["icl"][0] for r in mine]
+            better = [r["task"] for r, g in zip(mine, gains) if g > 0]
+            worse = [r["task"] for r, g in zip(mine, gains) if g < 0]
+            lines.append(f"- **{model}, {label} vs ICL**: mean change {sum(gains) / len(gains):+.1f} points over "
+                         f"{len(mine)} tasks; higher on {', '.join(better) or 'none'}; lower on "
+                         f"{', '.join(worse) or 'none'}.")
+        zs = [r["zero_shot"][0] - r["icl"][0] for r in mine]
+        lines.append(f"- **{model}, zero-shot vs ICL**: mean {sum(zs) / len(zs):+.1f} points "
+                     "(positive = the model does better without demonstrations).")
+    lines += ["", "These are small models (135M–270M parameters) with one demonstration per class and "
+              f"{cfg['max_eval']}-item eval subsets: one item is {100 / cfg['max_eval']:.0f} point(s), and the "
+              "seed-to-seed spread is often larger than the differences between settings. Read the "
+              "± columns before the means."]
+    if paper:
+        lines += ["", "## The paper's numbers (v3 Table 2, ICL → Deep-Thinking, other models, 10 seeds, "
+                  "more shots, T chosen with a dev set)", "",
+                  "| paper model | " + " | ".join(PAPER_TASKS) + " |", "|---|" + "---|" * len(PAPER_TASKS)]
+        for model, vals in paper.items():
+            lines.append(f"| {model} | " + " | ".join(f"{vals[t][0]} → {vals[t][1]}" for t in PAPER_TASKS.values())
+                         + " |")
+        lines += ["", "None of the paper's model families can be installed here (../shared/MODELS.md), and the "
+                  "paper publishes no per-task table for COPA, HellaSwag, OBQA, QASC or WinoGrande, so no row "
+                  "above is a like-for-like comparison."]
+    notes = sorted({n for u in units for n in u["notes"]})
+    if notes:
+        lines += ["", "## Deviations from the reference, as recorded by the runs", ""] + [f"- {n}" for n in notes]
+    plots = sorted((out_dir / "plots").glob("*.png"))
+    if plots:
+        lines += ["", "## Plots", "", "Accuracy vs step on dev (dotted line: the chosen T) and per-layer "
+                  "‖ΔK‖, ‖ΔV‖ per step, one figure per model and task:", ""]
+        lines += [f"- [{p.stem}]({p.relative_to(RESULTS)})" for p in plots]
+    total = sum(u["wall_s"]["total"] for u in units)
+    lines += ["", f"Total wall time of the {len(units)} units: {total / 60:.1f} min."]
+    path = RESULTS / "REPRODUCTION.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="default", choices=sorted(PROFILES), help="sizes and models (default: default)")
+    p.add_argument("--models", nargs="+", default=None, help="run only these models of the profile")
+    p.add_argument("--tasks", nargs="+", default=None, choices=TASKS, help="run only these tasks")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="run only these seeds")
+    p.add_argument("--data-dir", default=None, help="folder with <task>/{train,eval}.jsonl (default: ../shared/data)")
+    p.add_argument("--write-only", action="store_true", help="only (re)write REPRODUCTION.md from finished units")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    prof = PROFILES[args.profile]
+    out_dir = RESULTS / "reproduction" / args.profile
+    if not args.write_only:
+        evaluate.run(args.models or prof["models"], args.tasks or TASKS, args.seeds or prof["seeds"],
+                     prof["config"], out_dir, data_dir=args.data_dir, progress=not args.quiet)
+    command = "python benchmarks/reproduce.py" + ("" if args.profile == "default" else f" --profile {args.profile}")
+    path = write_markdown(args.profile, out_dir, command)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
