@@ -7,13 +7,20 @@ import sys
 from .models import DEFAULT_MODEL, REGISTRY
 
 
-def add_model_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
-    p.add_argument("--model", default=[DEFAULT_MODEL] if multiple else DEFAULT_MODEL, nargs="+" if multiple else None,
-                   help=f"{'one or more models: ' if multiple else ''}registry name ({', '.join(REGISTRY)}), a local Hugging Face model folder, a hub id, "
-                        f"or a .gguf file (default: {DEFAULT_MODEL})")
+def add_model_args(p: argparse.ArgumentParser, multiple: bool = False, from_context: bool = False) -> None:
+    """--model/--device/--dtype; with from_context, model and dtype default to what a saved context records."""
+    if from_context:
+        p.add_argument("--model", default=None, help="model to load (default: the one the context records: its "
+                       "registry name, else its folder or hub id); must be the model it was tuned with")
+    else:
+        p.add_argument("--model", default=[DEFAULT_MODEL] if multiple else DEFAULT_MODEL,
+                       nargs="+" if multiple else None,
+                       help=f"{'one or more models: ' if multiple else ''}registry name ({', '.join(REGISTRY)}), "
+                            f"a local Hugging Face model folder, a hub id, or a .gguf file (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and cache dtype (default: float32, the fastest on CPUs)")
+    p.add_argument("--dtype", default=None if from_context else "float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: " + ("the dtype the context was tuned in)" if from_context else
+                                                       "float32, the fastest on CPUs)"))
 
 
 def load_lm(args):

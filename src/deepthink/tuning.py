@@ -75,6 +75,11 @@ def momentum_update(state: list[torch.Tensor], new: list[torch.Tensor], buf: lis
     return [s + step_size * m for s, m in zip(state, buf)], buf                 # K~ + eta m
 
 
+def _norm_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b||, in float64: finite for any finite float32/bf16 states (so history stays valid JSON)."""
+    return float((a.double() - b.double()).norm())
+
+
 class ForwardTuner:
     """Owns the tuning state of one set of demonstrations; `step()` advances it by one forward pass.
 
@@ -161,8 +166,8 @@ class ForwardTuner:
             else:
                 self.history.append({
                     "step": self.step_count + 1,
-                    "dk": [float((a - b).norm()) for a, b in zip(keys, self.keys)],
-                    "dv": [float((a - b).norm()) for a, b in zip(values, self.values)],
+                    "dk": [_norm_diff(a, b) for a, b in zip(keys, self.keys)],
+                    "dv": [_norm_diff(a, b) for a, b in zip(values, self.values)],
                 })
                 self.keys, self.values, self._mk, self._mv = keys, values, mk, mv
         self.step_count += 1

@@ -1,0 +1,356 @@
+"""Tuned contexts as artifacts: save -> load round-trips, refusals, predict and generate (library API)."""
+import copy
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import deepthink
+from deepthink import TunedContext, TuningConfig, context
+from conftest import ARCHS, CHOICES, DEMOS, MULTI, QUERIES, tiny_lm, tiny_tokenizer
+
+EMOJI_DEMOS = DEMOS + "Review: 很好看的电影 🎬🍿 naïve café\nSentiment: positive\n\n"
+
+
+def tuned(lm, steps=3, demos=EMOJI_DEMOS):
+    ctx = deepthink.tune(lm, demos, TuningConfig(steps=steps, step_size=0.2))
+    ctx.origin = {"task": "sentiment-demo", "seed": 0, "shots": 1}
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(lm, ctx, path) of a tuned tiny Llama context saved once; tests that damage it work on a copy."""
+    lm = tiny_lm("llama")
+    ctx = tuned(lm)
+    return lm, ctx, ctx.save(tmp_path_factory.mktemp("saved") / "ctx")
+
+
+@pytest.fixture
+def copy_of(saved, tmp_path):
+    path = tmp_path / "ctx"
+    shutil.copytree(saved[2], path)
+    return path
+
+
+def assert_same_context(a: TunedContext, b: TunedContext):
+    assert len(a.keys) == len(b.keys) and len(a.values) == len(b.values)
+    for x, y in zip(a.keys + a.values, b.keys + b.values):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    for attr in ("prefix_ids", "config", "demonstrations", "steps_done", "history", "stopped", "origin"):
+        assert getattr(a, attr) == getattr(b, attr), attr
+
+
+# ---------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trips_exactly(arch, tmp_path):
+    lm = tiny_lm(arch)
+    ctx = tuned(lm)
+    path = ctx.save(tmp_path / "ctx")
+    assert sorted(p.name for p in path.iterdir()) == ["context.json", "context.safetensors"]
+    loaded = TunedContext.load(path, lm)
+    assert_same_context(ctx, loaded)
+    meta = json.loads((path / "context.json").read_text(encoding="utf-8"))
+    assert meta["format_version"] == context.FORMAT_VERSION and meta["deepthink_version"] == deepthink.__version__
+    assert meta["model"]["name"] == lm.name and meta["model"]["fingerprint"] == lm.fingerprint
+    assert meta["model"]["tokenizer_fingerprint"] == lm.tokenizer_fingerprint
+    assert meta["dtype"] == "float32" and meta["tuning"] == ctx.config.to_dict()
+    assert meta["demonstrations"] == EMOJI_DEMOS and meta["tokens"] == ctx.length == len(ctx.prefix_ids)
+    assert [h["step"] for h in meta["history"]] == [1, 2, 3] and len(meta["history"][2]["dk"]) == len(ctx.keys)
+    # the loaded context saves to byte-identical files: nothing is lost or added on the way
+    again = loaded.save(tmp_path / "again")
+    for name in ("context.json", "context.safetensors"):
+        assert (again / name).read_bytes() == (path / name).read_bytes()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])   # no special tokens (no tensors at all) / BOS only
+def test_zero_shot_round_trip(arch, tmp_path):
+    lm = tiny_lm(arch)
+    ctx = deepthink.zero_shot(lm)
+    loaded = TunedContext.load(ctx.save(tmp_path / "zs"), lm)
+    assert_same_context(ctx, loaded)
+    assert loaded.score(QUERIES, MULTI).logprob == ctx.score(QUERIES, MULTI).logprob
+
+
+def test_bfloat16_round_trip_and_dtype_refusal(tmp_path):
+    base = tiny_lm("qwen2")
+    lm = deepthink.wrap_model(copy.deepcopy(base.model).to(torch.bfloat16), base.tokenizer, name="tiny-qwen2-bf16")
+    ctx = tuned(lm, steps=2)
+    path = ctx.save(tmp_path / "bf16")
+    assert json.loads((path / "context.json").read_text())["dtype"] == "bfloat16"
+    assert_same_context(ctx, TunedContext.load(path, lm))
+    with pytest.raises(ValueError, match=r"tuned in bfloat16, but the model is loaded in float32: .*--dtype bfloat16"):
+        TunedContext.load(path, base)
+
+
+def test_predictions_from_loaded_equal_in_memory(saved):
+    lm, ctx, path = saved
+    loaded = TunedContext.load(path, lm)
+    for choices in (CHOICES, MULTI):
+        assert loaded.score(QUERIES, choices).logprob == ctx.score(QUERIES, choices).logprob
+        assert loaded.predict(QUERIES, choices) == ctx.predict(QUERIES, choices)
+    assert loaded.generate_tokens(QUERIES[0], 8) == ctx.generate_tokens(QUERIES[0], 8)
+
+
+def test_diverged_tuning_is_recorded_in_the_artifact(tmp_path):
+    lm = tiny_lm("llama")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        ctx = deepthink.tune(lm, DEMOS, TuningConfig(steps=6, step_size=1e38, momentum=0.0))
+    path = ctx.save(tmp_path / "nan")
+    loaded = TunedContext.load(path, lm)
+    def strict(constant):
+        raise AssertionError(f"{constant} in context.json: not strict JSON")
+    json.loads((path / "context.json").read_text(), parse_constant=strict)   # huge norms stay finite numbers
+    assert loaded.stopped == ctx.stopped and "non-finite" in loaded.stopped
+    assert loaded.steps_done == len(loaded.history) < 6
+    assert all(torch.isfinite(t).all() for t in loaded.keys + loaded.values)
+
+
+# ---------------------------------------------------------------- predict
+
+def test_predict_rows_and_normalize(saved):
+    _, ctx, _ = saved
+    rows = ctx.predict(QUERIES, MULTI)
+    scores = ctx.score(QUERIES, MULTI)
+    for row, q, cs, lp, norm, p, pn in zip(rows, QUERIES, MULTI, scores.logprob, scores.normalized,
+                                          scores.predictions(), scores.predictions(normalize=True)):
+        assert row == {"query": q, "choices": cs, "logprob": lp, "normalized": norm, "prediction": p,
+                       "prediction_normalized": pn, "answer": cs[p]}
+    assert [r["answer"] for r in ctx.predict(QUERIES, MULTI, normalize=True)] == \
+           [cs[p] for cs, p in zip(MULTI, scores.predictions(normalize=True))]
+
+
+def test_predict_groups_queries_with_different_numbers_of_choices(saved):
+    """score() refuses mixed sizes (test_scoring); predict() scores each size as its own group."""
+    _, ctx, _ = saved
+    choices = [MULTI[0], CHOICES, MULTI[2]]
+    rows = ctx.predict(QUERIES, choices)
+    for i, row in enumerate(rows):
+        assert row["logprob"] == pytest.approx(ctx.score([QUERIES[i]], [choices[i]]).logprob[0], abs=1e-5)
+    with pytest.raises(ValueError, match="same number of choices"):
+        ctx.score(QUERIES, choices)
+    # errors name the caller's query index, not the index inside a group
+    with pytest.raises(ValueError, match=r"query 2: duplicate choices"):
+        ctx.predict(QUERIES, [MULTI[0], CHOICES, [" a", " a"]])
+    with pytest.raises(ValueError, match="3 queries but 2"):
+        ctx.predict(QUERIES, [CHOICES, CHOICES])
+
+
+# ---------------------------------------------------------------- generate
+
+def plain_greedy(lm, demos, prompt, n):
+    """Greedy decoding of demos + prompt as one token sequence, every step a full forward without a cache."""
+    ids = lm.tokenizer(demos).input_ids + lm.tokenizer(prompt, add_special_tokens=False).input_ids
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            new.append(int(lm.model(torch.tensor([ids + new])).logits[0, -1].argmax()))
+    return new
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_step1_equals_plain_generation(arch):
+    lm = tiny_lm(arch)
+    ctx = deepthink.tune(lm, DEMOS, TuningConfig(steps=1))
+    for prompt in ("Review: witty and gorgeous\nSentiment:", "Review: 很好看 🎬"):
+        got = ctx.generate_tokens(prompt, max_new_tokens=12, stop_at_eos=False)
+        assert got == plain_greedy(lm, DEMOS, prompt, 12)
+        assert ctx.generate(prompt, max_new_tokens=12, stop_at_eos=False) == lm.tokenizer.decode(got)
+
+
+@pytest.mark.parametrize("arch, window", [("gemma3", {"sliding_window": 16}), ("mistral", {"sliding_window": 16}),
+                                          ("gpt_neo", {"window_size": 16})])
+def test_generate_past_a_sliding_window_equals_plain_generation(arch, window):
+    """Prefix (~53 tokens) + prompt + new tokens far beyond a 16-token window: the model's mask still applies."""
+    lm = tiny_lm(arch, **window)
+    ctx = deepthink.tune(lm, DEMOS, TuningConfig(steps=1))
+    assert ctx.generate_tokens(QUERIES[0], 12, stop_at_eos=False) == plain_greedy(lm, DEMOS, QUERIES[0], 12)
+
+
+def test_generate_stops_at_eos():
+    lm = tiny_lm("gpt2")
+    ctx = deepthink.tune(lm, DEMOS, TuningConfig(steps=2, step_size=0.2))
+    full = ctx.generate_tokens(QUERIES[0], 30, stop_at_eos=False)
+    eos = lm.tokenizer.eos_token_id
+    cut = ctx.generate_tokens(QUERIES[0], 30)
+    assert cut == (full[:full.index(eos)] if eos in full else full)
+
+
+def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy(saved):
+    _, ctx, _ = saved
+    a = ctx.generate_tokens(QUERIES[0], 16, temperature=1.5, seed=1, stop_at_eos=False)
+    assert a == ctx.generate_tokens(QUERIES[0], 16, temperature=1.5, seed=1, stop_at_eos=False)
+    samples = {tuple(ctx.generate_tokens(QUERIES[0], 16, temperature=1.5, seed=s, stop_at_eos=False))
+               for s in range(2, 6)}
+    assert len(samples | {tuple(a)}) > 1
+    greedy = ctx.generate_tokens(QUERIES[0], 16, stop_at_eos=False)
+    assert ctx.generate_tokens(QUERIES[0], 16, temperature=1.5, top_p=1e-9, seed=3, stop_at_eos=False) == greedy
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": True}, "max_new_tokens"),
+    ({"temperature": -1.0}, "temperature"), ({"temperature": math.nan}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"prompt": ""}, "tokenises to nothing"),
+    ({"max_new_tokens": 250}, "exceed the model's 256 positions"),
+])
+def test_generate_bad_arguments(kwargs, match):
+    lm = tiny_lm("gpt2")   # 256 positions
+    ctx = deepthink.tune(lm, DEMOS, TuningConfig(steps=1))
+    kwargs = {"prompt": QUERIES[0], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ctx.generate(**kwargs)
+
+
+# ---------------------------------------------------------------- load refuses
+
+def test_refuses_another_model(saved):
+    _, _, path = saved
+    with pytest.raises(ValueError, match=r"made for model 'tiny-llama' .*fingerprint .* load the model"):
+        TunedContext.load(path, tiny_lm("llama", seed=1))
+
+
+def test_refuses_another_tokenizer(saved):
+    lm, _, path = saved
+    other = deepthink.wrap_model(lm.model, tiny_tokenizer(bos=False), name="tiny-llama")   # same weights
+    with pytest.raises(ValueError, match="tokenizer fingerprint"):
+        TunedContext.load(path, other)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_refuses_truncated_or_altered_tensors(saved, copy_of, damage):
+    f = copy_of / context.TENSORS
+    data = bytearray(f.read_bytes())
+    if damage == "truncate":
+        data = data[:len(data) // 2]
+    else:
+        data[-5] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="altered or truncated"):
+        TunedContext.load(copy_of, saved[0])
+
+
+def test_refuses_tensors_that_do_not_match_the_json(saved, copy_of):
+    """A consistent but wrong tensor file (checksum updated too) is still refused, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    f = copy_of / context.TENSORS
+    tensors = load_file(f)
+    tensors["k.1"] = tensors["k.1"][:, :-1].contiguous()
+    save_file(tensors, f)
+    meta = json.loads((copy_of / context.CONFIG).read_text())
+    meta["checksums"][context.TENSORS] = context._sha256(f.read_bytes())
+    (copy_of / context.CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"does not match context.json: k.1: expected .*found"):
+        TunedContext.load(copy_of, saved[0])
+
+
+@pytest.mark.parametrize("version, match", [(2, "newer than the 1 this deepthink reads.*upgrade"),
+                                            (0, "not one deepthink knows"), ("1", "not one deepthink knows")])
+def test_refuses_unknown_format_version(saved, copy_of, version, match):
+    meta = json.loads((copy_of / context.CONFIG).read_text())
+    meta["format_version"] = version
+    (copy_of / context.CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=match):
+        TunedContext.load(copy_of, saved[0])
+
+
+def test_refuses_missing_files_and_damaged_json(saved, copy_of, tmp_path):
+    lm = saved[0]
+    with pytest.raises(FileNotFoundError, match="no saved context"):
+        TunedContext.load(tmp_path / "nowhere", lm)
+    (copy_of / context.TENSORS).rename(tmp_path / "kept.safetensors")
+    with pytest.raises(FileNotFoundError, match="context.safetensors is missing"):
+        TunedContext.load(copy_of, lm)
+    (tmp_path / "kept.safetensors").rename(copy_of / context.TENSORS)
+    text = (copy_of / context.CONFIG).read_text()
+    (copy_of / context.CONFIG).write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError, match="cannot be read as JSON"):
+        TunedContext.load(copy_of, lm)
+    meta = json.loads(text)
+    del meta["checksums"], meta["model"]["fingerprint"]
+    (copy_of / context.CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"lacks field\(s\) \['checksums', 'model.fingerprint'\]"):
+        TunedContext.load(copy_of, lm)
+    (copy_of / context.CONFIG).unlink()
+    with pytest.raises(FileNotFoundError, match="context.json not found"):
+        TunedContext.load(copy_of, lm)
+
+
+# ---------------------------------------------------------------- save refuses / never half-writes
+
+def test_save_refuses_existing_folders_unless_overwrite(saved, tmp_path):
+    lm, ctx, _ = saved
+    other = tmp_path / "not-a-context"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty and does not hold a deepthink context"):
+        ctx.save(other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "mine"
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        ctx.save(tmp_path / "a-file")
+    (tmp_path / "empty").mkdir()
+    ctx.save(tmp_path / "empty")                        # an empty folder is fine
+    first = ctx.save(tmp_path / "ctx")
+    with pytest.raises(FileExistsError, match="already holds a tuned context: pass --overwrite"):
+        ctx.save(first)
+    newer = tuned(lm, steps=2)
+    newer.save(first, overwrite=True)
+    assert TunedContext.load(first, lm).steps_done == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "ctx", "empty", "not-a-context"]
+
+
+def test_save_refuses_an_unwritable_output_dir(saved, tmp_path, monkeypatch):
+    ctx = saved[1]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="is not writable"):
+        ctx.save(tmp_path / "file" / "ctx")             # parent is a file
+    if os.geteuid() != 0:                               # root writes anywhere: only checkable as a user
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        with pytest.raises(OSError, match="is not writable"):
+            ctx.save(ro / "ctx")
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(context.tempfile, "mkdtemp", denied)
+    with pytest.raises(OSError, match=r"is not writable \(Permission denied\); choose another output directory"):
+        ctx.save(tmp_path / "ctx")
+
+
+@pytest.mark.parametrize("when", [1, 2])   # 1: while writing the tensors, 2: while writing context.json
+def test_interrupted_save_leaves_nothing_load_accepts(saved, tmp_path, monkeypatch, when):
+    lm, ctx, _ = saved
+    old = tuned(lm, steps=2).save(tmp_path / "old")
+    real, calls = context._write_synced, []
+
+    def interrupted(path, write):
+        calls.append(path)
+        if len(calls) == when:
+            path.write_bytes(b"partial")
+            raise KeyboardInterrupt
+        real(path, write)
+
+    monkeypatch.setattr(context, "_write_synced", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.save(tmp_path / "new")
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        ctx.save(old, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]      # no new folder, no temporary leftovers
+    with pytest.raises(FileNotFoundError):
+        TunedContext.load(tmp_path / "new", lm)
+    assert TunedContext.load(old, lm).steps_done == 2                  # the earlier context is untouched
+    # a process killed mid-write (no cleanup) leaves a temporary folder without context.json
+    killed = tmp_path / ".new.tmp-killed"
+    killed.mkdir()
+    (killed / context.TENSORS).write_bytes(b"partial")
+    with pytest.raises(FileNotFoundError, match="not a \\(complete\\) saved deepthink context"):
+        TunedContext.load(killed, lm)
