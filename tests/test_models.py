@@ -76,6 +76,23 @@ def test_smollm2_identities(smol):
     frozen = deepthink.tune(smol, DEMOS, TuningConfig(steps=3, step_size=0.0))
     for a, b in zip(frozen.keys, icl.keys):
         assert torch.equal(a, b)
+    aligned = deepthink.tune(smol, DEMOS, TuningConfig(steps=3, step_size=0.05, positions="aligned"))
+    K, V = reference_tune(smol, DEMOS, 3, 0.05, 0.9, "aligned")
+    for a, b in zip(aligned.keys + aligned.values, K + V):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.smollm2
+def test_smollm2_momentum_zero_is_gate_form(smol):
+    eta = 0.05
+    tuner = deepthink.ForwardTuner(smol, DEMOS, TuningConfig(steps=3, step_size=eta, momentum=0.0))
+    prev = tuner.step()
+    for _ in range(2):
+        new_k, new_v = tuner._encode(prev.prefix)
+        ctx = tuner.step()
+        for got, n, old in zip(ctx.keys + ctx.values, new_k + new_v, prev.keys + prev.values):
+            torch.testing.assert_close(got, eta * n + (1 - eta) * old, atol=1e-4, rtol=0)
+        prev = ctx
 
 
 @pytest.mark.smollm2
