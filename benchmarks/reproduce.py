@@ -19,6 +19,7 @@ from pathlib import Path
 
 from deepthink import evaluate, report
 from deepthink.evaluate import EvalConfig
+from deepthink.report import fmt
 from deepthink.tasks import list_tasks
 
 ROOT = Path(__file__).resolve().parent
@@ -55,12 +56,11 @@ def paper_table2(path: Path = PAPER) -> dict[str, dict[str, tuple[float, float]]
     return out
 
 
-def fmt(ms) -> str:
-    return f"{ms[0]:.1f} ± {ms[1]:.1f}"
-
-
 def write_markdown(profile: str, out_dir: Path, command: str) -> Path:
     units = report.load_units([out_dir])
+    prof = PROFILES[profile]
+    done = {(u["model"], u["task"], u["seed"]) for u in units}
+    missing = [(m, t, s) for m in prof["models"] for s in prof["seeds"] for t in TASKS if (m, t, s) not in done]
     rows = report.summarize(units, "sum")
     norm_rows = {(r["model"], r["task"]): r for r in report.summarize(units, "norm")}
     cfg = units[0]["config"]
@@ -83,7 +83,12 @@ def write_markdown(profile: str, out_dir: Path, command: str) -> Path:
         f"(ties to the smaller T); T = 1 is plain ICL. Step size {cfg['step_size']}. Nothing is chosen on eval. "
         "Scoring: summed log-probability of the choice tokens (the per-token table follows).",
         "",
-        "## Accuracy % (mean ± std over seeds, summed log-prob)",
+        f"**Status: {len(done)} of {len(done) + len(missing)} units of the profile finished.**"
+        + (" Missing (run the same command again to continue): "
+           + ", ".join(f"{m}/{t}/seed {s}" for m, t, s in missing) + "." if missing else ""),
+        "",
+        *([(out_dir / "NOTES.md").read_text().strip(), ""] if (out_dir / "NOTES.md").exists() else []),
+        "## Accuracy % (mean ± std over seeds; a single seed shows no ±), summed log-prob",
         "",
         "| model | task | seeds | n eval | zero-shot | ICL | DT fixed-T | DT dev-T | dev-chosen T | DT dev − ICL |",
         "|---|---|---|---|---|---|---|---|---|---|",

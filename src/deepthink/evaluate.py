@@ -185,9 +185,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def git_hash() -> str | None:
+    """HEAD of the checkout deepthink runs from, with "+dirty" when tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
+        head = git("rev-parse", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "") if head else None
     except (OSError, subprocess.SubprocessError):
         return None
 

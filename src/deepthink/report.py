@@ -30,8 +30,13 @@ def load_units(dirs) -> list[dict]:
     return units
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+def mean_std(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std over seeds (None with a single seed: no spread was measured)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def fmt(ms: tuple[float, float | None]) -> str:
+    return f"{ms[0]:.1f}" if ms[1] is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
 
 
 def summarize(units: list[dict], metric: str = "sum") -> list[dict]:
@@ -52,7 +57,7 @@ def format_table(rows: list[dict], metric: str = "sum") -> str:
     title = "accuracy % (mean ± std over seeds), " + ("summed log-prob" if metric == "sum" else "per-token log-prob")
     head = ["model", "task", "seeds", "n"] + [LABELS[s] for s in SETTINGS] + ["dev-chosen T", "DT dev − ICL"]
     lines = [[r["model"], r["task"], str(len(r["seeds"])), str(r["n_eval"])]
-             + [f"{r[s][0]:.1f} ± {r[s][1]:.1f}" for s in SETTINGS]
+             + [fmt(r[s]) for s in SETTINGS]
              + [",".join(map(str, r["chosen_steps"])), f"{r['dt_dev'][0] - r['icl'][0]:+.1f}"] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
