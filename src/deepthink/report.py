@@ -60,8 +60,8 @@ def format_table(rows: list[dict], metric: str = "sum") -> str:
              + [fmt(r[s]) for s in SETTINGS]
              + [",".join(map(str, r["chosen_steps"])), f"{r['dt_dev'][0] - r['icl'][0]:+.1f}"] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([title, fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+    return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(l) for l in lines])
 
 
 def plot(units: list[dict], out: Path) -> list[Path]:
