@@ -160,17 +160,39 @@ def _registry_gguf(entry: RegistryEntry) -> Path:
     return target
 
 
+VERIFIED = ".verified"   # stat signature of every file when their sha256 last matched the manifest
+
+
+def _stat_signature(folder: Path, names) -> dict:
+    """Size, modification and change times and inode per file: any write or replacement changes one of them."""
+    return {n: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+            for n in sorted(names) for st in [(folder / n).stat()]}
+
+
 def _cache_entry_valid(folder: Path) -> bool:
+    """Whether every file listed in the manifest has the size and sha256 recorded there. The hashes are
+    recomputed only when a file's stat signature differs from the one stored after the last full check
+    (re-hashing a 1 GB entry on every load would cost seconds)."""
     manifest = folder / "manifest.json"
     try:
         meta = json.loads(manifest.read_text())
-        if meta.get("format") != CACHE_FORMAT:
+        if meta.get("format") != CACHE_FORMAT or not meta["files"]:
             return False
+        signature = _stat_signature(folder, [*meta["files"], "manifest.json"])
+        try:
+            if json.loads((folder / VERIFIED).read_text()) == signature:
+                return True
+        except (OSError, ValueError):
+            pass
         for name, (size, digest) in meta["files"].items():
             f = folder / name
             if f.stat().st_size != size or sha256_file(f) != digest:
                 return False
-        return bool(meta["files"])
+        try:
+            (folder / VERIFIED).write_text(json.dumps(signature))
+        except OSError:
+            pass                                   # a read-only cache is verified in full every time
+        return True
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -253,3 +275,28 @@ def wrap_model(model: torch.nn.Module, tokenizer, name: str = "custom", source: 
     if gguf_sha256 is not None:
         lm._fingerprint = f"gguf-sha256:{gguf_sha256}"
     return lm
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (hyper-threads share one core's arithmetic units, so they rarely help matmuls)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    if not n:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, int(n))
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's CPU threads to `n` (default: the physical core count) and return it.
+
+    For command-line front ends and benchmarks; importing deepthink never changes the thread count.
+    """
+    n = physical_cores() if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n

@@ -110,18 +110,26 @@ def _pad(rows: list[list[int]], device, width: int = 0) -> torch.Tensor:
 
 @torch.inference_mode()
 def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_items: int,
-               batch_size: int = 16, progress: bool = False) -> Scores:
-    """Each context encoded once after the shared prefix; all its choices scored from that.
+               batch_size: int = 16, progress: bool = False, shared: bool | None = None) -> Scores:
+    """Each context encoded once after the prefix; all its choices scored from that.
 
     Contexts are batched longest first and right-padded per batch (pads sit after every real token, so
-    causal attention never sees them and no mask is needed). Single-token choices need nothing more:
-    the LM head runs only at each context's last position. Longer choices run as one batch per context
-    against that context's cache, with the head only at the scored positions.
+    causal attention never sees them). Single-token choices need nothing more: the LM head runs only at each
+    context's last position. Longer choices run as one more forward per batch - every multi-token choice of
+    the batch a row, after its own context's keys/values - with the head only at the scored positions.
+
+    shared: attend to the prefix held once for the whole batch (kv.shared_forward) instead of a copy per row
+    (then the longer choices run one forward per context); None picks it whenever the model supports it
+    (kv.supports_shared_prefix). Both give the same scores.
     """
     keys, values = prefix
     L = keys[0].shape[-2] if keys else 0
-    device = next(model.parameters()).device
-    base = model.base_model
+    if shared is None:
+        shared = kv.supports_shared_prefix(model)
+    elif shared and not kv.supports_shared_prefix(model):
+        raise ValueError(f"{model.config.model_type} does not route attention through transformers' "
+                         "AttentionInterface: the shared-prefix path cannot serve it; use shared=False")
+    device = model.get_input_embeddings().weight.device
     logprob = [[0.0] * n_choices for _ in range(n_items)]
     n_tok = [[0] * n_choices for _ in range(n_items)]
     order = sorted(range(len(units)), key=lambda u: -len(units[u].context))
@@ -134,36 +142,61 @@ def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_it
         us = [units[u] for u in batch]
         lens = torch.tensor([len(u.context) for u in us], device=device)
         multi = any(len(t) > 1 for u in us for _, t in u.choices)
-        cache = kv.build_cache(model, keys, values, batch=len(us))
-        out = base(_pad([u.context for u in us], device), cache=cache, use_cache=multi)
+        ids = _pad([u.context for u in us], device)                            # (B, T)
+        if shared:
+            out = kv.shared_forward(model, ids, prefix, use_cache=multi)
+        elif L or multi:
+            out = model.base_model(ids, cache=kv.build_cache(model, keys, values, batch=len(us)), use_cache=multi)
+        else:
+            out = model.base_model(ids, use_cache=False)
         rows = torch.arange(len(us), device=device)
-        first = _head(model, out.last_hidden_state[rows, lens - 1])          # (B, V)
-        if multi:
-            qk, qv = kv.cache_tensors(out.cache)                               # (B, h, L + T, d)
-        for b, u in enumerate(us):
-            for j, toks in u.choices:
-                logprob[u.item][j] = float(first[b, toks[0]])
-                n_tok[u.item][j] = len(toks)
-            longer = [(j, toks) for j, toks in u.choices if len(toks) > 1]
-            if longer:
+        first = _head(model, out.last_hidden_state[rows, lens - 1])              # (B, V)
+        picks = [(b, u.item, j, toks) for b, u in enumerate(us) for j, toks in u.choices]
+        firsts = first[[p[0] for p in picks], [p[3][0] for p in picks]].tolist()   # one gather per batch
+        for (_, item, j, toks), lp in zip(picks, firsts):
+            logprob[item][j] = lp
+            n_tok[item][j] = len(toks)
+        if not multi:
+            continue
+        longer = [(b, us[b].item, j, toks) for b, _, j, toks in picks if len(toks) > 1]
+        own = kv.cache_tensors(out.cache)       # (B, h, T, d) shared; (B, h, L + T, d) expanded
+        if shared:
+            idx = torch.tensor([b for b, *_ in longer], device=device)
+            past = tuple([t.index_select(0, idx) for t in ts] for ts in own)      # each row's context
+            sums = _continuations(model, [t for *_, t in longer],
+                                  lambda ids: kv.shared_forward(model, ids, prefix, past, lens[idx]))
+            for (_, item, j, _), lp in zip(longer, sums):
+                logprob[item][j] += lp
+        else:
+            for b, u in enumerate(us):
+                mine = [(j, t) for bb, _, j, t in longer if bb == b]
+                if not mine:
+                    continue
                 end = L + len(u.context)
-                ctx = ([k[b:b + 1, :, :end] for k in qk], [v[b:b + 1, :, :end] for v in qv])
-                _score_continuations(model, ctx, longer, logprob[u.item])
+                ctx = ([k[b:b + 1, :, :end] for k in own[0]], [v[b:b + 1, :, :end] for v in own[1]])
+
+                def forward(ids, ctx=ctx):
+                    cache = kv.build_cache(model, *ctx, batch=ids.shape[0])
+                    return model.base_model(ids, cache=cache, use_cache=False)
+                for (j, _), lp in zip(mine, _continuations(model, [t for _, t in mine], forward)):
+                    logprob[u.item][j] += lp
     return Scores(logprob, n_tok)
 
 
-def _score_continuations(model, ctx: kv.Prefix, choices: list[tuple[int, list[int]]], out: list[float]) -> None:
-    """Add log p(tokens[1:]) of each choice, all choices in one batch against the context cache."""
-    device = ctx[0][0].device
-    ids = _pad([t[:-1] for _, t in choices], device)                       # (C, n-1)
-    cache = kv.build_cache(model, *ctx, batch=len(choices))
-    hidden = model.base_model(ids, cache=cache, use_cache=False).last_hidden_state
-    rows = torch.cat([torch.full((len(t) - 1,), c, device=device) for c, (_, t) in enumerate(choices)])
-    cols = torch.cat([torch.arange(len(t) - 1, device=device) for _, t in choices])
-    targets = torch.tensor([x for _, t in choices for x in t[1:]], device=device)
-    lp = _head(model, hidden[rows, cols]).gather(-1, targets[:, None])[:, 0]
-    for c, (j, _) in enumerate(choices):
-        out[j] += float(lp[rows == c].sum())
+def _continuations(model, choices: list[list[int]], forward) -> list[float]:
+    """log p(tokens[1:]) of each choice, one row per choice, its tokens[:-1] fed after its context (`forward`
+    runs the base model on the right-padded ids); the LM head runs only at the scored positions."""
+    device = model.get_input_embeddings().weight.device
+    hidden = forward(_pad([t[:-1] for t in choices], device)).last_hidden_state        # (C, n-1, D)
+    rows = torch.cat([torch.full((len(t) - 1,), c, device=device) for c, t in enumerate(choices)])
+    cols = torch.cat([torch.arange(len(t) - 1, device=device) for t in choices])
+    targets = torch.tensor([x for t in choices for x in t[1:]], device=device)
+    lp = _head(model, hidden[rows, cols]).gather(-1, targets[:, None])[:, 0].tolist()
+    out, k = [], 0
+    for t in choices:
+        out.append(sum(lp[k:k + len(t) - 1]))
+        k += len(t) - 1
+    return out
 
 
 @torch.inference_mode()
