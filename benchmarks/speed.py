@@ -193,6 +193,7 @@ def stats(ts: list[float]) -> dict:
 
 
 def time_setting(lm, s: Setting, args) -> dict:
+    load_before = os.getloadavg()[0]
     ctx, tune_s, note = tune(lm, s, args.steps)
     device = str(lm.device)
     # warm up the cheap paths (thread pools, allocator); check deepthink against the reference scorer
@@ -222,6 +223,8 @@ def time_setting(lm, s: Setting, args) -> dict:
     res["tune_fraction_of_icl_pass"] = None if tune_s is None else tune_s / t["icl"]
     saved = (t["icl"] - t["deepthink"]) / len(s.queries)            # seconds saved per item against icl
     res["break_even_items"] = None if tune_s is None or saved <= 0 else tune_s / saved
+    # 1-minute load average around the setting: above this process's threads, something else ran meanwhile
+    res["load_avg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return res
 
 
@@ -477,8 +480,8 @@ def markdown(entries: dict) -> str:
                 f"{m.get('transformers', '?')}, git {m.get('git', '?')}; {e['dtype']}; {e['reps']} repetitions; "
                 f"batch size {e['batch_size']}; T = {e['steps']} tuning steps.", "",
                 "| task | demos/class | demos (tokens) | items | icl items/s | reference items/s | deepthink items/s "
-                "| floor items/s | c/a | c/b | c/d time | tuning: s (/ icl pass) | break-even items |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| floor items/s | c/a | c/b | c/d time | tuning: s (/ icl pass) | break-even items | load |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in e["settings"]:
             ms = r["methods"]
 
@@ -490,12 +493,14 @@ def markdown(entries: dict) -> str:
             out.append(f"| {r['task']} | {r['shots']} | {r['demos']} ({r['demo_tokens']}) | {r['items']} | "
                        f"{cell('icl')} | {cell('reference')} | {cell('deepthink')} | {cell('floor')} | "
                        f"{r['speedup_vs_icl']:.2f} | {r['speedup_vs_reference']:.2f} | {r['floor_ratio']:.2f} | "
-                       f"{tune} | {'-' if be is None else f'{be:.1f}'} |")
+                       f"{tune} | {'-' if be is None else f'{be:.1f}'} | "
+                       f"{'/'.join(map(str, r.get('load_avg', [])))} |")
         out += ["", "c = deepthink, a = icl, b = reference, d = floor; c/a and c/b are throughput ratios (higher is "
                 "better), c/d is deepthink's time over the floor's (1.0 is the floor). Tuning: T steps, once, and "
                 "as a fraction of one icl pass over the scored items; break-even: items after which tuning plus "
-                "deepthink scoring costs less than icl. Model tokens/s (tokens run through the blocks, padding "
-                "included): " + "; ".join(
+                "deepthink scoring costs less than icl; load: the machine's 1-minute load average before/after "
+                "the setting (above the thread count, other work shared the cores). Model tokens/s (tokens run "
+                "through the blocks, padding included): " + "; ".join(
                     f"{r['task']}@{r['shots']}: " + ", ".join(f"{k} {r['methods'][k]['model_tokens_per_s']:.0f}"
                                                              for k in METHODS) for r in e["settings"]) + ".", ""]
         mem = e.get("memory")
