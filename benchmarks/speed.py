@@ -185,7 +185,9 @@ def tune(lm, s: Setting, steps: int):
         if "window" not in str(e) and "positions" not in str(e):
             raise
         ctx = deepthink.tune(lm, s.plan.demonstrations, TuningConfig(steps=1))
-        return ctx, None, f"not tunable: {str(e).split(':')[0]}"
+        window = kv.sliding_window(lm.config)
+        why = f"L > {window - 1}, the window" if window and "window" in str(e) else "too long"
+        return ctx, None, f"not tunable: {why}"
 
 
 def stats(ts: list[float]) -> dict:
@@ -455,11 +457,17 @@ def merge(old: dict, new: dict) -> dict:
     done = {(r["task"], r["shots"]) for r in new["settings"]}
     merged = dict(old, machine=new["machine"], commands=old.get("commands", []) + new["commands"],
                   wall_s=old.get("wall_s", 0) + new["wall_s"])
-    merged["settings"] = [r for r in old["settings"] if (r["task"], r["shots"]) not in done] + new["settings"]
+    merged["settings"] = sorted([r for r in old["settings"] if (r["task"], r["shots"]) not in done] + new["settings"],
+                                key=setting_order)
     for k in ("memory", "load"):
         if k in new:
             merged[k] = new[k]
     return merged
+
+
+def setting_order(r: dict):
+    tasks = ["sst2", "sst5", "trec", "obqa", "hellaswag"]
+    return (tasks.index(r["task"]) if r["task"] in tasks else len(tasks), r["task"], r["shots"])
 
 
 def mib(b) -> str:

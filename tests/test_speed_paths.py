@@ -219,3 +219,11 @@ def test_benchmark_runs_with_random_init(tmp_path, capsys):
     (entry,) = stored.values()
     assert entry["settings"][0]["max_abs_diff_vs_reference"] < 1e-3
     assert "| sst2 | 1 |" in (out / "speed.md").read_text()
+
+
+def test_long_contexts_score_their_choices_in_bounded_chunks(monkeypatch):
+    """Multi-token choices after long contexts run in several forwards; the scores do not change."""
+    ctx = deepthink.tune(tiny_lm("qwen2"), DEMOS, TuningConfig(steps=2, step_size=0.1))
+    want = _naive(ctx, MULTI).logprob
+    monkeypatch.setattr(scoring, "CONTINUATION_TOKENS", 1)          # one row per forward
+    assert _scores(ctx, MULTI, batch_size=3, shared=True).logprob == approx(want, abs=ATOL)

@@ -108,6 +108,9 @@ def _pad(rows: list[list[int]], device, width: int = 0) -> torch.Tensor:
     return torch.tensor([r + r[-1:] * (width - len(r)) for r in rows], device=device)
 
 
+CONTINUATION_TOKENS = 4096   # context + choice positions per forward when multi-token choices are scored
+
+
 @torch.inference_mode()
 def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_items: int,
                batch_size: int = 16, progress: bool = False, shared: bool | None = None) -> Scores:
@@ -161,12 +164,18 @@ def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_it
         longer = [(b, us[b].item, j, toks) for b, _, j, toks in picks if len(toks) > 1]
         own = kv.cache_tensors(out.cache)       # (B, h, T, d) shared; (B, h, L + T, d) expanded
         if shared:
-            idx = torch.tensor([b for b, *_ in longer], device=device)
-            past = tuple([t.index_select(0, idx) for t in ts] for ts in own)      # each row's context
-            sums = _continuations(model, [t for *_, t in longer],
-                                  lambda ids: kv.shared_forward(model, ids, prefix, past, lens[idx]))
-            for (_, item, j, _), lp in zip(longer, sums):
-                logprob[item][j] += lp
+            # each row gets a copy of its context's keys/values: rows per forward are bounded so that a long
+            # context (vanilla ICL puts the demonstrations there) is not copied for every choice at once
+            width = own[0][0].shape[-2] + max(len(t) for *_, t in longer)
+            step = max(1, CONTINUATION_TOKENS // width)
+            for i in range(0, len(longer), step):
+                chunk = longer[i:i + step]
+                idx = torch.tensor([b for b, *_ in chunk], device=device)
+                past = tuple([t.index_select(0, idx) for t in ts] for ts in own)
+                sums = _continuations(model, [t for *_, t in chunk],
+                                      lambda ids: kv.shared_forward(model, ids, prefix, past, lens[idx]))
+                for (_, item, j, _), lp in zip(chunk, sums):
+                    logprob[item][j] += lp
         else:
             for b, u in enumerate(us):
                 mine = [(j, t) for bb, _, j, t in longer if bb == b]
