@@ -14,7 +14,7 @@ import argparse
 import re
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from deepthink import evaluate, report
@@ -27,18 +27,29 @@ RESULTS = ROOT / "results"
 PAPER = ROOT.parents[1] / "shared" / "PAPER.md"
 TASKS = [t for t in list_tasks() if t != "sentiment-demo"]
 
-# Sizes: the default profile is sized for about 2 hours on a 2-core CPU. One unit of gemma3-270m on
-# sst2 with eval 100, dev 32 and 15 steps took 243 s here (the dev curve alone 106 s), and units with
-# multi-token choices (hellaswag, obqa, qasc, copa, winogrande) take several times longer; so the
-# default profile runs the base model the method is meant for, with T <= 10 on dev.
+# Sizes: the default profile is sized for about 2 hours on this 2-core CPU with nothing else running.
+# Measured cost of one gemma3-270m unit (eval 100, dev 32, T <= 10; `wall_s` in each unit): 80-170 s for
+# the classification tasks, copa, obqa, qasc and winogrande. HellaSwag's four ~25-token endings put ~100
+# positions per item through gemma's 262k-word LM head (~1.5 s per item scored, ~18 min per unit), so
+# it alone scores 50 items with 16 dev items (TASK_SIZES); every other task uses the profile's sizes.
 PROFILES = {
     "default": dict(models=["gemma3-270m"], seeds=[0, 1, 2],
                     config=EvalConfig(shots=1, steps=10, step_size=0.01, momentum=0.9, fixed_steps=5,
-                                      fixed_momentum=0.0, dev_size=32, max_eval=100)),
+                                      fixed_momentum=0.0, dev_size=32, max_eval=100),
+                    task_sizes={"hellaswag": dict(max_eval=50, dev_size=16)}),
     "full": dict(models=["gemma3-270m", "smollm2-135m", "qwen2.5-coder-0.5b"], seeds=[0, 1, 2, 3, 4],
                  config=EvalConfig(shots=1, steps=15, step_size=0.01, momentum=0.9, fixed_steps=5,
-                                   fixed_momentum=0.0, dev_size=128, max_eval=500)),
+                                   fixed_momentum=0.0, dev_size=128, max_eval=500),
+                 task_sizes={}),
 }
+
+
+def task_config(profile: str, task: str) -> EvalConfig:
+    """The profile's EvalConfig with the task's own sizes (TASK_SIZES) applied."""
+    prof = PROFILES[profile]
+    return replace(prof["config"], **prof["task_sizes"].get(task, {}))
+
+
 PAPER_TASKS = {"SST2": "sst2", "SST5": "sst5", "TREC": "trec", "MR": "mr", "AGNews": "agnews"}
 
 
@@ -63,7 +74,7 @@ def write_markdown(profile: str, out_dir: Path, command: str) -> Path:
     missing = [(m, t, s) for m in prof["models"] for s in prof["seeds"] for t in TASKS if (m, t, s) not in done]
     rows = report.summarize(units, "sum")
     norm_rows = {(r["model"], r["task"]): r for r in report.summarize(units, "norm")}
-    cfg = units[0]["config"]
+    cfg = asdict(prof["config"])
     env = units[0]["environment"]
     paper = paper_table2()
     lines = [
@@ -81,6 +92,9 @@ def write_markdown(profile: str, out_dir: Path, command: str) -> Path:
         f"DT fixed-T: T = {cfg['fixed_steps']}, momentum {cfg['fixed_momentum']} (the ACL paper's no-dev "
         f"setting). DT dev-T: T in 1..{cfg['steps']} with momentum {cfg['momentum']}, chosen by dev accuracy "
         f"(ties to the smaller T); T = 1 is plain ICL. Step size {cfg['step_size']}. Nothing is chosen on eval. "
+        + "".join(f"{t} alone uses " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sizes.items())
+                  + " (its long multi-token endings make each item ~10x dearer). "
+                  for t, sizes in prof["task_sizes"].items()) +
         "Scoring: summed log-probability of the choice tokens (the per-token table follows).",
         "",
         f"**Status: {len(done)} of {len(done) + len(missing)} units of the profile finished.**"
@@ -157,9 +171,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     prof = PROFILES[args.profile]
     out_dir = RESULTS / "reproduction" / args.profile
+    models: dict = {}   # loaded once, shared by all units
     if not args.write_only:
-        evaluate.run(args.models or prof["models"], args.tasks or TASKS, args.seeds or prof["seeds"],
-                     prof["config"], out_dir, data_dir=args.data_dir, progress=not args.quiet)
+        # seed by seed, so that an interrupted run leaves whole seeds rather than whole tasks
+        for seed in args.seeds or prof["seeds"]:
+            for task in args.tasks or TASKS:
+                evaluate.run(args.models or prof["models"], [task], [seed], task_config(args.profile, task),
+                             out_dir, data_dir=args.data_dir, progress=not args.quiet, lm_cache=models,
+                             write=False)
+        report.write_report([out_dir], out_dir)
     command = "python benchmarks/reproduce.py" + ("" if args.profile == "default" else f" --profile {args.profile}")
     path = write_markdown(args.profile, out_dir, command)
     print(f"wrote {path}")

@@ -212,8 +212,10 @@ def unit_path(out: Path, model: str, task: str, seed: int) -> Path:
 
 
 def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, out, data_dir=None,
-        device="cpu", dtype="float32", progress: bool = True, log=print) -> dict:
-    """Run every (model, task, seed) unit not already in `out`, then write results.json and plots."""
+        device="cpu", dtype="float32", progress: bool = True, log=print, lm_cache: dict | None = None,
+        write: bool = True) -> dict | None:
+    """Run every (model, task, seed) unit not already in `out`, then write results.json and plots (unless
+    write=False). lm_cache: a dict to keep loaded models in across calls."""
     import torch
 
     from .models import load_model
@@ -233,7 +235,11 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
         if not todo:
             log(f"{model}: all {len(task_objs) * len(seeds)} units already done in {out}")
             continue
-        lm = load_model(model, device=device, dtype=getattr(torch, dtype))
+        lm_cache = {} if lm_cache is None else lm_cache
+        key = (model, str(device), dtype)
+        if key not in lm_cache:
+            lm_cache[key] = load_model(model, device=device, dtype=getattr(torch, dtype))
+        lm = lm_cache[key]
         for task, seed in todo:
             unit, preds = run_unit(lm, task, seed, cfg, data_dir=data_dir, progress=progress)
             unit.update({"model_source": lm.source, "model_fingerprint": lm.fingerprint, "dtype": dtype,
@@ -246,6 +252,8 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
             log(f"{model} {task.name} seed {seed}: zero-shot {a['zero_shot']['sum']:.1f}  ICL {a['icl']['sum']:.1f}  "
                 f"DT(T={cfg.fixed_steps}) {a['dt_fixed']['sum']:.1f}  DT(dev T={unit['chosen_steps']}) "
                 f"{a['dt_dev']['sum']:.1f}  [{unit['wall_s']['total']:.0f}s]")
+    if not write:
+        return None
     from .report import write_report
 
     return write_report([out], out, log=log)
