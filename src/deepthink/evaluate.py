@@ -13,6 +13,7 @@ units, so an interrupt loses at most the unit in flight.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -184,15 +185,19 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@functools.cache
 def git_hash() -> str | None:
-    """HEAD of the checkout deepthink runs from, with "+dirty" when tracked files differ from it."""
+    """HEAD of the checkout deepthink runs from, with "+dirty" when tracked files other than results and
+    Markdown differ from it. Taken once per process (first call: run() makes it at start), so a long run
+    records the code it imported, not edits made while it ran."""
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
                               cwd=Path(__file__).parent).stdout.strip()
 
     try:
         head = git("rev-parse", "HEAD")
-        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "") if head else None
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                                    ":(top,exclude)benchmarks/results", ":(top,exclude,glob)**/*.md") else "") if head else None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -230,6 +235,7 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
     except OSError as e:
         raise OSError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable directory") from e
     task_objs = [get_task(t) for t in tasks]  # fail early on unknown names
+    git_hash()    # the code as this run found it
     for model in models:
         todo = [(t, s) for t in task_objs for s in seeds if not _finished(out, model, t.name, s, cfg)]
         if not todo:
