@@ -142,6 +142,30 @@ def split_max_length(tokenizer, task: str) -> int:
     return _SPLIT_MAX[task]
 
 
+def attention_bound(lm, s: Setting) -> float | None:
+    """The least c/d time a method that attends to the prefix can reach, in multiply-adds: the floor's work
+    (block weights once per token through the blocks, the LM head once per scored row) plus the prefix
+    attention every one of those tokens adds in every layer (q.K and p.V over the L prefix positions, or over
+    the window on sliding-window layers). Work both methods share beyond that is left out, so the true minimum
+    is at least this. None where the config does not say what is needed."""
+    try:
+        model, cfg = lm.model, lm.config
+        head = model.get_output_embeddings().weight
+        shared = {model.get_input_embeddings().weight.data_ptr(), head.data_ptr()}
+        blocks = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and p.data_ptr() not in shared)
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        types = getattr(cfg, "layer_types", None) or ["sliding_attention" if getattr(cfg, "sliding_window", None)
+                                                      else "full_attention"] * cfg.num_hidden_layers
+    except (AttributeError, TypeError):
+        return None
+    window = kv.sliding_window(cfg)
+    seen = [min(s.L, window) if window and "sliding" in t else s.L for t in types]
+    tokens = s.query_tokens + s.cont_tokens
+    floor = tokens * blocks + (len(s.queries) + s.cont_tokens) * head.numel()
+    return (floor + tokens * sum(2 * heads * head_dim * n for n in seen)) / floor
+
+
 # --- the four methods --------------------------------------------------------------------------------------------
 
 def run(method: str, lm, s: Setting, ctx, batch_size: int, shared: bool | None = None) -> scoring.Scores:
@@ -222,6 +246,7 @@ def time_setting(lm, s: Setting, args) -> dict:
     res["speedup_vs_icl"] = t["icl"] / t["deepthink"]
     res["speedup_vs_reference"] = t["reference"] / t["deepthink"]
     res["floor_ratio"] = t["deepthink"] / t["floor"]
+    res["floor_ratio_bound"] = attention_bound(lm, s)
     res["tune_fraction_of_icl_pass"] = None if tune_s is None else tune_s / t["icl"]
     saved = (t["icl"] - t["deepthink"]) / len(s.queries)            # seconds saved per item against icl
     res["break_even_items"] = None if tune_s is None or saved <= 0 else tune_s / saved
@@ -444,12 +469,19 @@ def summary(entry: dict) -> dict:
         "speedup_vs_icl": round(min(r["speedup_vs_icl"] for r in at_top), 3),
         "speedup_vs_reference": round(min(r["speedup_vs_reference"] for r in ref_rows), 3),
         "floor_ratio": round(max(r["floor_ratio"] for r in at_top), 3),
+        "floor_ratio_bound": _bound_of_worst(at_top),
         "max_batch_ratio": None if not mem else round(mem["max_batch_ratio"], 3),
         "second_load_s": None if not entry.get("load") else round(entry["load"]["load_model_s"], 2),
         "shots": top,
         "floor_ratio_by_shots": {str(k): round(max(r["floor_ratio"] for r in rows if r["shots"] == k), 3)
                                  for k in sorted({r["shots"] for r in rows})},
     }
+
+
+def _bound_of_worst(rows: list[dict]) -> float | None:
+    """attention_bound of the setting whose c/d is the reported floor_ratio (the largest)."""
+    b = max(rows, key=lambda r: r["floor_ratio"]).get("floor_ratio_bound")
+    return None if b is None else round(b, 3)
 
 
 def merge(old: dict, new: dict) -> dict:
@@ -488,8 +520,8 @@ def markdown(entries: dict) -> str:
                 f"{m.get('transformers', '?')}, git {m.get('git', '?')}; {e['dtype']}; {e['reps']} repetitions; "
                 f"batch size {e['batch_size']}; T = {e['steps']} tuning steps.", "",
                 "| task | demos/class | demos (tokens) | items | icl items/s | reference items/s | deepthink items/s "
-                "| floor items/s | c/a | c/b | c/d time | tuning: s (/ icl pass) | break-even items | load |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| floor items/s | c/a | c/b | c/d time | c/d bound | tuning: s (/ icl pass) | break-even items | load |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in e["settings"]:
             ms = r["methods"]
 
@@ -498,14 +530,17 @@ def markdown(entries: dict) -> str:
                 return f"{st['items_per_s']:.2f} [{n / st['max']:.2f}-{n / st['min']:.2f}]"
             tf, be = r["tune_fraction_of_icl_pass"], r.get("break_even_items")
             tune = f"n/a ({r['note']})" if tf is None else f"{r['tune_s']:.1f} ({tf:.2f})"
+            bound = "-" if r.get("floor_ratio_bound") is None else f"{r['floor_ratio_bound']:.2f}"
             out.append(f"| {r['task']} | {r['shots']} | {r['demos']} ({r['demo_tokens']}) | {r['items']} | "
                        f"{cell('icl')} | {cell('reference')} | {cell('deepthink')} | {cell('floor')} | "
                        f"{r['speedup_vs_icl']:.2f} | {r['speedup_vs_reference']:.2f} | {r['floor_ratio']:.2f} | "
-                       f"{tune} | {'-' if be is None else f'{be:.1f}'} | "
+                       f"{bound} | {tune} | {'-' if be is None else f'{be:.1f}'} | "
                        f"{'/'.join(map(str, r.get('load_avg', [])))} |")
         out += ["", "c = deepthink, a = icl, b = reference, d = floor; c/a and c/b are throughput ratios (higher is "
-                "better), c/d is deepthink's time over the floor's (1.0 is the floor). Tuning: T steps, once, and "
-                "as a fraction of one icl pass over the scored items; break-even: items after which tuning plus "
+                "better), c/d is deepthink's time over the floor's (1.0 is the floor); c/d bound: the least c/d "
+                "possible for any method that attends to the prefix, from multiply-adds (attention_bound: the "
+                "floor's block and head work plus every scored token's attention to the L prefix positions, the "
+                "window on sliding layers). Tuning: T steps, once, and as a fraction of one icl pass over the scored items; break-even: items after which tuning plus "
                 "deepthink scoring costs less than icl; load: the machine's 1-minute load average before/after "
                 "the setting (above the thread count, other work shared the cores). Model tokens/s (tokens run "
                 "through the blocks, padding included): " + "; ".join(
@@ -539,6 +574,39 @@ def markdown(entries: dict) -> str:
                     f"{ld['process_wall_s']:.2f} s."]
         out += ["", "Summary: `" + json.dumps(sm) + "`", ""]
     return "\n".join(out)
+
+
+README_MARK = ("<!-- speed-summary: written by benchmarks/speed.py -->", "<!-- /speed-summary -->")
+
+
+def readme_table(entries: dict) -> str:
+    """The README's Performance table: one row per stored entry, the targets in the header."""
+    rows = ["| entry | c/a at most demos (target >= 3) | smaller c/b of sst5, trec (>= 2) | c/d time (<= 1.2) "
+            "| c/d bound from multiply-adds | max batch c/a (>= 1.5) | second load (<= 5 s) | items per task | git |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for key, e in entries.items():
+        sm, mem = summary(e), e.get("memory")
+        batch = "-" if not mem else f"{sm['max_batch_ratio']:g} ({mem['budget_bytes'] / 2**20:g} MiB)"
+        items = sorted({r["items"] for r in e["settings"]})
+        load = "-" if sm["second_load_s"] is None else f"{sm['second_load_s']} s"
+        bound = "-" if sm["floor_ratio_bound"] is None else f"{sm['floor_ratio_bound']:.2f}"
+        rows.append(f"| {key} | {sm['speedup_vs_icl']:.2f} @ {sm['shots']}/class | {sm['speedup_vs_reference']:.2f} | "
+                    f"{sm['floor_ratio']:.2f} | {bound} | {batch} | {load} | "
+                    f"{'/'.join(map(str, items))} | {e['machine'].get('git', '?')} |")
+    return "\n".join(rows)
+
+
+def update_readme(entries: dict, path: Path = REPO / "README.md") -> bool:
+    """Rewrite the table between README_MARK in the README; False when the markers are not there."""
+    if not path.exists():
+        return False
+    text = path.read_text()
+    start, end = README_MARK
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + readme_table(entries) + "\n" + end + rest.split(end, 1)[1])
+    return True
 
 
 # --- main --------------------------------------------------------------------------------------------------------
@@ -644,6 +712,8 @@ def main(argv=None) -> dict:
     entries[key] = entry
     store.write_text(json.dumps(entries, indent=1))
     (out / "speed.md").write_text(markdown(entries))
+    if out.resolve() == (REPO / "benchmarks" / "results").resolve() and update_readme(entries):
+        print("updated the Performance table in README.md")
     sm = summary(entry)
     print(f"wrote {store} and {out / 'speed.md'} ({entry['wall_s']:.0f} s)")
     print(json.dumps(sm))

@@ -214,11 +214,19 @@ def test_benchmark_runs_with_random_init(tmp_path, capsys):
     assert json.loads(last) == summary
     for key in ("speedup_vs_icl", "speedup_vs_reference", "floor_ratio", "max_batch_ratio", "second_load_s"):
         assert key in summary
-    assert summary["max_batch_ratio"] > 0
+    assert summary["max_batch_ratio"] > 0 and summary["floor_ratio_bound"] >= 1.0
     stored = json.loads((out / "speed.json").read_text())
     (entry,) = stored.values()
     assert entry["settings"][0]["max_abs_diff_vs_reference"] < 1e-3
     assert "| sst2 | 1 |" in (out / "speed.md").read_text()
+    readme = tmp_path / "README.md"                     # the Performance table is rewritten between its markers
+    readme.write_text(f"intro\n{speed.README_MARK[0]}\nold table\n{speed.README_MARK[1]}\nrest\n")
+    assert speed.update_readme(stored, readme)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "| random:tiny-llama @ cpu quick | " in text
+    readme.write_text("no markers")
+    assert not speed.update_readme(stored, readme) and readme.read_text() == "no markers"
 
 
 def test_long_contexts_score_their_choices_in_bounded_chunks(monkeypatch):
@@ -227,3 +235,31 @@ def test_long_contexts_score_their_choices_in_bounded_chunks(monkeypatch):
     want = _naive(ctx, MULTI).logprob
     monkeypatch.setattr(scoring, "CONTINUATION_TOKENS", 1)          # one row per forward
     assert _scores(ctx, MULTI, batch_size=3, shared=True).logprob == approx(want, abs=ATOL)
+
+
+def _speed_module():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("speed", REPO / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    return speed
+
+
+def test_attention_bound_counts_the_prefix_attention_of_every_scored_token():
+    """c/d bound = (floor multiply-adds + each block token's q.K and p.V over the prefix) / floor, with the
+    window instead of L on sliding layers; weights counted by hand from the tiny configs."""
+    from types import SimpleNamespace
+
+    speed = _speed_module()
+    s = SimpleNamespace(L=500, query_tokens=30, cont_tokens=6, queries=[None] * 5)   # 36 block tokens, 11 head rows
+    llama = tiny_lm("llama")      # 2 layers, hidden 32, 4 heads x 8, 2 kv heads, mlp 64, lm_head untied
+    vocab = llama.model.get_output_embeddings().weight.shape[0]
+    floor = 36 * 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64) + 11 * vocab * 32
+    assert speed.attention_bound(llama, s) == pytest.approx((floor + 36 * 2 * (2 * 32 * 500)) / floor)
+    gemma = tiny_lm("gemma3")     # same shapes; layer 0 slides over 200 positions, layer 1 sees all
+    want = (floor + 36 * (2 * 32 * 200 + 2 * 32 * 500)) / floor
+    assert speed.attention_bound(gemma, s) == pytest.approx(want)
+    assert speed.attention_bound(gemma, SimpleNamespace(**{**vars(s), "L": 0})) == 1.0
