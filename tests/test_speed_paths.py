@@ -170,6 +170,32 @@ def test_sharded_model_tunes_and_scores_unchanged(arch, tmp_path):
         assert split.score(QUERIES, MULTI, method=method).logprob == approx(want, abs=ATOL)
 
 
+def test_device_auto_loads_through_accelerate_and_scores_unchanged(tmp_path, monkeypatch):
+    """--device auto is accelerate's device_map="auto" (all on the CPU here); the scores do not change."""
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny_lm("llama")
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    seen, load = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: seen.append(kw) or load(*a, **kw))
+    auto = deepthink.load_model(str(tmp_path / "m"), device="auto")
+    assert seen[0]["device_map"] == "auto" and auto.device.type == "cpu"
+    cfg = TuningConfig(steps=2, step_size=0.1)
+    want = deepthink.tune(lm, DEMOS, cfg).score(QUERIES, MULTI).logprob
+    assert deepthink.tune(auto, DEMOS, cfg).score(QUERIES, MULTI).logprob == approx(want, abs=ATOL)
+
+
+def test_quantize_says_what_to_install_or_fix(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)           # as if not installed
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        deepthink.load_model(str(tmp_path), quantize="8bit")
+    with pytest.raises(ValueError, match="'8bit' or '4bit'"):
+        deepthink.load_model(str(tmp_path), quantize="2bit")
+
+
 def test_model_cache_rehashes_only_files_that_changed(tmp_path, monkeypatch):
     """The second load trusts a cache entry whose files keep the stat signature recorded after a full sha256
     check; any write (even one that keeps the size) brings the full check back, which then fails."""

@@ -17,7 +17,10 @@ def add_model_args(p: argparse.ArgumentParser, multiple: bool = False, from_cont
                        nargs="+" if multiple else None,
                        help=f"{'one or more models: ' if multiple else ''}registry name ({', '.join(REGISTRY)}), "
                             f"a local Hugging Face model folder, a hub id, or a .gguf file (default: {DEFAULT_MODEL})")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, or auto: spread a model "
+                   "too big for one device over the GPUs, CPU memory and disk (accelerate; default: cpu)")
+    p.add_argument("--quantize", default=None, choices=["8bit", "4bit"],
+                   help="load the weights 8- or 4-bit through bitsandbytes (install it first; needs a CUDA GPU)")
     p.add_argument("--dtype", default=None if from_context else "float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: " + ("the dtype the context was tuned in)" if from_context else
                                                        "float32, the fastest on CPUs)"))
@@ -28,7 +31,8 @@ def load_lm(args):
 
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+                      quantize=getattr(args, "quantize", None))
 
 
 def cmd_tasks(args) -> int:

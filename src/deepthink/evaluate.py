@@ -218,7 +218,7 @@ def unit_path(out: Path, model: str, task: str, seed: int) -> Path:
 
 def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, out, data_dir=None,
         device="cpu", dtype="float32", progress: bool = True, log=print, lm_cache: dict | None = None,
-        write: bool = True) -> dict | None:
+        write: bool = True, quantize: str | None = None) -> dict | None:
     """Run every (model, task, seed) unit not already in `out`, then write results.json and plots (unless
     write=False). lm_cache: a dict to keep loaded models in across calls."""
     import torch
@@ -242,14 +242,14 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
             log(f"{model}: all {len(task_objs) * len(seeds)} units already done in {out}")
             continue
         lm_cache = {} if lm_cache is None else lm_cache
-        key = (model, str(device), dtype)
+        key = (model, str(device), dtype, quantize)
         if key not in lm_cache:
-            lm_cache[key] = load_model(model, device=device, dtype=getattr(torch, dtype))
+            lm_cache[key] = load_model(model, device=device, dtype=getattr(torch, dtype), quantize=quantize)
         lm = lm_cache[key]
         for task, seed in todo:
             unit, preds = run_unit(lm, task, seed, cfg, data_dir=data_dir, progress=progress)
             unit.update({"model_source": lm.source, "model_fingerprint": lm.fingerprint, "dtype": dtype,
-                         "device": str(device), "config": asdict(cfg), "environment": environment()})
+                         "quantize": quantize, "device": str(device), "config": asdict(cfg), "environment": environment()})
             path = unit_path(out, model, task.name, seed)
             _write_atomic(path.with_suffix(".predictions.jsonl"),
                           "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
@@ -324,5 +324,5 @@ def cmd_eval(args) -> int:
                      update=args.update, dev_size=args.dev_size, max_eval=args.max_eval, curve=args.curve,
                      batch_size=args.batch_size)
     run(args.model, args.task, args.seeds, cfg, args.out, data_dir=args.data_dir, device=args.device,
-        dtype=args.dtype, progress=not args.quiet)
+        dtype=args.dtype, progress=not args.quiet, quantize=args.quantize)
     return 0

@@ -249,21 +249,44 @@ def resolve(name_or_path: str) -> tuple[str, Path | str, str | None]:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, **from_pretrained_kwargs) -> LM:
+               dtype: torch.dtype = torch.float32, quantize: str | None = None, **from_pretrained_kwargs) -> LM:
     """Load a frozen causal LM and its tokenizer.
 
     name_or_path: a registry name (see REGISTRY), a Hugging Face model folder or hub id, or a .gguf file.
-    Extra keyword arguments go to `from_pretrained` (e.g. device_map="auto", quantization_config=...).
+    device: "cpu", "cuda", "cuda:1", ..., or "auto": accelerate's device_map="auto", for a model that does not
+        fit one device (spread over the GPUs, then CPU memory, then disk); tuning and scoring work unchanged.
+    quantize: "8bit" or "4bit" weights through bitsandbytes (installed separately; most of its kernels need a
+        CUDA GPU).
+    Extra keyword arguments go to `from_pretrained` (e.g. device_map={...}, offload_folder=...).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kwargs = dict(from_pretrained_kwargs)
+    if str(device) == "auto":
+        kwargs.setdefault("device_map", "auto")
+    if quantize is not None:
+        kwargs.setdefault("quantization_config", _bitsandbytes_config(quantize))
+        kwargs.setdefault("device_map", {"": str(device)})     # quantized weights are placed at load, never moved
     name, source, digest = resolve(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    if "device_map" not in from_pretrained_kwargs:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **from_pretrained_kwargs).to(device)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    if "device_map" not in kwargs:
+        model = model.to(device)
     return wrap_model(model, tokenizer, name=name, source=str(source), gguf_sha256=digest)
+
+
+def _bitsandbytes_config(quantize: str):
+    if quantize not in ("8bit", "4bit"):
+        raise ValueError(f"quantize must be '8bit' or '4bit', got {quantize!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError(f"quantize={quantize!r} loads weights through bitsandbytes, which is not installed: "
+                          "`pip install bitsandbytes` (most of its kernels need a CUDA GPU), or leave quantize "
+                          "out to load the weights unquantized") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=quantize == "8bit", load_in_4bit=quantize == "4bit")
 
 
 def wrap_model(model: torch.nn.Module, tokenizer, name: str = "custom", source: str = "in-memory",
