@@ -67,11 +67,21 @@ def paper_table2(path: Path = PAPER) -> dict[str, dict[str, tuple[float, float]]
     return out
 
 
-def write_markdown(profile: str, out_dir: Path, command: str) -> Path:
+def _shown(path: Path, root: Path) -> str:
+    """`path` relative to `root` where it lies inside it (links in the Markdown), else as given."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def write_markdown(profile: str, out_dir: Path, command: str, dest: Path = RESULTS / "REPRODUCTION.md") -> Path:
     units = report.load_units([out_dir])
     prof = PROFILES[profile]
-    done = {(u["model"], u["task"], u["seed"]) for u in units}
-    missing = [(m, t, s) for m in prof["models"] for s in prof["seeds"] for t in TASKS if (m, t, s) not in done]
+    have = {(u["model"], u["task"], u["seed"]) for u in units}
+    wanted = [(m, t, s) for m in prof["models"] for s in prof["seeds"] for t in TASKS]
+    done = [k for k in wanted if k in have]
+    missing = [k for k in wanted if k not in have]
     rows = report.summarize(units, "sum")
     norm_rows = {(r["model"], r["task"]): r for r in report.summarize(units, "norm")}
     cfg = asdict(prof["config"])
@@ -81,7 +91,7 @@ def write_markdown(profile: str, out_dir: Path, command: str) -> Path:
         "# Reproduction: zero-shot vs ICL vs Deep-Thinking on the paper's ten tasks",
         "",
         f"Profile `{profile}`, produced by `{command}` (resumable; units in "
-        f"`{out_dir.relative_to(ROOT.parent)}/units/`, per-item scores in `predictions.jsonl`).",
+        f"`{_shown(out_dir, ROOT.parent)}/units/`, per-item scores in `predictions.jsonl`).",
         f"deepthink {env['deepthink']} (git {str(env['git'])[:10]}), torch {env['torch']}, transformers "
         f"{env['transformers']}, {env['threads']} CPU threads, {env['platform']}.",
         "",
@@ -151,12 +161,11 @@ def write_markdown(profile: str, out_dir: Path, command: str) -> Path:
     if plots:
         lines += ["", "## Plots", "", "Accuracy vs step on dev (dotted line: the chosen T) and per-layer "
                   "‖ΔK‖, ‖ΔV‖ per step, one figure per model and task:", ""]
-        lines += [f"- [{p.stem}]({p.relative_to(RESULTS)})" for p in plots]
+        lines += [f"- [{p.stem}]({_shown(p, dest.parent)})" for p in plots]
     total = sum(u["wall_s"]["total"] for u in units)
     lines += ["", f"Total wall time of the {len(units)} units: {total / 60:.1f} min."]
-    path = RESULTS / "REPRODUCTION.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    dest.write_text("\n".join(lines) + "\n")
+    return dest
 
 
 def main(argv=None) -> int:

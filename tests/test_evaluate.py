@@ -131,3 +131,23 @@ def test_eval_config_validation():
         EvalConfig(max_eval=0)
     with pytest.raises(ValueError, match="TuningConfig.steps"):
         EvalConfig(steps=0)
+
+
+def test_reproduction_markdown_from_finished_units(finished, tmp_path):
+    """benchmarks/reproduce.py's REPRODUCTION.md: status of the profile, per-task sizes, a mean ± std row per
+    task, the plain "does it help" lines and links to the plots."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    assert reproduce.task_config("default", "hellaswag").max_eval == 50
+    assert reproduce.task_config("default", "sst2") == reproduce.PROFILES["default"]["config"]
+    text = reproduce.write_markdown("default", finished, "cmd", dest=tmp_path / "R.md").read_text()
+    assert "**Status: 0 of 30 units of the profile finished.**" in text      # the tiny model is not in the profile
+    assert "hellaswag alone uses max eval 50, dev size 16" in text
+    rows = [l for l in text.splitlines() if l.startswith("| ") and "| sst2 | 2 | 8 |" in l]
+    assert len(rows) == 1 and rows[0].count("±") == 4                        # 2 seeds: mean ± std per setting
+    assert "DT dev-T vs ICL**: mean change" in text and "plots/" in text
