@@ -75,6 +75,24 @@ def _shown(path: Path, root: Path) -> str:
         return str(path)
 
 
+def verdict(rows: list[dict]) -> list[str]:
+    """Plain lines per model: mean change of each Deep-Thinking setting against ICL, where it helped or hurt."""
+    lines = []
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        for key, label in (("dt_fixed", "DT fixed-T"), ("dt_dev", "DT dev-T")):
+            gains = [r[key][0] - r["icl"][0] for r in mine]
+            better = [r["task"] for r, g in zip(mine, gains) if g > 0]
+            worse = [r["task"] for r, g in zip(mine, gains) if g < 0]
+            lines.append(f"- **{model}, {label} vs ICL**: mean change {sum(gains) / len(gains):+.1f} points over "
+                         f"{len(mine)} tasks; higher on {', '.join(better) or 'none'}; lower on "
+                         f"{', '.join(worse) or 'none'}.")
+        zs = [r["zero_shot"][0] - r["icl"][0] for r in mine]
+        lines.append(f"- **{model}, zero-shot vs ICL**: mean {sum(zs) / len(zs):+.1f} points "
+                     "(positive = the model does better without demonstrations).")
+    return lines
+
+
 def write_markdown(profile: str, out_dir: Path, command: str, dest: Path = RESULTS / "REPRODUCTION.md") -> Path:
     units = report.load_units([out_dir])
     prof = PROFILES[profile]
@@ -127,19 +145,7 @@ def write_markdown(profile: str, out_dir: Path, command: str, dest: Path = RESUL
         n = norm_rows[(r["model"], r["task"])]
         lines.append(f"| {r['model']} | {r['task']} | {fmt(n['zero_shot'])} | {fmt(n['icl'])} | "
                      f"{fmt(n['dt_fixed'])} | {fmt(n['dt_dev'])} |")
-    lines += ["", "## Does Deep-Thinking help here?", ""]
-    for model in sorted({r["model"] for r in rows}):
-        mine = [r for r in rows if r["model"] == model]
-        for key, label in (("dt_fixed", "DT fixed-T"), ("dt_dev", "DT dev-T")):
-            gains = [r[key][0] - r["icl"][0] for r in mine]
-            better = [r["task"] for r, g in zip(mine, gains) if g > 0]
-            worse = [r["task"] for r, g in zip(mine, gains) if g < 0]
-            lines.append(f"- **{model}, {label} vs ICL**: mean change {sum(gains) / len(gains):+.1f} points over "
-                         f"{len(mine)} tasks; higher on {', '.join(better) or 'none'}; lower on "
-                         f"{', '.join(worse) or 'none'}.")
-        zs = [r["zero_shot"][0] - r["icl"][0] for r in mine]
-        lines.append(f"- **{model}, zero-shot vs ICL**: mean {sum(zs) / len(zs):+.1f} points "
-                     "(positive = the model does better without demonstrations).")
+    lines += ["", "## Does Deep-Thinking help here?", "", *verdict(rows)]
     lines += ["", "These are small models (135M–270M parameters) with one demonstration per class and "
               f"{cfg['max_eval']}-item eval subsets: one item is {100 / cfg['max_eval']:.0f} point(s), and the "
               "seed-to-seed spread is often larger than the differences between settings. Read the "
@@ -154,7 +160,7 @@ def write_markdown(profile: str, out_dir: Path, command: str, dest: Path = RESUL
         lines += ["", "None of the paper's model families can be installed here (../shared/MODELS.md), and the "
                   "paper publishes no per-task table for COPA, HellaSwag, OBQA, QASC or WinoGrande, so no row "
                   "above is a like-for-like comparison."]
-    notes = sorted({n for u in units for n in u["notes"]})
+    notes = sorted({n if n.startswith(u["task"] + ":") else f"{u['task']}: {n}" for u in units for n in u["notes"]})
     if notes:
         lines += ["", "## Deviations from the reference, as recorded by the runs", ""] + [f"- {n}" for n in notes]
     plots = sorted((out_dir / "plots").glob("*.png"))
@@ -166,6 +172,36 @@ def write_markdown(profile: str, out_dir: Path, command: str, dest: Path = RESUL
     lines += ["", f"Total wall time of the {len(units)} units: {total / 60:.1f} min."]
     dest.write_text("\n".join(lines) + "\n")
     return dest
+
+
+README_MARK = ("<!-- reproduction-summary -->", "<!-- /reproduction-summary -->")
+
+
+def readme_summary(profile: str, out_dir: Path) -> str:
+    """Short results table for the README: summed-score accuracy per setting, mean ± std over seeds."""
+    units = report.load_units([out_dir])
+    rows = report.summarize(units, "sum")
+    n_units = len({(u["model"], u["task"], u["seed"]) for u in units})
+    lines = [f"Profile `{profile}`: {n_units} units ({', '.join(sorted({r['model'] for r in rows}))}), accuracy % "
+             "(summed log-prob), mean ± std over seeds; full tables, per-token scores, dev curves and caveats in "
+             "[benchmarks/results/REPRODUCTION.md](benchmarks/results/REPRODUCTION.md).", "",
+             "| model | task | n eval | zero-shot | ICL | DT fixed-T | DT dev-T | dev-chosen T |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['task']} | {r['n_eval']} | {fmt(r['zero_shot'])} | {fmt(r['icl'])} | "
+                     f"{fmt(r['dt_fixed'])} | {fmt(r['dt_dev'])} | {','.join(map(str, r['chosen_steps']))} |")
+    return "\n".join(lines + ["", *verdict(rows)])
+
+
+def update_readme(profile: str, out_dir: Path, path: Path = ROOT.parent / "README.md") -> bool:
+    """Rewrite the README's results table between README_MARK; False when the markers are not there."""
+    text = path.read_text() if path.exists() else ""
+    start, end = README_MARK
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + readme_summary(profile, out_dir) + "\n" + end + rest.split(end, 1)[1])
+    return True
 
 
 def main(argv=None) -> int:
@@ -192,6 +228,8 @@ def main(argv=None) -> int:
     command = "python benchmarks/reproduce.py" + ("" if args.profile == "default" else f" --profile {args.profile}")
     path = write_markdown(args.profile, out_dir, command)
     print(f"wrote {path}")
+    if args.profile == "default" and update_readme(args.profile, out_dir):
+        print("updated the results table in README.md")
     return 0
 
 

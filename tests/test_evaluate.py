@@ -151,3 +151,9 @@ def test_reproduction_markdown_from_finished_units(finished, tmp_path):
     rows = [l for l in text.splitlines() if l.startswith("| ") and "| sst2 | 2 | 8 |" in l]
     assert len(rows) == 1 and rows[0].count("±") == 4                        # 2 seeds: mean ± std per setting
     assert "DT dev-T vs ICL**: mean change" in text and "plots/" in text
+    readme = tmp_path / "README.md"                       # the README's short table, between its markers
+    readme.write_text(f"top\n{reproduce.README_MARK[0]}\nold\n{reproduce.README_MARK[1]}\nbottom\n")
+    assert reproduce.update_readme("default", finished, readme)
+    short = readme.read_text()
+    assert "old" not in short and short.startswith("top\n") and short.endswith("bottom\n")
+    assert sum(l.startswith("| tiny-llama0 | ") for l in short.splitlines()) == 2 and "mean change" in short
