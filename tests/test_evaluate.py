@@ -157,3 +157,18 @@ def test_reproduction_markdown_from_finished_units(finished, tmp_path):
     short = readme.read_text()
     assert "old" not in short and short.startswith("top\n") and short.endswith("bottom\n")
     assert sum(l.startswith("| tiny-llama0 | ") for l in short.splitlines()) == 2 and "mean change" in short
+
+
+def test_all_ten_tasks_run_end_to_end_from_the_cli(tiny_model_dir, tmp_path):
+    """`deepthink eval` on every paper task from the local data: a unit per task with all four settings."""
+    from conftest import SHARED_DATA
+    from test_tasks import PAPER_TASKS
+
+    out = tmp_path / "all"
+    assert cli.main(["eval", "--model", str(tiny_model_dir), "--task", *PAPER_TASKS, "--seeds", "0", "--steps", "2",
+                     "--dev-size", "2", "--max-eval", "3", "--data-dir", str(SHARED_DATA),
+                     "--quiet", "--out", str(out)]) == 0
+    units = json.loads((out / "results.json").read_text())["units"]
+    assert sorted(u["task"] for u in units) == sorted(PAPER_TASKS)
+    for u in units:
+        assert set(u["accuracy"]) == set(SETTINGS) and u["n_eval"] == 3 and u["n_dev"] == 2
