@@ -453,8 +453,10 @@ def machine(device: str) -> dict:
 
         info["transformers"] = transformers.__version__
     with contextlib.suppress(Exception):
-        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                     text=True).stdout.strip()
+        from deepthink.evaluate import git_hash
+
+        head = git_hash()                                   # "+dirty" when code differs from the commit
+        info["git"] = head[:7] + ("+dirty" if head.endswith("+dirty") else "") if head else "?"
     return info
 
 
