@@ -195,13 +195,7 @@ def readme_summary(profile: str, out_dir: Path) -> str:
 
 def update_readme(profile: str, out_dir: Path, path: Path = ROOT.parent / "README.md") -> bool:
     """Rewrite the README's results table between README_MARK; False when the markers are not there."""
-    text = path.read_text() if path.exists() else ""
-    start, end = README_MARK
-    if start not in text or end not in text:
-        return False
-    head, rest = text.split(start, 1)
-    path.write_text(head + start + "\n" + readme_summary(profile, out_dir) + "\n" + end + rest.split(end, 1)[1])
-    return True
+    return report.replace_marked(path, README_MARK, readme_summary(profile, out_dir))
 
 
 def main(argv=None) -> int:

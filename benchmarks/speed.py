@@ -542,8 +542,9 @@ def markdown(entries: dict) -> str:
                 "better), c/d is deepthink's time over the floor's (1.0 is the floor); c/d bound: the least c/d "
                 "possible for any method that attends to the prefix, from multiply-adds (attention_bound: the "
                 "floor's block and head work plus every scored token's attention to the L prefix positions, the "
-                "window on sliding layers). Tuning: T steps, once, and as a fraction of one icl pass over the scored items; break-even: items after which tuning plus "
-                "deepthink scoring costs less than icl; load: the machine's 1-minute load average before/after "
+                "window on sliding layers). Tuning: T steps, once, and as a fraction of one icl pass over the "
+                "scored items; break-even: items after which tuning plus deepthink scoring costs less than icl; "
+                "load: the machine's 1-minute load average before/after "
                 "the setting (above the thread count, other work shared the cores). Model tokens/s (tokens run "
                 "through the blocks, padding included): " + "; ".join(
                     f"{r['task']}@{r['shots']}: " + ", ".join(f"{k} {r['methods'][k]['model_tokens_per_s']:.0f}"
@@ -600,15 +601,9 @@ def readme_table(entries: dict) -> str:
 
 def update_readme(entries: dict, path: Path = REPO / "README.md") -> bool:
     """Rewrite the table between README_MARK in the README; False when the markers are not there."""
-    if not path.exists():
-        return False
-    text = path.read_text()
-    start, end = README_MARK
-    if start not in text or end not in text:
-        return False
-    head, rest = text.split(start, 1)
-    path.write_text(head + start + "\n" + readme_table(entries) + "\n" + end + rest.split(end, 1)[1])
-    return True
+    from deepthink.report import replace_marked
+
+    return replace_marked(path, README_MARK, readme_table(entries))
 
 
 # --- main --------------------------------------------------------------------------------------------------------

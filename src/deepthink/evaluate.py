@@ -196,8 +196,11 @@ def git_hash() -> str | None:
 
     try:
         head = git("rev-parse", "HEAD")
-        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                                    ":(top,exclude)benchmarks/results", ":(top,exclude,glob)**/*.md") else "") if head else None
+        if not head:
+            return None
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                      ":(top,exclude)benchmarks/results", ":(top,exclude,glob)**/*.md")
+        return head + ("+dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -236,12 +239,12 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
         raise OSError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable directory") from e
     task_objs = [get_task(t) for t in tasks]  # fail early on unknown names
     git_hash()    # the code as this run found it
+    lm_cache = {} if lm_cache is None else lm_cache
     for model in models:
         todo = [(t, s) for t in task_objs for s in seeds if not _finished(out, model, t.name, s, cfg)]
         if not todo:
             log(f"{model}: all {len(task_objs) * len(seeds)} units already done in {out}")
             continue
-        lm_cache = {} if lm_cache is None else lm_cache
         key = (model, str(device), dtype, quantize)
         if key not in lm_cache:
             lm_cache[key] = load_model(model, device=device, dtype=getattr(torch, dtype), quantize=quantize)

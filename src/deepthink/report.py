@@ -132,6 +132,19 @@ def write_report(dirs, out, log=print) -> dict:
     return results
 
 
+def replace_marked(path: Path, marks: tuple[str, str], body: str) -> bool:
+    """Put `body` between the two marker lines of a text file (a README's generated table); False, touching
+    nothing, when the file or either marker is missing."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    start, end = marks
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+    return True
+
+
 def register(sub) -> None:
     p = sub.add_parser("report", help="re-render tables and plots from saved runs, merging several")
     p.add_argument("dirs", nargs="+", help="output folders of `deepthink eval`")
