@@ -14,12 +14,13 @@ import argparse
 import re
 import shutil
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
-from deepthink import evaluate, report
-from deepthink.evaluate import EvalConfig
-from deepthink.report import fmt
+from deepthink.evaluation import EvalConfig, legacy_methods
+from deepthink.evaluation import report
+from deepthink.evaluation import run as run_eval
+from deepthink.evaluation.report import REFERENCE, fmt, label
 from deepthink.tasks import list_tasks
 
 ROOT = Path(__file__).resolve().parent
@@ -34,12 +35,14 @@ TASKS = [t for t in list_tasks() if t != "sentiment-demo"]
 # it alone scores 50 items with 16 dev items (TASK_SIZES); every other task uses the profile's sizes.
 PROFILES = {
     "default": dict(models=["gemma3-270m"], seeds=[0, 1, 2],
-                    config=EvalConfig(shots=1, steps=10, step_size=0.01, momentum=0.9, fixed_steps=5,
-                                      fixed_momentum=0.0, dev_size=32, max_eval=100),
+                    config=EvalConfig(shots=1, dev_size=32, max_eval=100,
+                                      methods=legacy_methods(steps=10, step_size=0.01, momentum=0.9, fixed_steps=5,
+                                                             fixed_momentum=0.0)),
                     task_sizes={"hellaswag": dict(max_eval=50, dev_size=16)}),
     "full": dict(models=["gemma3-270m", "smollm2-135m", "qwen2.5-coder-0.5b"], seeds=[0, 1, 2, 3, 4],
-                 config=EvalConfig(shots=1, steps=15, step_size=0.01, momentum=0.9, fixed_steps=5,
-                                   fixed_momentum=0.0, dev_size=128, max_eval=500),
+                 config=EvalConfig(shots=1, dev_size=128, max_eval=500,
+                                   methods=legacy_methods(steps=15, step_size=0.01, momentum=0.9, fixed_steps=5,
+                                                          fixed_momentum=0.0)),
                  task_sizes={}),
 }
 
@@ -75,22 +78,38 @@ def _shown(path: Path, root: Path) -> str:
         return str(path)
 
 
-def verdict(rows: list[dict]) -> list[str]:
-    """Plain lines per model: mean change of each Deep-Thinking setting against ICL, where it helped or hurt."""
+def verdict(rows: list[dict], names: list[str]) -> list[str]:
+    """Plain lines per model: each method's mean change against the reference (ICL), where it helped or hurt."""
     lines = []
     for model in sorted({r["model"] for r in rows}):
-        mine = [r for r in rows if r["model"] == model]
-        for key, label in (("dt_fixed", "DT fixed-T"), ("dt_dev", "DT dev-T")):
-            gains = [r[key][0] - r["icl"][0] for r in mine]
-            better = [r["task"] for r, g in zip(mine, gains) if g > 0]
-            worse = [r["task"] for r, g in zip(mine, gains) if g < 0]
-            lines.append(f"- **{model}, {label} vs ICL**: mean change {sum(gains) / len(gains):+.1f} points over "
-                         f"{len(mine)} tasks; higher on {', '.join(better) or 'none'}; lower on "
+        mine = [r for r in rows if r["model"] == model and r.get(REFERENCE) is not None]
+        for key in names:
+            if key == REFERENCE:
+                continue
+            have = [r for r in mine if r.get(key) is not None]
+            gains = [r[key][0] - r[REFERENCE][0] for r in have]
+            if not gains:
+                continue
+            better = [r["task"] for r, g in zip(have, gains) if g > 0]
+            worse = [r["task"] for r, g in zip(have, gains) if g < 0]
+            lines.append(f"- **{model}, {label(key)} vs {label(REFERENCE)}**: mean change {sum(gains) / len(gains):+.1f} "
+                         f"points over {len(have)} tasks; higher on {', '.join(better) or 'none'}; lower on "
                          f"{', '.join(worse) or 'none'}.")
-        zs = [r["zero_shot"][0] - r["icl"][0] for r in mine]
-        lines.append(f"- **{model}, zero-shot vs ICL**: mean {sum(zs) / len(zs):+.1f} points "
-                     "(positive = the model does better without demonstrations).")
     return lines
+
+
+def protocol(cfg: dict) -> str:
+    """What each method of the profile did, from its recorded options."""
+    parts = []
+    for name, o in cfg["methods"].items():
+        if "selection" in o:
+            parts.append(f"{label(name)}: T in 1..{o['steps']} with momentum {o['momentum']}, chosen by dev accuracy "
+                         "(ties to the smaller T); T = 1 is plain ICL.")
+        elif "steps" in o:
+            parts.append(f"{label(name)}: T = {o['steps']}, momentum {o['momentum']}"
+                         + (" (the ACL paper's no-dev setting)." if o["momentum"] == 0 else "."))
+    steps = {o["step_size"] for o in cfg["methods"].values() if "step_size" in o}
+    return " ".join(parts) + (f" Step size {', '.join(map(str, sorted(steps)))}." if steps else "")
 
 
 def write_markdown(profile: str, out_dir: Path, command: str, dest: Path = RESULTS / "REPRODUCTION.md") -> Path:
@@ -102,7 +121,8 @@ def write_markdown(profile: str, out_dir: Path, command: str, dest: Path = RESUL
     missing = [k for k in wanted if k not in have]
     rows = report.summarize(units, "sum")
     norm_rows = {(r["model"], r["task"]): r for r in report.summarize(units, "norm")}
-    cfg = asdict(prof["config"])
+    names, selecting = report.method_names(units), report.choosing(units)
+    cfg = prof["config"].to_dict()
     env = units[0]["environment"]
     paper = paper_table2()
     lines = [
@@ -117,9 +137,7 @@ def write_markdown(profile: str, out_dir: Path, command: str, dest: Path = RESUL
         f"({cfg['shots']} per class, or {cfg['shots']} in total for tasks without fixed labels); "
         f"eval = a seeded random {cfg['max_eval']} items of the scored split (fewer where the split is smaller); "
         f"dev = {cfg['dev_size']} items drawn from the training data, disjoint from the demonstrations. "
-        f"DT fixed-T: T = {cfg['fixed_steps']}, momentum {cfg['fixed_momentum']} (the ACL paper's no-dev "
-        f"setting). DT dev-T: T in 1..{cfg['steps']} with momentum {cfg['momentum']}, chosen by dev accuracy "
-        f"(ties to the smaller T); T = 1 is plain ICL. Step size {cfg['step_size']}. Nothing is chosen on eval. "
+        f"{protocol(cfg)} Nothing is chosen on eval. "
         + "".join(f"{t} alone uses " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sizes.items())
                   + " (its long multi-token endings make each item ~10x dearer). "
                   for t, sizes in prof["task_sizes"].items()) +
@@ -132,20 +150,22 @@ def write_markdown(profile: str, out_dir: Path, command: str, dest: Path = RESUL
         *([(out_dir / "NOTES.md").read_text().strip(), ""] if (out_dir / "NOTES.md").exists() else []),
         "## Accuracy % (mean ± std over seeds; a single seed shows no ±), summed log-prob",
         "",
-        "| model | task | seeds | n eval | zero-shot | ICL | DT fixed-T | DT dev-T | dev-chosen T | DT dev − ICL |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | task | seeds | n eval | " + " | ".join(label(m) for m in names) + " | "
+        + "".join(f"{chosen_label(m, selecting)} | {label(m)} − {label(REFERENCE)} | " for m in selecting).rstrip(" ")
+        + ("" if selecting else "|"),
+        "|---|---|---|---|" + "---|" * (len(names) + 2 * len(selecting)),
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['task']} | {len(r['seeds'])} | {r['n_eval']} | {fmt(r['zero_shot'])} | "
-                     f"{fmt(r['icl'])} | {fmt(r['dt_fixed'])} | {fmt(r['dt_dev'])} | "
-                     f"{','.join(map(str, r['chosen_steps']))} | {r['dt_dev'][0] - r['icl'][0]:+.1f} |")
+        lines.append(f"| {r['model']} | {r['task']} | {len(r['seeds'])} | {r['n_eval']} | "
+                     + " | ".join(fmt(r[m]) for m in names) + " |"
+                     + "".join(f" {','.join(map(str, r['chosen_steps'][m]))} | {report.difference(r, m)} |"
+                               for m in selecting))
     lines += ["", "## Accuracy % with per-token normalised scores (same runs)", "",
-              "| model | task | zero-shot | ICL | DT fixed-T | DT dev-T |", "|---|---|---|---|---|---|"]
+              "| model | task | " + " | ".join(label(m) for m in names) + " |", "|---|---|" + "---|" * len(names)]
     for r in rows:
         n = norm_rows[(r["model"], r["task"])]
-        lines.append(f"| {r['model']} | {r['task']} | {fmt(n['zero_shot'])} | {fmt(n['icl'])} | "
-                     f"{fmt(n['dt_fixed'])} | {fmt(n['dt_dev'])} |")
-    lines += ["", "## Does Deep-Thinking help here?", "", *verdict(rows)]
+        lines.append(f"| {r['model']} | {r['task']} | " + " | ".join(fmt(n[m]) for m in names) + " |")
+    lines += ["", "## Does Deep-Thinking help here?", "", *verdict(rows, names)]
     lines += ["", "These are small models (135M–270M parameters) with one demonstration per class and "
               f"{cfg['max_eval']}-item eval subsets: one item is {100 / cfg['max_eval']:.0f} point(s), and the "
               "seed-to-seed spread is often larger than the differences between settings. Read the "
@@ -182,15 +202,21 @@ def readme_summary(profile: str, out_dir: Path) -> str:
     units = report.load_units([out_dir])
     rows = report.summarize(units, "sum")
     n_units = len({(u["model"], u["task"], u["seed"]) for u in units})
+    names, selecting = report.method_names(units), report.choosing(units)
     lines = [f"Profile `{profile}`: {n_units} units ({', '.join(sorted({r['model'] for r in rows}))}), accuracy % "
              "(summed log-prob), mean ± std over seeds; full tables, per-token scores, dev curves and caveats in "
              "[benchmarks/results/REPRODUCTION.md](benchmarks/results/REPRODUCTION.md).", "",
-             "| model | task | n eval | zero-shot | ICL | DT fixed-T | DT dev-T | dev-chosen T |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | task | n eval | " + " | ".join(label(m) for m in names)
+             + "".join(f" | {chosen_label(m, selecting)}" for m in selecting) + " |",
+             "|---|---|---|" + "---|" * (len(names) + len(selecting))]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['task']} | {r['n_eval']} | {fmt(r['zero_shot'])} | {fmt(r['icl'])} | "
-                     f"{fmt(r['dt_fixed'])} | {fmt(r['dt_dev'])} | {','.join(map(str, r['chosen_steps']))} |")
-    return "\n".join(lines + ["", *verdict(rows)])
+        lines.append(f"| {r['model']} | {r['task']} | {r['n_eval']} | " + " | ".join(fmt(r[m]) for m in names)
+                     + "".join(f" | {','.join(map(str, r['chosen_steps'][m]))}" for m in selecting) + " |")
+    return "\n".join(lines + ["", *verdict(rows, names)])
+
+
+def chosen_label(method: str, selecting: list[str]) -> str:
+    return "dev-chosen T" if len(selecting) == 1 else f"{label(method)}: dev-chosen T"
 
 
 def update_readme(profile: str, out_dir: Path, path: Path = ROOT.parent / "README.md") -> bool:
@@ -215,7 +241,7 @@ def main(argv=None) -> int:
         # seed by seed, so that an interrupted run leaves whole seeds rather than whole tasks
         for seed in args.seeds or prof["seeds"]:
             for task in args.tasks or TASKS:
-                evaluate.run(args.models or prof["models"], [task], [seed], task_config(args.profile, task),
+                run_eval(args.models or prof["models"], [task], [seed], task_config(args.profile, task),
                              out_dir, data_dir=args.data_dir, progress=not args.quiet, lm_cache=models,
                              write=False)
         report.write_report([out_dir], out_dir)

@@ -453,7 +453,7 @@ def machine(device: str) -> dict:
 
         info["transformers"] = transformers.__version__
     with contextlib.suppress(Exception):
-        from deepthink.evaluate import git_hash
+        from deepthink.evaluation.provenance import git_hash
 
         head = git_hash()                                   # "+dirty" when code differs from the commit
         info["git"] = head[:7] + ("+dirty" if head.endswith("+dirty") else "") if head else "?"
@@ -601,7 +601,7 @@ def readme_table(entries: dict) -> str:
 
 def update_readme(entries: dict, path: Path = REPO / "README.md") -> bool:
     """Rewrite the table between README_MARK in the README; False when the markers are not there."""
-    from deepthink.report import replace_marked
+    from deepthink.evaluation.report import replace_marked
 
     return replace_marked(path, README_MARK, readme_table(entries))
 

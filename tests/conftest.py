@@ -11,6 +11,7 @@ import torch
 import deepthink
 
 REPO = Path(__file__).resolve().parents[1]
+PAPER_TASKS = ["sst2", "sst5", "mr", "agnews", "trec", "copa", "hellaswag", "obqa", "qasc", "winogrande"]
 SHARED_DATA = Path(os.environ.get("DEEPTHINK_DATA_DIR", REPO.parent / "shared" / "data"))
 
 CORPUS = [
@@ -117,3 +118,62 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     lm.model.save_pretrained(d)
     lm.tokenizer.save_pretrained(d)
     return d
+
+
+# ---- independent re-implementations the tests compare against
+
+def plain_icl_scores(lm, demos, queries, choices):
+    """Log-likelihoods with the demonstrations concatenated before every query, one full forward each."""
+    tok = lm.tokenizer
+    d = tok(demos).input_ids if demos else tok("").input_ids
+    out = []
+    for q, cs in zip(queries, choices):
+        s = len(tok(q, add_special_tokens=False).input_ids)
+        row = []
+        for c in cs:
+            f = tok(q + c, add_special_tokens=False).input_ids
+            ids = torch.tensor([d + f])
+            logp = lm.model(ids).logits[0].float().log_softmax(-1)
+            row.append(sum(float(logp[len(d) + i - 1, f[i]]) for i in range(s, len(f))))
+        out.append(row)
+    return out
+
+
+def reference_tune(lm, demos, steps, eta, beta, positions):
+    """An independent, literal re-implementation of the update (explicit loops, own cache handling)."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([lm.tokenizer(demos).input_ids])
+    L = ids.shape[1]
+    with torch.no_grad():
+        c = lm.model(ids, use_cache=True).cache
+        K = [layer.keys.clone() for layer in c.layers]
+        V = [layer.values.clone() for layer in c.layers]
+        mK = mV = None
+        for _ in range(steps - 1):
+            past = DynamicCache(config=lm.model.config)
+            for i, layer in enumerate(past.layers):
+                if getattr(layer, "is_sliding", False):
+                    layer.activate_past_recording()
+                layer.update(K[i], V[i])
+            kw = {"position_ids": torch.arange(L)[None]} if positions == "aligned" else {}
+            out = lm.model(ids, attention_mask=torch.ones(1, 2 * L, dtype=torch.long), cache=past, **kw).cache
+            Kt = [layer.keys[:, :, L:2 * L] for layer in out.layers]
+            Vt = [layer.values[:, :, L:2 * L] for layer in out.layers]
+            gK = [a - b for a, b in zip(Kt, K)]
+            gV = [a - b for a, b in zip(Vt, V)]
+            mK = gK if mK is None else [g + beta * m for g, m in zip(gK, mK)]
+            mV = gV if mV is None else [g + beta * m for g, m in zip(gV, mV)]
+            K = [k + eta * m for k, m in zip(K, mK)]
+            V = [v + eta * m for v, m in zip(V, mV)]
+    return K, V
+
+
+def plain_greedy(lm, demos, prompt, n):
+    """Greedy decoding of demos + prompt as one token sequence, every step a full forward without a cache."""
+    ids = lm.tokenizer(demos).input_ids + lm.tokenizer(prompt, add_special_tokens=False).input_ids
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            new.append(int(lm.model(torch.tensor([ids + new])).logits[0, -1].argmax()))
+    return new

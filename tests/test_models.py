@@ -9,7 +9,7 @@ import torch
 import deepthink
 from deepthink import TuningConfig, models
 from conftest import CHOICES, DEMOS, MULTI, QUERIES, approx
-from test_tuning import plain_icl_scores, reference_tune
+from conftest import plain_icl_scores, reference_tune
 
 GOLDEN = Path(__file__).parent / "golden" / "smollm2.json"
 GOLDEN_PROMPT = "The capital of France is"

@@ -5,7 +5,7 @@ import torch
 import deepthink
 from deepthink import TunedContext, TuningConfig
 from conftest import DEMOS, QUERIES
-from test_context_io import plain_greedy
+from conftest import plain_greedy
 
 pytestmark = pytest.mark.smollm2
 PROMPTS = ["The capital of France is", "Review: a dull, lifeless film.\nSentiment:"]

@@ -11,7 +11,7 @@ import torch
 import deepthink
 from deepthink import TuningConfig, kv, scoring
 from conftest import ARCHS, CHOICES, DEMOS, MULTI, QUERIES, tiny_lm, approx
-from test_tuning import plain_icl_scores
+from conftest import plain_icl_scores
 
 ATOL = 1e-4
 SHARED_ARCHS = {"gpt2", "opt", "llama", "qwen2", "mistral", "gemma3"}

@@ -10,9 +10,9 @@ import pytest
 import deepthink.data
 from deepthink.data import load_rows
 from deepthink.tasks import Example, Task, describe_tasks, get_task, list_tasks, load_task_file
+from conftest import PAPER_TASKS
 
 DATA = Path(os.environ.get("DEEPTHINK_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
-PAPER_TASKS = ["sst2", "sst5", "mr", "agnews", "trec", "copa", "hellaswag", "obqa", "qasc", "winogrande"]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,8 +2,9 @@
 from .context import TunedContext, zero_shot
 from .models import LM, REGISTRY, load_model, wrap_model
 from .scoring import Scores
-from .tuning import ForwardTuner, TuningConfig, tune
+from .tuning import RULES, TuningConfig, register_rule
+from .tuning.tuner import ForwardTuner, tune
+from .version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["LM", "REGISTRY", "ForwardTuner", "Scores", "TunedContext", "TuningConfig", "load_model", "tune",
-           "wrap_model", "zero_shot", "__version__"]
+__all__ = ["LM", "REGISTRY", "RULES", "ForwardTuner", "Scores", "TunedContext", "TuningConfig", "load_model",
+           "register_rule", "tune", "wrap_model", "zero_shot", "__version__"]

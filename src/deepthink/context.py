@@ -28,7 +28,9 @@ from typing import Sequence
 import torch
 
 from . import kv, scoring
-from .tuning import TuningConfig
+from .io import sha256_bytes, write_synced
+from .tuning.config import TuningConfig
+from .version import __version__
 
 METHODS = ("fast", "naive")
 
@@ -100,11 +102,8 @@ class TunedContext:
         if not isinstance(choices, Sequence) or len(choices) != len(queries):
             raise ValueError(f"got {len(queries)} queries but {len(choices)} choice lists: pass one list per "
                              "query or a single list of strings shared by all")
-        groups: dict[int, list[int]] = {}
-        for i, cs in enumerate(choices):
-            groups.setdefault(len(cs), []).append(i)
         rows: list[dict | None] = [None] * len(queries)
-        for idx in groups.values():
+        for idx in scoring.group_by_choices(choices):
             try:
                 s = self.score([queries[i] for i in idx], [list(choices[i]) for i in idx], method=method,
                                batch_size=batch_size, progress=progress)
@@ -201,14 +200,6 @@ def check_output_dir(path, overwrite: bool = False) -> Path:
     return path
 
 
-def _write_synced(path: Path, write) -> None:
-    """Create `path` with write(f) and flush it to disk before anything is renamed over it."""
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
     """Write `path/` atomically: both files to a temporary folder beside it, then one rename.
 
@@ -217,7 +208,6 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
     """
     from safetensors.torch import save
 
-    from . import __version__
 
     path = check_output_dir(path, overwrite)
     try:
@@ -229,7 +219,7 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
         tensors = {f"{kind}.{i}": t[0].detach().contiguous().cpu()
                    for kind, ts in (("k", ctx.keys), ("v", ctx.values)) for i, t in enumerate(ts)}
         blob = save(tensors)
-        _write_synced(tmp / TENSORS, lambda f: f.write(blob))
+        write_synced(tmp / TENSORS, lambda f: f.write(blob))
         lm = ctx.lm
         meta = {
             "format_version": FORMAT_VERSION,
@@ -248,10 +238,10 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
             "layers": len(ctx.keys),
             "history": ctx.history,
             "tensors": {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for name, t in tensors.items()},
-            "checksums": {TENSORS: _sha256(blob)},
+            "checksums": {TENSORS: sha256_bytes(blob)},
         }
         text = _dumps(meta)
-        _write_synced(tmp / CONFIG, lambda f: f.write(text.encode("utf-8")))
+        write_synced(tmp / CONFIG, lambda f: f.write(text.encode("utf-8")))
         if path.exists():            # an empty folder, or an earlier context (overwrite=True, checked above)
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
             os.replace(path, old)
@@ -268,12 +258,6 @@ def _dumps(meta: dict) -> str:
     text = json.dumps(meta, indent=1, ensure_ascii=False)
     return re.sub(r"\[\n([^\[\]{}\"]*?)\n\s*\]", lambda m: "[" + ", ".join(x.strip() for x in m[1].split(",")) + "]",
                   text) + "\n"
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_config(path) -> dict:
@@ -338,7 +322,7 @@ def _load(path, lm, device=None) -> TunedContext:
     if not tensor_file.is_file():
         raise FileNotFoundError(f"{tensor_file} is missing: the artifact is incomplete; re-run `deepthink tune`")
     blob = tensor_file.read_bytes()
-    digest, want = _sha256(blob), str(meta["checksums"].get(TENSORS))
+    digest, want = sha256_bytes(blob), str(meta["checksums"].get(TENSORS))
     if digest != want:
         raise ValueError(f"{tensor_file} is altered or truncated: its sha256 is {digest[:16]}, context.json records "
                          f"{want[:16]} ({len(blob)} bytes now); re-run `deepthink tune`")

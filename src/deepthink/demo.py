@@ -1,4 +1,4 @@
-"""`deepthink demo`: zero-shot vs ICL vs Deep-Thinking on the small sentiment task shipped in the package.
+"""`deepthink demo`: every default method on the small sentiment task shipped in the package.
 
 40 training and 20 test reviews written for this demo (src/deepthink/demo_data). One demonstration per
 class is drawn from train (seed 0); the other 38 training reviews are the dev set that picks T.
@@ -9,29 +9,31 @@ from __future__ import annotations
 def run_demo(model: str = "smollm2-135m", device: str = "cpu", steps: int = 10, seed: int = 0) -> int:
     import time
 
-    from .evaluate import EvalConfig, run_unit
+    from .evaluation import EvalConfig, legacy_methods, run_unit
     from .models import load_model
 
     t = time.perf_counter()
     print(f"loading {model} ...", flush=True)
     lm = load_model(model, device=device)
     print(f"loaded in {time.perf_counter() - t:.1f}s")
-    cfg = EvalConfig(shots=1, steps=steps, dev_size=38, curve=True)
+    cfg = EvalConfig(shots=1, dev_size=38, curve=True, methods=legacy_methods(steps=steps))
     unit, _ = run_unit(lm, "sentiment-demo", seed, cfg)
-    acc = unit["accuracy"]
+    acc, methods = unit["accuracy"], cfg.make_methods()
     print(f"\ntask sentiment-demo: {unit['n_eval']} test reviews, {unit['n_dev']} dev reviews, "
           f"demonstrations ({unit['demonstrations']['tokens']} tokens):")
     print("  " + unit["demonstrations"]["text"].strip().replace("\n", "\n  "))
-    print(f"\nDeep-Thinking, eta={cfg.step_size}, momentum={cfg.momentum}: accuracy per step")
-    print("  step   dev %   test % (per-step test numbers are for looking only; T is chosen on dev)")
-    for t, (d, e) in enumerate(zip(unit["dev_curve"], unit["eval_curve"]["points"]), 1):
-        mark = "  <- chosen on dev" if t == unit["chosen_steps"] else ""
-        print(f"  {t:4d}  {d['sum']:6.1f}  {e['sum']:6.1f}{mark}")
-    print(f"\ntest accuracy (summed log-prob scoring):")
-    rows = [("zero-shot", "zero_shot"), ("ICL (step 1)", "icl"),
-            (f"Deep-Thinking, T={cfg.fixed_steps}, momentum 0", "dt_fixed"),
-            (f"Deep-Thinking, T={unit['chosen_steps']} chosen on dev", "dt_dev")]
-    for label, key in rows:
-        print(f"  {label:<36}{acc[key]['sum']:6.1f}")
+    for method in methods:
+        info = unit["methods"][method.name]
+        if not (info.get("dev_curve") and info.get("eval_curve")):
+            continue
+        opts = method.options()
+        print(f"\nDeep-Thinking, eta={opts['step_size']}, momentum={opts['momentum']}: accuracy per step")
+        print("  step   dev %   test % (per-step test numbers are for looking only; T is chosen on dev)")
+        for t, (d, e) in enumerate(zip(info["dev_curve"], info["eval_curve"]["points"]), 1):
+            mark = "  <- chosen on dev" if t == info["chosen_steps"] else ""
+            print(f"  {t:4d}  {d['sum']:6.1f}  {e['sum']:6.1f}{mark}")
+    print("\ntest accuracy (summed log-prob scoring):")
+    for method in methods:
+        print(f"  {method.describe(unit['methods'][method.name]):<36}{acc[method.name]['sum']:6.1f}")
     print(f"\n{unit['wall_s']['total']:.1f}s. With 20 test items one item is 5 points: read differences with care.")
     return 0

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .io import sha256_file
+
 CACHE_FORMAT = 1
 
 
@@ -93,14 +95,6 @@ def cache_dir() -> Path:
     if os.environ.get("DEEPTHINK_CACHE"):
         return Path(os.environ["DEEPTHINK_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deepthink"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:

@@ -33,6 +33,26 @@ class Scores:
         return [max(range(len(r)), key=lambda j: (r[j], -j)) for r in rows]
 
 
+def group_by_choices(choices) -> list[list[int]]:
+    """Query indices grouped by their number of choices, in first-seen order (one scorer call takes one size)."""
+    groups: dict[int, list[int]] = {}
+    for i, cs in enumerate(choices):
+        groups.setdefault(len(cs), []).append(i)
+    return list(groups.values())
+
+
+def score_grouped(score, queries: Sequence[str], choices: Sequence[Sequence[str]], **kwargs) -> Scores:
+    """Scores for queries with any numbers of choices: `score(queries, choices, **kwargs)` once per group of
+    equal size, results put back in the queries' order."""
+    logprob: list = [None] * len(queries)
+    n_tokens: list = [None] * len(queries)
+    for idx in group_by_choices(choices):
+        s = score([queries[i] for i in idx], [list(choices[i]) for i in idx], **kwargs)
+        for i, lp, nt in zip(idx, s.logprob, s.n_tokens):
+            logprob[i], n_tokens[i] = lp, nt
+    return Scores(logprob, n_tokens)
+
+
 @dataclass
 class Unit:
     """Choices of one query that share a context: encode `context` once, then score each choice."""

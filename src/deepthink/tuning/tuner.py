@@ -12,67 +12,14 @@ With beta = 0 this is the ACL paper's gate, K~ = eta * K_t + (1 - eta) * K~. No 
 """
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from . import kv
-
-POSITIONS = ("shifted", "aligned")
-UPDATES = ("kv", "k", "v")
-
-
-@dataclass(frozen=True)
-class TuningConfig:
-    """How the demonstrations are thought over. Validated on construction."""
-
-    steps: int = field(default=15, metadata={"help": "T, forward passes over the demonstrations; 1 = plain ICL"})
-    step_size: float = field(default=0.01, metadata={"help": "eta, how far each update moves the cache"})
-    momentum: float = field(default=0.9, metadata={"help": "beta; 0 gives the ACL paper's gate form"})
-    positions: str = field(default="shifted", metadata={
-        "help": "'shifted': the re-encoded copy sits at positions L..2L-1 (the reference); "
-                "'aligned': at 0..L-1 (ablation)"})
-    update: str = field(default="kv", metadata={"help": "which of keys and values the update touches: kv, k or v"})
-
-    def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"TuningConfig.{name}={getattr(self, name)!r}: {why}")
-
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            bad("steps", "must be an integer >= 1 (1 = plain ICL, the demonstrations' own cache)")
-        for name in ("step_size", "momentum"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                bad(name, "must be a finite number")
-        if self.step_size < 0:
-            bad("step_size", "must be >= 0 (0 leaves the cache unchanged; the paper uses 0.01)")
-        if not 0 <= self.momentum < 1:
-            bad("momentum", "must be in [0, 1) (0 = gate form; the v1 code uses 0.9)")
-        if self.positions not in POSITIONS:
-            bad("positions", f"must be one of {', '.join(POSITIONS)}")
-        if self.update not in UPDATES:
-            bad("update", f"must be one of {', '.join(UPDATES)} (which of keys and values are updated)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TuningConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown tuning option(s) {sorted(unknown)}; valid: {sorted(known)}")
-        return cls(**d)
-
-
-def momentum_update(state: list[torch.Tensor], new: list[torch.Tensor], buf: list[torch.Tensor] | None,
-                    step_size: float, momentum: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One update of every layer's cache tensor; returns (new state, new momentum). Pure, out of place."""
-    grads = [n - s for s, n in zip(state, new)]                                  # g = K_t - K~
-    buf = grads if buf is None else [g + momentum * m for g, m in zip(grads, buf)]  # m = g + beta m
-    return [s + step_size * m for s, m in zip(state, buf)], buf                 # K~ + eta m
+from .. import kv
+from ..context import TunedContext
+from .config import TuningConfig
+from .rules import get_rule
 
 
 def _norm_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,20 +36,21 @@ class ForwardTuner:
 
     def __init__(self, lm, demonstrations: str, config: TuningConfig | None = None):
         self.lm, self.config = lm, config or TuningConfig()
+        self.rule = get_rule(self.config.rule)
         if not isinstance(demonstrations, str) or not demonstrations.strip():
             raise ValueError("demonstrations are empty: pass the demonstration text to tune "
                              "(for a zero-shot baseline use deepthink.zero_shot(lm))")
         self.demonstrations = demonstrations
         ids = lm.tokenizer(demonstrations).input_ids          # the tokenizer's default special tokens
         self.input_ids = torch.tensor([ids], device=lm.device)  # (1, L)
-        self._check_lengths()
+        self.check_lengths()
         self.reset()
 
     @property
     def length(self) -> int:
         return self.input_ids.shape[1]
 
-    def _check_lengths(self) -> None:
+    def check_lengths(self) -> None:
         cfg, L = self.lm.config, self.length
         limit = kv.max_positions(cfg)
         need = 2 * L if self.config.steps > 1 and self.config.positions == "shifted" else L
@@ -123,7 +71,7 @@ class ForwardTuner:
         """Forget everything: cache, momentum, step count, history."""
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._mk = self._mv = None
+        self._mk = self._mv = None    # the rule's state for keys / values
         self.step_count = 0
         self.history: list[dict] = []   # per step: {"step", "dk": [per layer], "dv": [...]}
         self.stopped: str | None = None
@@ -146,8 +94,6 @@ class ForwardTuner:
 
     def step(self) -> "TunedContext":
         """Advance one step (the first is plain ICL) and return the context after it."""
-        from .context import TunedContext
-
         if self.step_count == 0:
             self.keys, self.values = (list(map(torch.clone, t)) for t in self._encode(None))
             self.history.append({"step": 1, "dk": [0.0] * len(self.keys), "dv": [0.0] * len(self.keys)})
@@ -156,9 +102,9 @@ class ForwardTuner:
             new_k, new_v = self._encode((self.keys, self.values))
             keys, values, mk, mv = self.keys, self.values, self._mk, self._mv
             if cfg.update in ("kv", "k"):
-                keys, mk = momentum_update(self.keys, new_k, self._mk, cfg.step_size, cfg.momentum)
+                keys, mk = self.rule.fn(self.keys, new_k, self._mk, cfg)
             if cfg.update in ("kv", "v"):
-                values, mv = momentum_update(self.values, new_v, self._mv, cfg.step_size, cfg.momentum)
+                values, mv = self.rule.fn(self.values, new_v, self._mv, cfg)
             if not all(torch.isfinite(t).all() for t in keys + values):
                 self.stopped = (f"non-finite cache at step {self.step_count + 1}; kept step "
                                 f"{self.step_count}: lower step_size ({cfg.step_size}) or momentum ({cfg.momentum})")
@@ -175,8 +121,6 @@ class ForwardTuner:
 
     def context(self) -> "TunedContext":
         """The current state as a TunedContext (tensors are shared: updates never modify them in place)."""
-        from .context import TunedContext
-
         if self.step_count == 0:
             raise RuntimeError("no step has run yet: call step() first")
         return TunedContext(self.lm, list(self.keys), list(self.values), self.input_ids[0].tolist(),

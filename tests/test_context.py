@@ -10,7 +10,7 @@ import torch
 
 import deepthink
 from deepthink import TunedContext, TuningConfig, context
-from conftest import ARCHS, CHOICES, DEMOS, MULTI, QUERIES, tiny_lm, tiny_tokenizer
+from conftest import ARCHS, CHOICES, DEMOS, MULTI, QUERIES, plain_greedy, tiny_lm, tiny_tokenizer
 
 EMOJI_DEMOS = DEMOS + "Review: 很好看的电影 🎬🍿 naïve café\nSentiment: positive\n\n"
 
@@ -142,16 +142,6 @@ def test_predict_groups_queries_with_different_numbers_of_choices(saved):
 
 # ---------------------------------------------------------------- generate
 
-def plain_greedy(lm, demos, prompt, n):
-    """Greedy decoding of demos + prompt as one token sequence, every step a full forward without a cache."""
-    ids = lm.tokenizer(demos).input_ids + lm.tokenizer(prompt, add_special_tokens=False).input_ids
-    new = []
-    with torch.no_grad():
-        for _ in range(n):
-            new.append(int(lm.model(torch.tensor([ids + new])).logits[0, -1].argmax()))
-    return new
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_step1_equals_plain_generation(arch):
     lm = tiny_lm(arch)
@@ -243,7 +233,7 @@ def test_refuses_tensors_that_do_not_match_the_json(saved, copy_of):
     tensors["k.1"] = tensors["k.1"][:, :-1].contiguous()
     save_file(tensors, f)
     meta = json.loads((copy_of / context.CONFIG).read_text())
-    meta["checksums"][context.TENSORS] = context._sha256(f.read_bytes())
+    meta["checksums"][context.TENSORS] = context.sha256_bytes(f.read_bytes())
     (copy_of / context.CONFIG).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"does not match context.json: k.1: expected .*found"):
         TunedContext.load(copy_of, saved[0])
@@ -329,7 +319,7 @@ def test_save_refuses_an_unwritable_output_dir(saved, tmp_path, monkeypatch):
 def test_interrupted_save_leaves_nothing_load_accepts(saved, tmp_path, monkeypatch, when):
     lm, ctx, _ = saved
     old = tuned(lm, steps=2).save(tmp_path / "old")
-    real, calls = context._write_synced, []
+    real, calls = context.write_synced, []
 
     def interrupted(path, write):
         calls.append(path)
@@ -338,7 +328,7 @@ def test_interrupted_save_leaves_nothing_load_accepts(saved, tmp_path, monkeypat
             raise KeyboardInterrupt
         real(path, write)
 
-    monkeypatch.setattr(context, "_write_synced", interrupted)
+    monkeypatch.setattr(context, "write_synced", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ctx.save(tmp_path / "new")
     calls.clear()

@@ -10,6 +10,7 @@ import pytest
 import deepthink
 from deepthink import TunedContext, context
 from deepthink.cli import main
+from deepthink.tuning import tuner
 from conftest import tiny_lm
 
 DEMO_TEST = Path(deepthink.__file__).parent / "demo_data" / "sentiment_test.jsonl"
@@ -219,8 +220,8 @@ def test_interrupted_tune_leaves_no_artifact(model_dir, ctx_dir, tmp_path, capsy
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(deepthink, "tune", interrupt) if where == "tuning" else \
-        monkeypatch.setattr(context, "_write_synced", interrupt)
+    monkeypatch.setattr(tuner, "tune", interrupt) if where == "tuning" else \
+        monkeypatch.setattr(context, "write_synced", interrupt)
     code, _, err = run(capsys, "tune", "--model", model_dir, *TUNE, "--out", tmp_path / "new")
     assert code == 130 and "interrupted" in err
     old = tmp_path / "old"

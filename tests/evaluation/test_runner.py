@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from deepthink import cli, evaluate
-from deepthink.evaluate import EvalConfig, SETTINGS
+from deepthink import cli
+from deepthink.evaluation import ORACLE, EvalConfig, runner
+from deepthink.methods import DEFAULT_METHODS as SETTINGS
 
 ARGS = ["--task", "sentiment-demo", "sst2", "--seeds", "0", "1", "--shots", "1", "--steps", "3",
         "--dev-size", "6", "--max-eval", "8", "--quiet"]
@@ -28,11 +29,14 @@ def test_outputs_are_complete(finished):
     for u in res["units"]:
         assert set(u["accuracy"]) == set(SETTINGS)
         assert all(set(a) == {"sum", "norm"} for a in u["accuracy"].values())
-        assert 1 <= u["chosen_steps"] <= 3 and len(u["dev_curve"]) == 3
-        assert u["eval_curve"]["label"] == evaluate.ORACLE      # the per-step eval curve is marked
+        dev = u["methods"]["dt_dev"]
+        assert 1 <= dev["chosen_steps"] <= 3 and len(dev["dev_curve"]) == 3
+        assert dev["eval_curve"]["label"] == ORACLE      # the per-step eval curve is marked
         assert u["n_eval"] == 8 and u["n_dev"] == 6
-        assert u["model_fingerprint"] and u["config"]["steps"] == 3 and u["demonstrations"]["tokens"] > 0
-        assert len(u["norms"]["dt_dev"]) == 3 and len(u["norms"]["dt_dev"][1]["dk"]) == 2
+        assert u["model_fingerprint"] and u["config"]["methods"]["dt_dev"]["steps"] == 3
+        assert u["demonstrations"]["tokens"] > 0
+        assert len(dev["norms"]) == 3 and len(dev["norms"][1]["dk"]) == 2
+        assert u["methods"]["dt_fixed"]["steps"] == 5 and len(u["methods"]["dt_fixed"]["norms"]) == 5
         assert {"zero_shot", "icl", "dt_fixed", "total"} <= set(u["wall_s"])
         # demonstrations, dev and scored items never overlap
         demo = {(d["split"], d["index"]) for d in u["demonstrations"]["items"]}
@@ -49,8 +53,8 @@ def test_outputs_are_complete(finished):
 
 def test_dev_choice_is_argmax_with_ties_to_smaller_T(finished):
     for u in json.loads((finished / "results.json").read_text())["units"]:
-        accs = [p["sum"] for p in u["dev_curve"]]
-        assert u["chosen_steps"] == accs.index(max(accs)) + 1
+        accs = [p["sum"] for p in u["methods"]["dt_dev"]["dev_curve"]]
+        assert u["methods"]["dt_dev"]["chosen_steps"] == accs.index(max(accs)) + 1
 
 
 def test_reported_numbers_come_from_predictions(finished):
@@ -72,12 +76,12 @@ def test_rerun_skips_and_reproduces(finished, tiny_model_dir, tmp_path, capsys):
     b = json.loads((fresh / "results.json").read_text())["units"]
     key = lambda u: (u["task"], u["seed"])
     for x, y in zip(sorted(a, key=key), sorted(b, key=key)):
-        assert x["accuracy"] == y["accuracy"] and x["dev_curve"] == y["dev_curve"]
+        assert x["accuracy"] == y["accuracy"] and x["methods"] == y["methods"]
 
 
 def test_interrupt_loses_only_the_unit_in_flight(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = evaluate.run_unit
+    real = runner.run_unit
     calls = []
 
     def flaky(lm, task, seed, cfg, **kw):
@@ -86,11 +90,11 @@ def test_interrupt_loses_only_the_unit_in_flight(tiny_model_dir, tmp_path, monke
             raise KeyboardInterrupt
         return real(lm, task, seed, cfg, **kw)
 
-    monkeypatch.setattr(evaluate, "run_unit", flaky)
+    monkeypatch.setattr(runner, "run_unit", flaky)
     assert run_cli(None, tiny_model_dir, out) == 130
     done = sorted(p.name for p in (out / "units").iterdir())
     assert len([d for d in done if d.endswith("seed0.json")]) == 1 and not any(d.startswith(".") for d in done)
-    monkeypatch.setattr(evaluate, "run_unit", real)
+    monkeypatch.setattr(runner, "run_unit", real)
     assert run_cli(None, tiny_model_dir, out) == 0
     assert len(list((out / "units").glob("*seed?.json"))) == 4
 
@@ -129,8 +133,12 @@ def test_unwritable_out(tiny_model_dir, tmp_path, capsys):
 def test_eval_config_validation():
     with pytest.raises(ValueError, match="max-eval"):
         EvalConfig(max_eval=0)
-    with pytest.raises(ValueError, match="TuningConfig.steps"):
-        EvalConfig(steps=0)
+    with pytest.raises(ValueError, match="dt_dev.*steps"):
+        EvalConfig(methods={"dt_dev": {"steps": 0}})
+    with pytest.raises(ValueError, match="unknown method 'nope'; valid: zero_shot, icl"):
+        EvalConfig(methods={"nope": {}})
+    with pytest.raises(ValueError, match="no option"):
+        EvalConfig(methods={"icl": {"steps": 3}})
 
 
 def test_reproduction_markdown_from_finished_units(finished, tmp_path):
@@ -161,8 +169,7 @@ def test_reproduction_markdown_from_finished_units(finished, tmp_path):
 
 def test_all_ten_tasks_run_end_to_end_from_the_cli(tiny_model_dir, tmp_path):
     """`deepthink eval` on every paper task from the local data: a unit per task with all four settings."""
-    from conftest import SHARED_DATA
-    from test_tasks import PAPER_TASKS
+    from conftest import PAPER_TASKS, SHARED_DATA
 
     out = tmp_path / "all"
     assert cli.main(["eval", "--model", str(tiny_model_dir), "--task", *PAPER_TASKS, "--seeds", "0", "--steps", "2",

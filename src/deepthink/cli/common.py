@@ -1,0 +1,97 @@
+"""What several subcommands share: model flags, and flags built from a config dataclass."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+
+from ..models import DEFAULT_MODEL, REGISTRY
+
+
+def add_model_args(p: argparse.ArgumentParser, multiple: bool = False, from_context: bool = False) -> None:
+    """--model/--device/--dtype; with from_context, model and dtype default to what a saved context records."""
+    if from_context:
+        p.add_argument("--model", default=None, help="model to load (default: the one the context records: its "
+                       "registry name, else its folder or hub id); must be the model it was tuned with")
+    else:
+        p.add_argument("--model", default=[DEFAULT_MODEL] if multiple else DEFAULT_MODEL,
+                       nargs="+" if multiple else None,
+                       help=f"{'one or more models: ' if multiple else ''}registry name ({', '.join(REGISTRY)}), "
+                            f"a local Hugging Face model folder, a hub id, or a .gguf file (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, or auto: spread a model "
+                   "too big for one device over the GPUs, CPU memory and disk (accelerate; default: cpu)")
+    p.add_argument("--quantize", default=None, choices=["8bit", "4bit"],
+                   help="load the weights 8- or 4-bit through bitsandbytes (install it first; needs a CUDA GPU)")
+    p.add_argument("--dtype", default=None if from_context else "float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: " + ("the dtype the context was tuned in)" if from_context else
+                                                       "float32, the fastest on CPUs)"))
+
+
+def load_lm(args):
+    import torch
+
+    from ..models import load_model
+
+    return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+                      quantize=getattr(args, "quantize", None))
+
+
+KINDS = {"int": int, "float": float, "str": str}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(group, cls, skip=()) -> None:
+    """One flag per field of the dataclass `cls` (type, default, choices and help from the field)."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else None
+        group.add_argument(flag(f.name), dest=f.name, type=KINDS.get(str(f.type), str), default=default,
+                           choices=f.metadata.get("choices"), help=f"{f.metadata.get('help', '')} (default: {default})")
+
+
+def config_from_args(cls, args, skip=()):
+    """`cls` built from the flags of add_config_args; a validation error names the flag, not the field."""
+    try:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in skip})
+    except ValueError as e:
+        msg = str(e)
+        for f in fields(cls):
+            msg = msg.replace(f"{cls.__name__}.{f.name}", flag(f.name))
+            for base in cls.__mro__[1:]:
+                msg = msg.replace(f"{base.__name__}.{f.name}", flag(f.name))
+        raise ValueError(msg) from None
+
+
+def parse_value(cls, name: str, text: str):
+    """A command-line string as the value of field `name` of dataclass `cls` (YAML scalars: 10, 0.5, true)."""
+    import yaml
+
+    kinds = {f.name: str(f.type) for f in fields(cls)}
+    if name not in kinds:
+        return text          # the caller reports the unknown option with the valid ones
+    if kinds[name] == "str":
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if kinds[name] == "float" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
+def add_context_args(p: argparse.ArgumentParser) -> None:
+    """--context DIR and the model flags, defaulting to what the context records."""
+    p.add_argument("--context", required=True, metavar="DIR", help="a folder written by `deepthink tune --out`")
+    add_model_args(p, from_context=True)
+
+
+def load_context(args):
+    """The context at --context, loaded for --model (default: the model it records)."""
+    from ..infer import load_context as load
+
+    return load(args.context, model=args.model, dtype=args.dtype, device=args.device,
+                quantize=getattr(args, "quantize", None))

@@ -1,0 +1,79 @@
+"""`deepthink predict`: score queries with a saved context (JSONL out)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import add_context_args, load_context
+
+PREDICT_HELP = """Score queries with a saved context and print one JSON object per query.
+
+Input (--input FILE, or - for stdin): JSON Lines or plain text lines, one query per line; blank
+lines are skipped. --input-format auto (the default) reads .jsonl/.json files as JSONL, other
+files as plain lines, and stdin as JSONL when every non-blank line is a JSON object or string.
+  --task T        JSONL rows in the task's field layout (like its eval.jsonl; the label field is
+                  optional); the task's query template and choices are applied. Plain lines only
+                  work for tasks with fixed choices and no hook: the line is the query field.
+  --choices a,b,c each line (or JSON string, or JSON object's "query") is the raw query, used
+                  verbatim; the continuations are " a", " b", " c" (comma-separated, each stripped,
+                  one space prepended). A JSON list ('[" yes", "!"]') gives continuations verbatim.
+Without either, the task recorded by `tune --task` is used.
+
+Output (stdout, or --output FILE), per query: index (0-based among non-blank input lines), query,
+choices, logprob (summed log-probability per choice), normalized (per token), prediction (argmax of
+logprob), prediction_normalized, answer (the predicted choice's text; by normalized with
+--normalize), and label when the input row has one (then the accuracy goes to stderr).
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("predict", help="score queries with a saved context (JSONL out)",
+                       description=PREDICT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_context_args(p)
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--task", help="format inputs with this task's template and choices")
+    what.add_argument("--choices", help='comma-separated choices ("negative,positive"), or a JSON list of '
+                                        'continuations used verbatim')
+    p.add_argument("--input", required=True, metavar="FILE", help="queries: a JSONL or text file, or - for stdin")
+    p.add_argument("--input-format", choices=("auto", "jsonl", "lines"), default="auto",
+                   help="how to read --input (default: auto, see above)")
+    p.add_argument("--output", metavar="FILE", help="write the JSONL here instead of stdout")
+    p.add_argument("--normalize", action="store_true", help="'answer' by per-token log-probability")
+    p.add_argument("--method", choices=("fast", "naive"), default="fast", help="scoring path (default: fast)")
+    p.add_argument("--batch-size", type=int, default=16, help="queries per forward pass (default: 16)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..context import TunedContext
+    from ..infer import parse_choices, raw_query, read_inputs, task_queries
+
+    if args.choices is None and args.task is None:   # default to the task the context was tuned on
+        args.task = (TunedContext.read_config(args.context).get("origin") or {}).get("task")
+        if args.task is None:
+            raise ValueError("give --task T (queries formatted by a task) or --choices a,b,c (raw queries)")
+    items = read_inputs(args.input, args.input_format)
+    if not items:
+        raise ValueError(f"{args.input} holds no queries (blank lines are skipped)")
+    if args.task is not None:
+        queries, choices, labels = task_queries(args.task, items)
+    else:
+        cs = parse_choices(args.choices)
+        queries, choices, labels = [raw_query(x, i) for i, x in enumerate(items)], [cs] * len(items), [None] * len(items)
+    ctx = load_context(args)
+    rows = ctx.predict(queries, choices, normalize=args.normalize, method=args.method, batch_size=args.batch_size,
+                       progress=sys.stderr.isatty())
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for i, (row, label) in enumerate(zip(rows, labels)):
+            row = {"index": i, **row} | ({"label": label} if label is not None else {})
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if all(label is not None for label in labels):
+        key = "prediction_normalized" if args.normalize else "prediction"
+        acc = sum(r[key] == label for r, label in zip(rows, labels)) / len(rows)
+        print(f"accuracy {100 * acc:.2f} on {len(rows)} labelled queries", file=sys.stderr)
+    return 0

@@ -1,0 +1,214 @@
+"""Tables and plots from saved evaluation runs (OUT/units/*.json); `deepthink report DIR...` merges runs.
+
+Nothing here names a method: columns follow the methods the units hold, labelled from the method
+registry; methods that chose a step count on dev get a "chosen T" column and their difference to the
+reference method (ICL by default).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from ..io import safe_name, write_atomic
+from ..methods import METHODS
+from .config import ORACLE, upgrade_config
+from .provenance import environment
+
+REFERENCE = "icl"
+
+
+def label(name: str) -> str:
+    """A method's column label (its registry label; the bare name for a method not registered here)."""
+    return METHODS[name].label if name in METHODS and METHODS[name].label else name
+
+
+def upgrade_unit(u: dict) -> dict:
+    """A unit in today's layout: units written before methods existed keep the four original methods'
+    facts at the top level (chosen_steps, dev_curve, eval_curve, stopped, norms)."""
+    if "methods" in u:
+        return u
+    u = dict(u)
+    u["config"] = upgrade_config(u.get("config", {}))
+    fixed_steps = u["config"]["methods"]["dt_fixed"]["steps"]
+    u["methods"] = {
+        "zero_shot": {}, "icl": {},
+        "dt_fixed": {"steps": fixed_steps, "stopped": u["stopped"]["dt_fixed"], "norms": u["norms"]["dt_fixed"]},
+        "dt_dev": {"chosen_steps": u["chosen_steps"], "dev_curve": u["dev_curve"], "stopped": u["stopped"]["dt_dev"],
+                   "norms": u["norms"]["dt_dev"], **({"eval_curve": u["eval_curve"]} if u.get("eval_curve") else {})},
+    }
+    return u
+
+
+def load_units(dirs) -> list[dict]:
+    units, seen = [], {}
+    for d in map(Path, dirs):
+        files = sorted((d / "units").glob("*.json"))
+        if not files:
+            raise FileNotFoundError(f"{d} holds no finished units (expected {d}/units/*.json from `deepthink eval`)")
+        for f in files:
+            u = upgrade_unit(json.loads(f.read_text()))
+            key = (u["model"], u["task"], u["seed"])
+            if key in seen:
+                if seen[key] != u["accuracy"]:
+                    raise ValueError(f"{f}: {key} also appears in another run with different results; "
+                                     "report them separately")
+                continue
+            seen[key] = u["accuracy"]
+            u["_file"] = str(f)
+            units.append(u)
+    return units
+
+
+def method_names(units: list[dict]) -> list[str]:
+    """The methods the units hold, in the order they were run (first seen first)."""
+    names: list[str] = []
+    for u in units:
+        names += [m for m in u["accuracy"] if m not in names]
+    return names
+
+
+def choosing(units: list[dict]) -> list[str]:
+    """Methods that chose a step count (their info records chosen_steps)."""
+    return [m for m in method_names(units) if any("chosen_steps" in u["methods"].get(m, {}) for u in units)]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std over seeds (None with a single seed: no spread was measured)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def fmt(ms: tuple[float, float | None] | None) -> str:
+    if ms is None:
+        return "–"
+    return f"{ms[0]:.1f}" if ms[1] is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+
+def summarize(units: list[dict], metric: str = "sum") -> list[dict]:
+    """Per (model, task): mean ± std over seeds per method (None where a method is missing), the chosen T
+    of every method that chose one."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for u in units:
+        groups.setdefault((u["model"], u["task"]), []).append(u)
+    names, selecting = method_names(units), choosing(units)
+    rows = []
+    for (model, task), us in sorted(groups.items()):
+        row = {"model": model, "task": task, "seeds": sorted(u["seed"] for u in us), "n_eval": us[0]["n_eval"]}
+        for m in names:
+            vals = [u["accuracy"][m][metric] for u in us if m in u["accuracy"]]
+            row[m] = mean_std(vals) if vals else None
+        row["chosen_steps"] = {m: [u["methods"].get(m, {}).get("chosen_steps") for u in us] for m in selecting}
+        rows.append(row)
+    return rows
+
+
+def difference(row: dict, method: str, reference: str = REFERENCE) -> str:
+    if row.get(method) is None or row.get(reference) is None:
+        return "–"
+    return f"{row[method][0] - row[reference][0]:+.1f}"
+
+
+def format_table(rows: list[dict], metric: str = "sum", reference: str = REFERENCE) -> str:
+    title = "accuracy % (mean ± std over seeds), " + ("summed log-prob" if metric == "sum" else "per-token log-prob")
+    names = [k for k in rows[0] if k not in ("model", "task", "seeds", "n_eval", "chosen_steps")] if rows else []
+    selecting = list(rows[0]["chosen_steps"]) if rows else []
+    ref = reference if reference in names else None
+    head = (["model", "task", "seeds", "n"] + [label(m) for m in names]
+            + [("dev-chosen T" if len(selecting) == 1 else f"{label(m)} T") for m in selecting]
+            + ([f"{label(m)} − {label(ref)}" for m in selecting] if ref else []))
+    lines = [[r["model"], r["task"], str(len(r["seeds"])), str(r["n_eval"])]
+             + [fmt(r[m]) for m in names]
+             + [",".join(map(str, r["chosen_steps"][m])) for m in selecting]
+             + ([difference(r, m, ref) for m in selecting] if ref else []) for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+    return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(l) for l in lines])
+
+
+def plot(units: list[dict], out: Path) -> list[Path]:
+    """Per (model, task): accuracy vs step of every method that chose T on dev (eval oracle dashed when
+    present), and per-layer ||dK||, ||dV|| vs step of the longest tuning run recorded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for u in units:
+        groups.setdefault((u["model"], u["task"]), []).append(u)
+    for (model, task), us in sorted(groups.items()):
+        runs = [m for m in method_names(us) if all(us_m.get("norms") for us_m in (u["methods"].get(m, {}) for u in us))]
+        selecting = choosing(us)
+        if not runs and not selecting:
+            continue
+        fig, (ax, axk, axv) = plt.subplots(1, 3, figsize=(15, 4))
+        for m in selecting:
+            tag = "" if len(selecting) == 1 else f"{label(m)}, "
+            for u in sorted(us, key=lambda u: u["seed"]):
+                info = u["methods"].get(m, {})
+                if info.get("dev_curve"):
+                    ys = [p["sum"] for p in info["dev_curve"]]
+                    line, = ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=3, label=f"{tag}dev, seed {u['seed']}")
+                    ax.axvline(info["chosen_steps"], color=line.get_color(), lw=0.8, ls=":")
+                if info.get("eval_curve"):
+                    ys = [p["sum"] for p in info["eval_curve"]["points"]]
+                    ax.plot(range(1, len(ys) + 1), ys, ls="--", alpha=0.6,
+                            label=f"{tag}eval {ORACLE}, seed {u['seed']}")
+        ax.set(xlabel="step T", ylabel="accuracy %", title=f"{model} / {task}: accuracy vs step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+        if runs:
+            longest = max(runs, key=lambda m: min(len(u["methods"][m]["norms"]) for u in us))
+            hist = [u["methods"][longest]["norms"] for u in us]
+            n_steps = min(len(h) for h in hist)
+            n_layers = len(hist[0][0]["dk"])
+            cmap = plt.get_cmap("viridis")
+            for axis, key in ((axk, "dk"), (axv, "dv")):
+                for layer in range(n_layers):
+                    ys = [statistics.fmean(h[t][key][layer] for h in hist) for t in range(1, n_steps)]
+                    axis.plot(range(2, n_steps + 1), ys, color=cmap(layer / max(1, n_layers - 1)), lw=1)
+                axis.set(xlabel="step T", yscale="log" if n_steps > 2 else "linear",
+                         title=f"{label(longest)}: per-layer ‖Δ{key[1].upper()}‖ (mean over seeds; dark = first layer)")
+        fig.tight_layout()
+        path = out / f"{safe_name(model)}__{safe_name(task)}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(dirs, out, log=print) -> dict:
+    """Merge the units of `dirs`; write OUT/results.json, OUT/predictions.jsonl, OUT/plots/*.png; print tables."""
+    out = Path(out)
+    units = load_units(dirs)
+    rows = {m: summarize(units, m) for m in ("sum", "norm")}
+    results = {"environment": environment(), "settings": {m: label(m) for m in method_names(units)},
+               "summary": rows, "units": [{k: v for k, v in u.items() if k != "_file"} for u in units]}
+    write_atomic(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False))
+    preds = []
+    for u in units:
+        p = Path(u["_file"]).with_suffix(".predictions.jsonl")
+        if p.exists():
+            preds.append(p.read_text(encoding="utf-8"))
+    write_atomic(out / "predictions.jsonl", "".join(preds))
+    plots = plot(units, out / "plots")
+    log(format_table(rows["sum"], "sum"))
+    log("")
+    log(format_table(rows["norm"], "norm"))
+    log(f"\nwrote {out / 'results.json'}, {out / 'predictions.jsonl'} and {len(plots)} plot(s) in {out / 'plots'}")
+    return results
+
+
+def replace_marked(path: Path, marks: tuple[str, str], body: str) -> bool:
+    """Put `body` between the two marker lines of a text file (a README's generated table); False, touching
+    nothing, when the file or either marker is missing."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    start, end = marks
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+    return True

@@ -1,0 +1,160 @@
+"""The evaluation protocol: every method of a run on each (model, task, seed) unit, honestly.
+
+Per unit: demonstrations drawn from the task's training data (seeded), dev items drawn from the rest of
+the training data, disjoint from the demonstrations (a method may use them for its own choices), and a
+seeded subset of the eval split, which only this runner scores. The methods (`deepthink methods`) are
+prepared on one shared Workspace, so a tuning run or a score is computed once however many methods use
+it. `--curve` also scores eval at every step of methods that tune step by step; that curve is an oracle
+(chosen on eval), is labelled so everywhere, and feeds no number.
+
+Each finished unit is written atomically to OUT/units/; re-running the same command skips finished
+units, so an interrupt loses at most the unit in flight.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..io import safe_name, write_atomic
+from ..methods import Setup, accuracies
+from .config import ORACLE, EvalConfig, upgrade_config
+from .provenance import environment, git_hash
+
+
+def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Evaluate one (model, task, seed) with every method of `cfg`; -> (unit result, per-item prediction rows)."""
+    from ..data import make_plan
+
+    t_start = time.perf_counter()
+    plan = make_plan(task, seed, shots=cfg.shots, dev_size=cfg.dev_size, max_eval=cfg.max_eval, data_dir=data_dir)
+    gold = [e.label for e in plan.eval]
+    methods = cfg.make_methods()
+    setup = Setup(lm, plan.demonstrations, plan.dev, cfg.batch_size)
+    scores, infos, times = {}, {}, {}
+    bar = _bar(progress, total=len(methods), desc=f"{lm.name} {plan.task.name} seed {seed}")
+    for method in methods:
+        t = time.perf_counter()
+        prepared = method.prepare(setup)
+        scores[method.name] = setup.workspace.score(prepared.scorer, plan.eval, cfg.batch_size)
+        info = dict(prepared.info)
+        if cfg.curve and prepared.curve:
+            info["eval_curve"] = {"label": ORACLE, "points": [
+                accuracies(setup.workspace.score(c, plan.eval, cfg.batch_size), gold) for c in prepared.curve]}
+        infos[method.name] = info
+        times[method.name] = round(time.perf_counter() - t, 3)
+        bar.update(1)
+    bar.close()
+
+    tok = lm.tokenizer
+    unit = {
+        "model": lm.name, "task": plan.task.name, "seed": seed,
+        "accuracy": {m: accuracies(s, gold) for m, s in scores.items()},
+        "methods": infos,
+        "n_eval": len(plan.eval), "n_dev": len(plan.dev),
+        "demonstrations": {"text": plan.demonstrations,
+                           "items": [{"split": e.split, "index": e.index} for e in plan.demos],
+                           "tokens": len(tok(plan.demonstrations).input_ids)},
+        "eval_indices": [e.index for e in plan.eval],
+        "dev_indices": [e.index for e in plan.dev],
+        "tokens": {"eval_query": sum(len(tok(e.query, add_special_tokens=False).input_ids) for e in plan.eval)},
+        "notes": plan.notes,
+        "wall_s": {**times, "total": round(time.perf_counter() - t_start, 3)},
+    }
+    preds = []
+    by_sum = {m: s.predictions() for m, s in scores.items()}
+    by_norm = {m: s.predictions(normalize=True) for m, s in scores.items()}
+    normalized = {m: s.normalized for m, s in scores.items()}
+    for i, e in enumerate(plan.eval):
+        row = {"model": lm.name, "task": plan.task.name, "seed": seed, "split": e.split, "index": e.index,
+               "gold": e.label}
+        for m, s in scores.items():
+            row[m] = {"logprob": s.logprob[i], "normalized": normalized[m][i], "pred": by_sum[m][i],
+                      "pred_norm": by_norm[m][i]}
+        preds.append(row)
+    return unit, preds
+
+
+def summary_line(unit: dict, cfg: EvalConfig) -> str:
+    """One log line per unit: each method's accuracy (summed log-prob), with the T it chose where it chose."""
+    parts = []
+    for method in cfg.make_methods():
+        info = unit["methods"].get(method.name, {})
+        chosen = f" (T={info['chosen_steps']})" if "chosen_steps" in info else ""
+        parts.append(f"{method.label}{chosen} {unit['accuracy'][method.name]['sum']:.1f}")
+    return f"{unit['model']} {unit['task']} seed {unit['seed']}: " + "  ".join(parts) + \
+        f"  [{unit['wall_s']['total']:.0f}s]"
+
+
+def _bar(progress: bool, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not progress, leave=False, **kw)
+
+
+def unit_path(out: Path, model: str, task: str, seed: int) -> Path:
+    return Path(out) / "units" / f"{safe_name(model)}__{safe_name(task)}__seed{seed}.json"
+
+
+def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, out, data_dir=None,
+        device="cpu", dtype="float32", progress: bool = True, log=print, lm_cache: dict | None = None,
+        write: bool = True, quantize: str | None = None) -> dict | None:
+    """Run every (model, task, seed) unit not already in `out`, then write results.json and plots (unless
+    write=False). lm_cache: a dict to keep loaded models in across calls."""
+    import torch
+
+    from ..models import load_model
+    from ..tasks import get_task
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable directory") from e
+    task_objs = [get_task(t) for t in tasks]  # fail early on unknown names
+    git_hash()    # the code as this run found it
+    lm_cache = {} if lm_cache is None else lm_cache
+    for model in models:
+        todo = [(t, s) for t in task_objs for s in seeds if not finished(out, model, t.name, s, cfg)]
+        if not todo:
+            log(f"{model}: all {len(task_objs) * len(seeds)} units already done in {out}")
+            continue
+        key = (model, str(device), dtype, quantize)
+        if key not in lm_cache:
+            lm_cache[key] = load_model(model, device=device, dtype=getattr(torch, dtype), quantize=quantize)
+        lm = lm_cache[key]
+        for task, seed in todo:
+            unit, preds = run_unit(lm, task, seed, cfg, data_dir=data_dir, progress=progress)
+            unit.update({"model_source": lm.source, "model_fingerprint": lm.fingerprint, "dtype": dtype,
+                         "quantize": quantize, "device": str(device), "config": cfg.to_dict(),
+                         "environment": environment()})
+            path = unit_path(out, model, task.name, seed)
+            write_atomic(path.with_suffix(".predictions.jsonl"),
+                         "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+            write_atomic(path, json.dumps(unit, indent=1, ensure_ascii=False))  # last: marks the unit done
+            log(summary_line(unit, cfg))
+    if not write:
+        return None
+    from .report import write_report
+
+    return write_report([out], out, log=log)
+
+
+def finished(out: Path, model: str, task: str, seed: int, cfg: EvalConfig) -> bool:
+    """Whether the unit is already in `out` (made with the same config; another config is an error)."""
+    path = unit_path(out, model, task, seed)
+    if not path.exists():
+        return False
+    try:
+        unit = json.loads(path.read_text())
+    except ValueError:
+        return False  # a damaged unit is re-run
+    saved, now = upgrade_config(unit.get("config", {})), cfg.to_dict()
+    if saved != now:
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        raise ValueError(f"{path} was made with other settings {diff} (saved, now): use a new --out "
+                         "or the same flags to resume")
+    return True

@@ -1,0 +1,49 @@
+"""File helpers written once: atomic writes, safe file names, sha256."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_synced(path: Path, write) -> None:
+    """Create `path` with write(f) (binary) and flush it to disk before anything is renamed over it."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path, data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary file beside it and one rename: a reader (or a killed
+    writer) never sees a partial file. Creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def safe_name(s: str) -> str:
+    """`s` with every character other than letters, digits and -._ replaced by _ (a file-name part)."""
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in s)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

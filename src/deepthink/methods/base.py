@@ -1,0 +1,236 @@
+"""The method contract: one way of answering multiple-choice queries from a set of demonstrations.
+
+A method is prepared once per (model, demonstrations, its own config) and then scores queries x choices
+the way `TunedContext.score` does. It may read dev items (labelled training items disjoint from the
+demonstrations) to make its own choices; it never sees eval items.
+
+    @register_method
+    class MyMethod(Method):
+        name, label = "my_method", "my method"            # registry key, table column
+        Config = MyConfig                                 # a frozen dataclass; fields carry metadata["help"]
+        def prepare(self, setup: Setup) -> Prepared:
+            ctx = setup.icl()                             # contexts and scores are shared across methods
+            return Prepared(ctx, info={"anything": "JSON-serialisable"})
+
+`deepthink eval --methods my_method ...` runs it; `--plugin FILE.py` or an installed package's entry
+point in the group `deepthink.methods` registers it without editing deepthink.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from ..context import TunedContext, zero_shot
+from ..scoring import Scores, score_grouped
+from ..tuning.config import TuningConfig
+from ..tuning.tuner import ForwardTuner
+
+ENTRY_POINT_GROUP = "deepthink.methods"
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without options."""
+
+
+class Workspace:
+    """What the methods of one (model, demonstrations) share, so that nothing is computed twice: tuning runs
+    (one per TuningConfig apart from its step count, extended on demand), the step-1 context (plain ICL, the
+    same object for every tuning run), the zero-shot context, and the scores of a scorer on a list of items."""
+
+    def __init__(self, lm, demonstrations: str):
+        self.lm, self.demonstrations = lm, demonstrations
+        self._runs: dict[tuple, tuple[ForwardTuner, list[TunedContext]]] = {}
+        self._step1: TunedContext | None = None
+        self._zero_shot: TunedContext | None = None
+        self._scores: dict[tuple[int, int], tuple[Any, Sequence, Scores]] = {}
+
+    def contexts(self, config: TuningConfig) -> list[TunedContext]:
+        """The contexts after steps 1..config.steps of forward tuning with `config`."""
+        key = tuple(sorted((k, v) for k, v in config.to_dict().items() if k != "steps"))
+        if key not in self._runs:
+            self._runs[key] = (ForwardTuner(self.lm, self.demonstrations, config), [])
+        tuner, ctxs = self._runs[key]
+        if config.steps > tuner.config.steps:    # a longer run than the tuner was made for: check it fits
+            tuner.config = config
+            tuner.check_lengths()
+        while len(ctxs) < config.steps:
+            ctx = tuner.step()
+            if tuner.step_count == 1:            # step 1 is plain ICL whatever the config: one shared object
+                self._step1 = self._step1 or ctx
+                ctx = self._step1
+            ctxs.append(ctx)
+        return ctxs[:config.steps]
+
+    def icl(self) -> TunedContext:
+        """Plain in-context learning: the demonstrations' own cache (step 1 of any tuning run)."""
+        if self._step1 is None:
+            self.contexts(TuningConfig(steps=1))
+        return self._step1
+
+    def zero_shot(self) -> TunedContext:
+        if self._zero_shot is None:
+            self._zero_shot = zero_shot(self.lm)
+        return self._zero_shot
+
+    def score(self, scorer, examples: Sequence, batch_size: int = 16) -> Scores:
+        """`scorer.score` over `examples` (any numbers of choices), computed once per (scorer, list)."""
+        key = (id(scorer), id(examples))
+        if key not in self._scores:
+            s = score_grouped(scorer.score, [e.query for e in examples], [list(e.continuations) for e in examples],
+                              batch_size=batch_size)
+            self._scores[key] = (scorer, examples, s)    # holding both keeps their ids from being reused
+        return self._scores[key][2]
+
+
+@dataclass
+class Setup:
+    """What a method is prepared with: the model, the demonstrations, dev items (never eval items)."""
+
+    lm: Any
+    demonstrations: str
+    dev: Sequence = ()            # tasks.Example items from training data, disjoint from the demonstrations
+    batch_size: int = 16
+    workspace: Workspace | None = None
+
+    def __post_init__(self):
+        if self.workspace is None:
+            self.workspace = Workspace(self.lm, self.demonstrations)
+
+    def contexts(self, config: TuningConfig) -> list[TunedContext]:
+        return self.workspace.contexts(config)
+
+    def icl(self) -> TunedContext:
+        return self.workspace.icl()
+
+    def zero_shot(self) -> TunedContext:
+        return self.workspace.zero_shot()
+
+    def score_dev(self, scorer) -> Scores:
+        return self.workspace.score(scorer, self.dev, self.batch_size)
+
+    def dev_accuracy(self, scorer) -> dict:
+        """{"sum": %, "norm": %} of `scorer` on the dev items."""
+        return accuracies(self.score_dev(scorer), [e.label for e in self.dev])
+
+
+@dataclass
+class Prepared:
+    """A prepared method: `scorer.score(queries, choices, batch_size=...)` -> Scores answers queries
+    (a TunedContext, or any object with that method); `info` is recorded in the results (JSON values);
+    `curve` lists per-step contexts, scored on eval only for the labelled oracle curve of `--curve`."""
+
+    scorer: Any
+    info: dict = field(default_factory=dict)
+    curve: Sequence = ()
+
+
+class Method:
+    """Base class of a registered method; subclasses set `name`, `label`, `Config` and `prepare`."""
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""             # short column label in tables
+    Config: ClassVar[type] = NoOptions
+
+    def __init__(self, config=None):
+        self.config = self.Config() if config is None else config
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"method {self.name!r} takes a {self.Config.__name__}, got {type(self.config).__name__}")
+
+    def prepare(self, setup: Setup) -> Prepared:
+        raise NotImplementedError
+
+    def describe(self, info: dict) -> str:
+        """A one-line description of the prepared method (e.g. with the T it chose), for logs and the demo."""
+        return self.label or self.name
+
+    def options(self) -> dict:
+        return {f.name: getattr(self.config, f.name) for f in fields(self.config)}
+
+
+METHODS: dict[str, type[Method]] = {}
+DEFAULT_METHODS = ("zero_shot", "icl", "dt_fixed", "dt_dev")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a Method subclass to METHODS under `cls.name`."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or not cls.name:
+        raise TypeError(f"{cls!r}: a registered method is a Method subclass with a non-empty `name`")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        old = METHODS[cls.name]
+        raise ValueError(f"method {cls.name!r} is already registered by {old.__module__}.{old.__qualname__}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    load_entry_points()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)} "
+                         "(a method of your own: --plugin FILE.py, or an entry point in 'deepthink.methods')")
+    return METHODS[name]
+
+
+def make_method(name: str, options: dict | None = None) -> Method:
+    """The method `name` with its config built from `options` ({field: value}); unknown or invalid
+    options raise a ValueError that names the method and the option."""
+    cls = get_method(name)
+    options = dict(options or {})
+    known = {f.name for f in fields(cls.Config)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"method {name!r} has no option(s) {unknown}; its options: {sorted(known) or 'none'}")
+    try:
+        config = cls.Config(**options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"method {name!r}: {e}") from None
+    return cls(config)
+
+
+_ENTRY_POINTS_LOADED = False
+
+
+def load_entry_points() -> None:
+    """Import every installed plugin in the entry point group `deepthink.methods` (once per process)."""
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as e:   # a broken plugin must say which one it is
+            raise ImportError(f"deepthink plugin {ep.name!r} ({ep.value}) failed to load: {e}") from e
+
+
+def load_plugin_file(path) -> None:
+    """Import a Python file that registers methods or update rules (`@register_method`, `@register_rule`)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".py":
+        raise FileNotFoundError(f"plugin {path} is not a Python file: pass the path of a .py file that "
+                                "registers methods with @deepthink.methods.register_method")
+    name = f"deepthink_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]
+        raise
+
+
+def accuracy(preds: list[int], gold: list[int]) -> float:
+    return round(100.0 * sum(p == g for p, g in zip(preds, gold)) / max(1, len(gold)), 4)
+
+
+def accuracies(scores: Scores, gold: list[int]) -> dict:
+    """{"sum": % by summed log-probability, "norm": % by per-token log-probability}."""
+    return {"sum": accuracy(scores.predictions(), gold), "norm": accuracy(scores.predictions(normalize=True), gold)}
