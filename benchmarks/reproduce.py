@@ -224,6 +224,36 @@ def update_readme(profile: str, out_dir: Path, path: Path = ROOT.parent / "READM
     return report.replace_marked(path, README_MARK, readme_summary(profile, out_dir))
 
 
+def verify(profile: str, keys: list[str], out_dir: Path, data_dir=None, tol: float = 1e-5) -> bool:
+    """Re-run committed units (MODEL/TASK/SEED) with today's code into a temporary folder and compare every
+    method's accuracies and per-choice log-probabilities with the committed predictions."""
+    import json
+    import tempfile
+
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        models: dict = {}
+        for key in keys:
+            model, task, seed = key.split("/")
+            run_eval([model], [task], [int(seed)], task_config(profile, task), tmp, data_dir=data_dir,
+                     progress=False, lm_cache=models, write=False)
+            name = f"{model}__{task}__seed{seed}"
+            old = report.upgrade_unit(json.loads((out_dir / "units" / f"{name}.json").read_text()))
+            new = json.loads((Path(tmp) / "units" / f"{name}.json").read_text())
+            old_p = [json.loads(l) for l in (out_dir / "units" / f"{name}.predictions.jsonl").read_text().splitlines()]
+            new_p = [json.loads(l) for l in (Path(tmp) / "units" / f"{name}.predictions.jsonl").read_text().splitlines()]
+            worst = max(abs(a - b) for o, n in zip(old_p, new_p) for m in old["accuracy"]
+                        for a, b in zip(o[m]["logprob"], n[m]["logprob"]))
+            same = (old["accuracy"] == new["accuracy"] and len(old_p) == len(new_p) and worst <= tol
+                    and [o["index"] for o in old_p] == [n["index"] for n in new_p]
+                    and old["methods"]["dt_dev"]["chosen_steps"] == new["methods"]["dt_dev"]["chosen_steps"])
+            ok &= same
+            print(f"{key}: accuracies {'equal' if old['accuracy'] == new['accuracy'] else 'DIFFER'}, "
+                  f"largest per-choice log-prob difference {worst:.2e} over {len(new_p)} items "
+                  f"({'within' if worst <= tol else 'OVER'} {tol:g}), git {new['environment']['git']}")
+    return ok
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="default", choices=sorted(PROFILES), help="sizes and models (default: default)")
@@ -233,9 +263,13 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None, help="folder with <task>/{train,eval}.jsonl (default: ../shared/data)")
     p.add_argument("--write-only", action="store_true", help="only (re)write REPRODUCTION.md from finished units")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verify", nargs="+", metavar="MODEL/TASK/SEED", default=None,
+                   help="re-run these committed units with today's code and compare them (nothing is written)")
     args = p.parse_args(argv)
     prof = PROFILES[args.profile]
     out_dir = RESULTS / "reproduction" / args.profile
+    if args.verify:
+        return 0 if verify(args.profile, args.verify, out_dir, args.data_dir) else 1
     models: dict = {}   # loaded once, shared by all units
     if not args.write_only:
         # seed by seed, so that an interrupted run leaves whole seeds rather than whole tasks
