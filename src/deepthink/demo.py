@@ -23,7 +23,7 @@ def run_demo(model: str = "smollm2-135m", device: str = "cpu", steps: int = 10, 
           f"demonstrations ({unit['demonstrations']['tokens']} tokens):")
     print("  " + unit["demonstrations"]["text"].strip().replace("\n", "\n  "))
     for method in methods:
-        info = unit["methods"][method.name]
+        info = unit["methods"][method.key]
         if not (info.get("dev_curve") and info.get("eval_curve")):
             continue
         opts = method.options()
@@ -34,6 +34,6 @@ def run_demo(model: str = "smollm2-135m", device: str = "cpu", steps: int = 10, 
             print(f"  {t:4d}  {d['sum']:6.1f}  {e['sum']:6.1f}{mark}")
     print("\ntest accuracy (summed log-prob scoring):")
     for method in methods:
-        print(f"  {method.describe(unit['methods'][method.name]):<36}{acc[method.name]['sum']:6.1f}")
+        print(f"  {method.describe(unit['methods'][method.key]):<36}{acc[method.key]['sum']:6.1f}")
     print(f"\n{unit['wall_s']['total']:.1f}s. With 20 test items one item is 5 points: read differences with care.")
     return 0

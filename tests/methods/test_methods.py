@@ -151,3 +151,16 @@ def test_method_config_file_and_option_precedence(tmp_path):
     assert opts == {"icl": {}, "dt_fixed": {"steps": 2, "step_size": 0.02},
                     "dt_dev": {"steps": 6, "momentum": 0.7, "step_size": 0.02}}
     assert isinstance(opts["dt_dev"]["steps"], int)
+
+
+def test_variants_of_one_method_run_side_by_side(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "v"
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--seeds", "0",
+                 "--dev-size", "3", "--max-eval", "4", "--quiet", "--methods", "icl", "dt_fixed", "dt_fixed@gate9",
+                 "-o", "dt_fixed@gate9.momentum=0.9", "-o", "dt_fixed@gate9.steps=2", "--out", str(out)]) == 0
+    assert "DT fixed-T @gate9" in capsys.readouterr().out
+    unit = json.loads(next((out / "units").glob("*.json")).read_text())
+    assert unit["config"]["methods"]["dt_fixed@gate9"]["momentum"] == 0.9
+    assert unit["config"]["methods"]["dt_fixed"]["momentum"] == 0.0
+    assert unit["methods"]["dt_fixed@gate9"]["steps"] == 2 and set(unit["accuracy"]) == {"icl", "dt_fixed",
+                                                                                         "dt_fixed@gate9"}

@@ -19,6 +19,8 @@ Method options, later ones winning:
   --steps/--momentum     dt_dev's; --fixed-steps/--fixed-momentum dt_fixed's;
   --step-size/--positions/--update   every selected method that has the option
   -o METHOD.OPTION=VALUE e.g. -o dt_dev.steps=10 -o dt_fixed.rule=momentum
+Several variants of one method run side by side as NAME@VARIANT, e.g.
+  --methods icl dt_dev dt_dev@gate -o dt_dev@gate.momentum=0
 Each finished unit is written atomically to OUT/units/; re-running the same command resumes.
 """
 
@@ -41,7 +43,8 @@ def register(sub) -> None:
                    "total (others)")
     m = p.add_argument_group("methods")
     m.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                   help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)}; `deepthink methods` lists all)")
+                   help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)}; `deepthink methods` lists all); "
+                        "NAME@VARIANT adds another variant of NAME with its own options")
     m.add_argument("-o", "--option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                    help="set one option of one method (repeatable)")
     m.add_argument("--method-config", metavar="FILE", help="YAML/JSON file {method: {option: value}}")
@@ -93,7 +96,7 @@ def method_options(args) -> dict:
                 options[name][option] = value
     for text in args.option:
         key, sep, value = text.partition("=")
-        name, dot, option = key.strip().partition(".")
+        name, dot, option = key.strip().rpartition(".")
         if not (sep and dot and name and option):
             raise ValueError(f"-o {text!r}: write METHOD.OPTION=VALUE, e.g. -o dt_dev.steps=10")
         if name not in options:

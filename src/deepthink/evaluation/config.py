@@ -14,8 +14,9 @@ def default_methods() -> dict:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Run-level sizes plus the methods to compare, {name: {option: value}} (every option is filled in
-    from the method's config dataclass on construction, so a unit records exactly what ran)."""
+    """Run-level sizes plus the methods to compare, {key: {option: value}} (every option is filled in
+    from the method's config dataclass on construction, so a unit records exactly what ran). A key is a
+    registered method name, or NAME@VARIANT to run several variants of one method side by side."""
 
     shots: int = 1
     dev_size: int = 128
@@ -38,7 +39,8 @@ class EvalConfig:
         object.__setattr__(self, "methods", full)
 
     def make_methods(self) -> list[Method]:
-        return [make_method(name, opts) for name, opts in self.methods.items()]
+        """The methods in run order; each instance's `key` is its column (NAME or NAME@VARIANT)."""
+        return [make_method(key, opts) for key, opts in self.methods.items()]
 
     def to_dict(self) -> dict:
         return asdict(self)

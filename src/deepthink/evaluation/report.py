@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from ..io import safe_name, write_atomic
-from ..methods import METHODS
+from ..methods.base import variant_label
 from .config import ORACLE, upgrade_config
 from .provenance import environment
 
@@ -19,8 +19,9 @@ REFERENCE = "icl"
 
 
 def label(name: str) -> str:
-    """A method's column label (its registry label; the bare name for a method not registered here)."""
-    return METHODS[name].label if name in METHODS and METHODS[name].label else name
+    """A method's column label (its registry label, "@VARIANT" added; the bare name for a method not
+    registered in this process)."""
+    return variant_label(name)
 
 
 def upgrade_unit(u: dict) -> dict:

@@ -36,13 +36,13 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
     for method in methods:
         t = time.perf_counter()
         prepared = method.prepare(setup)
-        scores[method.name] = setup.workspace.score(prepared.scorer, plan.eval, cfg.batch_size)
+        scores[method.key] = setup.workspace.score(prepared.scorer, plan.eval, cfg.batch_size)
         info = dict(prepared.info)
         if cfg.curve and prepared.curve:
             info["eval_curve"] = {"label": ORACLE, "points": [
                 accuracies(setup.workspace.score(c, plan.eval, cfg.batch_size), gold) for c in prepared.curve]}
-        infos[method.name] = info
-        times[method.name] = round(time.perf_counter() - t, 3)
+        infos[method.key] = info
+        times[method.key] = round(time.perf_counter() - t, 3)
         bar.update(1)
     bar.close()
 
@@ -79,9 +79,9 @@ def summary_line(unit: dict, cfg: EvalConfig) -> str:
     """One log line per unit: each method's accuracy (summed log-prob), with the T it chose where it chose."""
     parts = []
     for method in cfg.make_methods():
-        info = unit["methods"].get(method.name, {})
+        info = unit["methods"].get(method.key, {})
         chosen = f" (T={info['chosen_steps']})" if "chosen_steps" in info else ""
-        parts.append(f"{method.label}{chosen} {unit['accuracy'][method.name]['sum']:.1f}")
+        parts.append(f"{method.title}{chosen} {unit['accuracy'][method.key]['sum']:.1f}")
     return f"{unit['model']} {unit['task']} seed {unit['seed']}: " + "  ".join(parts) + \
         f"  [{unit['wall_s']['total']:.0f}s]"
 

@@ -135,7 +135,8 @@ class Method:
     label: ClassVar[str] = ""             # short column label in tables
     Config: ClassVar[type] = NoOptions
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, key: str | None = None):
+        self.key = key or self.name           # the column name in a run: NAME, or NAME@VARIANT
         self.config = self.Config() if config is None else config
         if not isinstance(self.config, self.Config):
             raise TypeError(f"method {self.name!r} takes a {self.Config.__name__}, got {type(self.config).__name__}")
@@ -143,9 +144,14 @@ class Method:
     def prepare(self, setup: Setup) -> Prepared:
         raise NotImplementedError
 
+    @property
+    def title(self) -> str:
+        """The column label of this instance: the method's label, with "@VARIANT" for a named variant."""
+        return variant_label(self.key)
+
     def describe(self, info: dict) -> str:
         """A one-line description of the prepared method (e.g. with the T it chose), for logs and the demo."""
-        return self.label or self.name
+        return self.title
 
     def options(self) -> dict:
         return {f.name: getattr(self.config, f.name) for f in fields(self.config)}
@@ -166,8 +172,23 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def split_key(key: str) -> tuple[str, str]:
+    """"dt_dev@gate" -> ("dt_dev", "gate"): a run may hold several variants of one method, each under its own
+    key; "dt_dev" -> ("dt_dev", "")."""
+    name, _, variant = key.partition("@")
+    return name, variant
+
+
+def variant_label(key: str) -> str:
+    name, variant = split_key(key)
+    base = METHODS[name].label if name in METHODS and METHODS[name].label else name
+    return f"{base} @{variant}" if variant else base
+
+
 def get_method(name: str) -> type[Method]:
+    """The registered method class of `name` (or of a variant key NAME@VARIANT)."""
     load_entry_points()
+    name = split_key(name)[0]
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)} "
                          "(a method of your own: --plugin FILE.py, or an entry point in 'deepthink.methods')")
@@ -187,7 +208,7 @@ def make_method(name: str, options: dict | None = None) -> Method:
         config = cls.Config(**options)
     except (TypeError, ValueError) as e:
         raise ValueError(f"method {name!r}: {e}") from None
-    return cls(config)
+    return cls(config, key=name)
 
 
 _ENTRY_POINTS_LOADED = False
