@@ -30,7 +30,7 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
     plan = make_plan(task, seed, shots=cfg.shots, dev_size=cfg.dev_size, max_eval=cfg.max_eval, data_dir=data_dir)
     gold = [e.label for e in plan.eval]
     methods = cfg.make_methods()
-    setup = Setup(lm, plan.demonstrations, plan.dev, cfg.batch_size)
+    setup = Setup(lm, plan.demonstrations, plan.dev, cfg.batch_size, task=plan.task, demos=plan.demos)
     scores, infos, times = {}, {}, {}
     bar = _bar(progress, total=len(methods), desc=f"{lm.name} {plan.task.name} seed {seed}")
     for method in methods:
