@@ -67,7 +67,8 @@ def register(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder with <task>/{train,eval}.jsonl (default: "
                    "$DEEPTHINK_DATA_DIR, ../shared/data, else the Hugging Face hub)")
     p.add_argument("--out", required=True, help="output folder; re-running the same command resumes there")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: physical cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: physical cores, shared "
+                   "among the processes of a launched run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -125,11 +126,13 @@ def read_method_config(path) -> dict:
 def run(args) -> int:
     from ..evaluation import EvalConfig
     from ..evaluation import run as run_eval
+    from ..evaluation.distributed import Processes
     from ..models import set_threads
 
-    set_threads(args.threads)
+    procs = Processes(args.device)             # one process, or one of those a launcher started
+    set_threads(procs.threads(args.threads))
     cfg = EvalConfig(shots=args.shots, dev_size=args.dev_size, max_eval=args.max_eval, curve=args.curve,
                      batch_size=args.batch_size, methods=method_options(args))
     run_eval(args.model, args.task, args.seeds, cfg, args.out, data_dir=args.data_dir, device=args.device,
-             dtype=args.dtype, progress=not args.quiet, quantize=args.quantize)
+             dtype=args.dtype, progress=not args.quiet, quantize=args.quantize, procs=procs)
     return 0

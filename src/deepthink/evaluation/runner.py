@@ -18,12 +18,18 @@ from pathlib import Path
 
 from ..io import safe_name, write_atomic
 from ..methods import Setup, accuracies
+from ..scoring import Scores
 from .config import ORACLE, EvalConfig, upgrade_config
+from .distributed import Processes
 from .provenance import environment, git_hash
 
 
-def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Evaluate one (model, task, seed) with every method of `cfg`; -> (unit result, per-item prediction rows)."""
+def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool = True,
+             procs=None) -> tuple[dict, list[dict]]:
+    """Evaluate one (model, task, seed) with every method of `cfg`; -> (unit result, per-item prediction rows).
+
+    With `procs` (several launched processes working on this one unit), each process scores every
+    procs.size-th eval item and the scores are gathered, so every process returns the whole unit."""
     from ..data import make_plan
 
     t_start = time.perf_counter()
@@ -31,20 +37,23 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
     gold = [e.label for e in plan.eval]
     methods = cfg.make_methods()
     setup = Setup(lm, plan.demonstrations, plan.dev, cfg.batch_size, task=plan.task, demos=plan.demos)
-    scores, infos, times = {}, {}, {}
+    shard = plan.eval if procs is None or procs.size == 1 else plan.eval[procs.rank::procs.size]
+    scores, curves, infos, times = {}, {}, {}, {}
     bar = _bar(progress, total=len(methods), desc=f"{lm.name} {plan.task.name} seed {seed}")
     for method in methods:
         t = time.perf_counter()
         prepared = method.prepare(setup)
-        scores[method.key] = setup.workspace.score(prepared.scorer, plan.eval, cfg.batch_size)
-        info = dict(prepared.info)
+        scores[method.key] = setup.workspace.score(prepared.scorer, shard, cfg.batch_size)
         if cfg.curve and prepared.curve:
-            info["eval_curve"] = {"label": ORACLE, "points": [
-                accuracies(setup.workspace.score(c, plan.eval, cfg.batch_size), gold) for c in prepared.curve]}
-        infos[method.key] = info
+            curves[method.key] = [setup.workspace.score(c, shard, cfg.batch_size) for c in prepared.curve]
+        infos[method.key] = dict(prepared.info)
         times[method.key] = round(time.perf_counter() - t, 3)
         bar.update(1)
     bar.close()
+    if shard is not plan.eval:
+        scores, curves = _gather(procs, scores, curves)
+    for key, points in curves.items():
+        infos[key]["eval_curve"] = {"label": ORACLE, "points": [accuracies(s, gold) for s in points]}
 
     tok = lm.tokenizer
     unit = {
@@ -75,6 +84,22 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
     return unit, preds
 
 
+def _gather(procs, scores: dict, curves: dict) -> tuple[dict, dict]:
+    """Every process's shard of scores (items rank, rank + size, ...) put back in the items' order."""
+    mine = ({k: (s.logprob, s.n_tokens) for k, s in scores.items()},
+            {k: [(s.logprob, s.n_tokens) for s in ss] for k, ss in curves.items()})
+    parts = procs.gather(mine)
+
+    def merge(pieces):
+        n = sum(len(lp) for lp, _ in pieces)
+        return Scores([pieces[i % len(pieces)][0][i // len(pieces)] for i in range(n)],
+                      [pieces[i % len(pieces)][1][i // len(pieces)] for i in range(n)])
+
+    merged_scores = {k: merge([p[0][k] for p in parts]) for k in scores}
+    merged_curves = {k: [merge([p[1][k][t] for p in parts]) for t in range(len(ss))] for k, ss in curves.items()}
+    return merged_scores, merged_curves
+
+
 def summary_line(unit: dict, cfg: EvalConfig) -> str:
     """One log line per unit: each method's accuracy (summed log-prob), with the T it chose where it chose."""
     parts = []
@@ -98,18 +123,23 @@ def unit_path(out: Path, model: str, task: str, seed: int) -> Path:
 
 def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, out, data_dir=None,
         device="cpu", dtype="float32", progress: bool = True, log=print, lm_cache: dict | None = None,
-        write: bool = True, quantize: str | None = None) -> dict | None:
+        write: bool = True, quantize: str | None = None, procs: Processes | None = None) -> dict | None:
     """Run every (model, task, seed) unit not already in `out`, then write results.json and plots (unless
-    write=False). lm_cache: a dict to keep loaded models in across calls."""
+    write=False). lm_cache: a dict to keep loaded models in across calls.
+
+    Started by a launcher (`accelerate launch -m deepthink eval`), the units are divided among the
+    processes (or, with fewer units than processes, each unit's eval items); see distributed.py."""
     import torch
 
     from ..models import load_model
     from ..tasks import get_task
 
+    procs = procs or Processes(device)
+    device = procs.device(device)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{procs.rank}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -118,16 +148,26 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
     git_hash()    # the code as this run found it
     lm_cache = {} if lm_cache is None else lm_cache
     for model in models:
-        todo = [(t, s) for t in task_objs for s in seeds if not finished(out, model, t.name, s, cfg)]
+        # the main process decides what is left, so that every process works from the same list
+        todo = procs.broadcast([(i, s) for i, t in enumerate(task_objs) for s in seeds
+                                if not finished(out, model, t.name, s, cfg)])
         if not todo:
-            log(f"{model}: all {len(task_objs) * len(seeds)} units already done in {out}")
+            if procs.is_main:
+                log(f"{model}: all {len(task_objs) * len(seeds)} units already done in {out}")
             continue
         key = (model, str(device), dtype, quantize)
         if key not in lm_cache:
-            lm_cache[key] = load_model(model, device=device, dtype=getattr(torch, dtype), quantize=quantize)
+            with procs.main_first():          # the first load may fill the model cache: once
+                lm_cache[key] = load_model(model, device=device, dtype=getattr(torch, dtype), quantize=quantize)
         lm = lm_cache[key]
-        for task, seed in todo:
-            unit, preds = run_unit(lm, task, seed, cfg, data_dir=data_dir, progress=progress)
+        by_items = len(todo) < procs.size      # fewer units than processes: divide each unit's items
+        mine = todo if by_items else todo[procs.rank::procs.size]
+        for i, seed in mine:
+            task = task_objs[i]
+            unit, preds = run_unit(lm, task, seed, cfg, data_dir=data_dir, progress=progress and procs.is_main,
+                                   procs=procs if by_items else None)
+            if by_items and not procs.is_main:
+                continue                       # the main process writes a unit whose items were divided
             unit.update({"model_source": lm.source, "model_fingerprint": lm.fingerprint, "dtype": dtype,
                          "quantize": quantize, "device": str(device), "config": cfg.to_dict(),
                          "environment": environment()})
@@ -136,7 +176,8 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
                          "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
             write_atomic(path, json.dumps(unit, indent=1, ensure_ascii=False))  # last: marks the unit done
             log(summary_line(unit, cfg))
-    if not write:
+    procs.barrier()                            # every unit is written before anyone reports
+    if not write or not procs.is_main:
         return None
     from .report import write_report
 

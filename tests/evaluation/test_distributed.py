@@ -1,0 +1,90 @@
+"""Data-parallel evaluation: 2 CPU processes (gloo) started by accelerate give the single-process files."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from deepthink.cli import main
+
+ARGS = ["--seeds", "0", "1", "--shots", "1", "--steps", "3", "--dev-size", "4", "--max-eval", "6", "--quiet",
+        "--curve"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model_dir, out, tasks, seeds=("0", "1"), background=False):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "deepthink", "eval", "--model", str(model_dir),
+           "--task", *tasks, *ARGS, "--seeds", *seeds, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def single(model_dir, out, tasks, seeds=("0", "1")):
+    assert main(["eval", "--model", str(model_dir), "--task", *tasks, *ARGS, "--seeds", *seeds,
+                 "--out", str(out)]) == 0
+
+
+def assert_same_runs(a, b):
+    files_a = sorted(p.name for p in (a / "units").iterdir())
+    assert files_a == sorted(p.name for p in (b / "units").iterdir()) and files_a
+    for name in files_a:
+        if name.endswith(".predictions.jsonl"):
+            ra = [json.loads(l) for l in (a / "units" / name).read_text().splitlines()]
+            rb = [json.loads(l) for l in (b / "units" / name).read_text().splitlines()]
+            assert len(ra) == len(rb)
+            for x, y in zip(ra, rb):
+                for key, val in x.items():
+                    if isinstance(val, dict):
+                        assert val["pred"] == y[key]["pred"]
+                        assert val["logprob"] == pytest.approx(y[key]["logprob"], abs=1e-5)
+                    else:
+                        assert val == y[key]
+        else:
+            ua, ub = (json.loads((d / "units" / name).read_text()) for d in (a, b))
+            for u in (ua, ub):
+                u.pop("wall_s"), u.pop("environment")
+            assert ua == ub
+    assert (b / "results.json").exists()
+
+
+def test_units_divided_among_two_processes(tiny_model_dir, tmp_path):
+    single(tiny_model_dir, tmp_path / "one", ["sentiment-demo", "sst2"])
+    launch(tiny_model_dir, tmp_path / "two", ["sentiment-demo", "sst2"])
+    assert_same_runs(tmp_path / "one", tmp_path / "two")
+
+
+def test_items_divided_when_units_are_fewer_than_processes(tiny_model_dir, tmp_path):
+    single(tiny_model_dir, tmp_path / "one", ["sentiment-demo"], seeds=("0",))
+    launch(tiny_model_dir, tmp_path / "two", ["sentiment-demo"], seeds=("0",))
+    assert_same_runs(tmp_path / "one", tmp_path / "two")
+
+
+def test_interrupted_launch_resumes_to_the_same_files(tiny_model_dir, tmp_path):
+    tasks, seeds = ["sentiment-demo", "sst2", "mr"], ("0", "1", "2")
+    out = tmp_path / "two"
+    proc = launch(tiny_model_dir, out, tasks, seeds, background=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((out / "units").glob("*seed?.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)                # every process, mid-run
+    proc.wait()
+    partial = list((out / "units").glob("*seed?.json"))
+    assert 1 <= len(partial) < 9                       # interrupted after some units, before the last
+    launch(tiny_model_dir, out, tasks, seeds)          # resume
+    single(tiny_model_dir, tmp_path / "one", tasks, seeds)
+    assert_same_runs(tmp_path / "one", out)
