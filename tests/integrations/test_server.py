@@ -286,6 +286,13 @@ def test_disconnected_clients_do_not_stall_the_batch(server):
     def good():
         return httpx.post(url + "/v1/score", json=json.loads(body), timeout=20)
 
+    def served() -> tuple[int, int]:
+        text = httpx.get(url + "/metrics").text
+        closed = re.search(r'^deepthink_requests_total\{endpoint="/v1/score",status="499"\} (\d+)$', text, re.M)
+        return int(closed[1]) if closed else 0, int(float(re.search(r"^deepthink_batch_queries_sum (\S+)$", text,
+                                                                    re.M)[1]))
+
+    closed, queries = served()
     start = time.monotonic()
     out = concurrently([lambda: hang_up(False), good, lambda: hang_up(True), good, good])
     assert time.monotonic() - start < 15
@@ -293,6 +300,8 @@ def test_disconnected_clients_do_not_stall_the_batch(server):
         assert r.status_code == 200
         assert [x["logprob"] for x in r.json()["results"]] == approx([x["logprob"] for x in alone], abs=1e-5)
     assert httpx.get(url + "/healthz").status_code == 200
+    # both hang-ups are recorded as 499 and their queries were never computed (the batch waits 300 ms)
+    assert served() == (closed + 2, queries + 3 * len(QUERIES))
 
 
 def test_sigterm_finishes_requests_in_flight(server):

@@ -39,6 +39,7 @@ from .. import TunedContext, __version__
 from .serving import API_KEY_ENV, NAME, ServeConfig, load_contexts, parse_context_specs  # noqa: F401 (re-exported)
 
 OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")   # no API key needed
+CLIENT_CLOSED = 499     # the status recorded in /metrics for a client that went away before its answer (nginx's)
 ENDPOINTS = ("/v1/contexts", "/v1/score", "/v1/predict", "/v1/generate", "/healthz", "/metrics")
 
 
@@ -353,11 +354,12 @@ class _Front:
         start = time.perf_counter()
         path = scope["path"]
         endpoint = path if path in ENDPOINTS else "other"
-        status = [500]
+        status, started = [500], False
 
         async def send_noting(message):
+            nonlocal started
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started = message["status"], True
             await send(message)
 
         try:
@@ -367,21 +369,51 @@ class _Front:
                                          "or 'X-API-Key: KEY'"), [(b"www-authenticate", b"Bearer")])
             body = await self._read_body(scope, receive)
             if body is None:        # the client went away while sending
+                status[0] = CLIENT_CLOSED
                 return
             if isinstance(body, JSONResponse):
                 return await body(scope, receive, send_noting)
-            sent = False
-
-            async def replay():
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            await self.app(scope, replay, send_noting)
+            if not await self._run_watched(scope, receive, send_noting, body) and not started:
+                status[0] = CLIENT_CLOSED
         finally:
             self.metrics.observe_request(endpoint, status[0], time.perf_counter() - start)
+
+    async def _run_watched(self, scope, receive, send, body: bytes) -> bool:
+        """Run the app on the body read; cancel it if the client disconnects first (False then).
+
+        A cancelled handler cancels its batcher future, so queued work for a client that went away is dropped.
+        """
+        gone = asyncio.Event()
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        app = asyncio.ensure_future(self.app(scope, replay, send))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({app, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not app.done():          # the client went away first
+                app.cancel()
+        try:
+            await app
+        except asyncio.CancelledError:
+            if not gone.is_set():       # we are being cancelled ourselves (shutdown)
+                raise
+            return False
+        return True
 
     def _authorized(self, scope) -> bool:
         headers = dict(scope["headers"])
