@@ -303,9 +303,10 @@ class Worker:
         choices = [c for j in jobs for c in j.choices]
         try:
             rows = await self.call(ctx.predict, queries, choices, batch_size=self.config.batch_size)
-        except ValueError:
+        except ValueError as e:
             if len(jobs) == 1:
-                return await self._run_alone(ctx, jobs[0])
+                _settle(jobs[0].future, error=e)
+                return
             for job in jobs:                            # one request's input is bad: only it should fail
                 await self._run_alone(ctx, job)
             return
