@@ -69,6 +69,7 @@ def main() -> int:
     if args.serial_items < 1:
         p.error("--serial-items must be >= 1")
     deadline = time.monotonic() + args.timeout
+    args.git = git_hash()          # the code this run starts with (the server imports it right after)
     with tempfile.TemporaryDirectory(prefix="serve_load-") as tmp:
         return run(args, Path(tmp), deadline)
 
@@ -137,7 +138,7 @@ def run(args, tmp: Path, deadline: float) -> int:
                    "concurrent_vs_offline": c["items_per_s"] / offline_rate,
                    "rss_growth_pct": 100 * (result["rss_after"] / result["rss_before"] - 1)},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "git": git_hash(), "cpus": os.cpu_count(), "platform": platform.platform(),
+        "git": args.git, "cpus": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     r = summary["ratios"]
