@@ -126,13 +126,13 @@ def concurrently(fns):
     return out
 
 
-def test_concurrent_requests_are_batched_and_answered_as_alone(client):
+def test_concurrent_requests_are_batched_and_answered_as_alone(client, ctx):
     requests = [([q], CHOICES) for q in QUERIES] + [(QUERIES[:2], MULTI[:2]), (QUERIES, CHOICES)]
     alone = [score(client, q, c) for q, c in requests]
-    calls, served = batch_metrics(client)
-    together = concurrently([lambda q=q, c=c: score(client, q, c) for q, c in requests])
-    calls2, served2 = batch_metrics(client)
-    assert served2 - served == len(requests) and calls2 - calls < len(requests)   # some requests shared a call
+    with TestClient(create_app({"sent": ctx}, ServeConfig(batch_wait_ms=500))) as patient:   # a wide window
+        together = concurrently([lambda q=q, c=c: score(patient, q, c) for q, c in requests])
+        calls, served = batch_metrics(patient)
+    assert served == len(requests) and calls < len(requests)         # some requests shared a model call
     for got, want in zip(together, alone):
         # a different batch (padding width, batch size) changes float32 rounding only
         assert [r["logprob"] for r in got] == approx([r["logprob"] for r in want], abs=1e-5)
