@@ -107,7 +107,7 @@ class GenerateRequest(_Body):
 
 
 class GenerateResponse(BaseModel):
-    context: str
+    context: str = Field(description="the context that generated the text")
     text: str = Field(description="the continuation only (without the prompt or the end-of-sequence token)")
     tokens: int = Field(description="number of tokens generated")
     finish_reason: Literal["stop", "eos", "length"] = Field(
@@ -115,9 +115,9 @@ class GenerateResponse(BaseModel):
 
 
 class ContextInfo(BaseModel):
-    name: str
+    name: str = Field(description="the name clients use for this context (from --context NAME=DIR)")
     model: dict = Field(description="name and source of the model the context was tuned with")
-    dtype: str
+    dtype: str = Field(description="dtype of the model and the tuned keys/values, e.g. float32")
     tokens: int = Field(description="prefix length L (tuned demonstration tokens)")
     steps: int = Field(description="forward-tuning steps done")
     tuning: dict | None = Field(description="the TuningConfig it was tuned with (null for a zero-shot context)")
