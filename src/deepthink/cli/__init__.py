@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, evaluate, generate, methods, predict, report, tasks, tune
+from . import demo, evaluate, generate, methods, predict, report, serve, tasks, tune
 
-SUBCOMMANDS = [tasks, methods, demo, evaluate, report, tune, predict, generate]
+SUBCOMMANDS = [tasks, methods, demo, evaluate, report, tune, predict, generate, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

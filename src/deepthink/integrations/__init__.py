@@ -1,0 +1,1 @@
+"""Bridges from deepthink to other software: an HTTP server for tuned contexts (server.py)."""

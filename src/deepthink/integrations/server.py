@@ -1,0 +1,626 @@
+"""Serve tuned contexts over HTTP: tune once, then score, predict and generate for many clients.
+
+    deepthink serve --context sst2=ctx/sst2 --port 8000          # see docs/serve.md
+
+A tuned context is a compiled few-shot model; inference servers that cache prefixes by token hash cannot take
+a modified key/value cache as a prefix, so this one does. FastAPI + uvicorn (`pip install deepthink[serve]`).
+
+- Each distinct model is loaded once; every context is loaded and verified (`TunedContext.load`) at start-up.
+  Clients name contexts, never paths.
+- All model work runs in ONE worker thread (no concurrent forward passes). Score and predict requests wait in
+  an asyncio queue; the batcher gathers what arrives within `batch_wait_ms` (up to `max_batch` queries), and
+  runs each context's share as one shared-prefix `TunedContext.predict` call, then hands every request its
+  own rows - the same rows it would get alone (to float32 rounding; tested). If a gathered call fails on one
+  request's input, each request is run alone, so only the bad one gets the error.
+- Errors are JSON: {"error": {"status", "type", "message", ...}}. Limits: body bytes (413), queries per request
+  (413), tokens per query (413), max_new_tokens (422); unknown context (404, lists the names); malformed JSON
+  (400); invalid fields (422); missing or wrong API key (401).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..context import TunedContext
+from ..version import __version__
+from .serving import API_KEY_ENV, NAME, ServeConfig, load_contexts, parse_context_specs  # noqa: F401 (re-exported)
+
+OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")   # no API key needed
+CLIENT_CLOSED = 499     # the status recorded in /metrics for a client that went away before its answer (nginx's)
+ENDPOINTS = ("/v1/contexts", "/v1/score", "/v1/predict", "/v1/generate", "/healthz", "/metrics")
+
+
+# ---------------------------------------------------------------- request and response bodies
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoreRequest(_Body):
+    context: str = Field(description="name of a served context (GET /v1/contexts lists them)")
+    queries: list[str] = Field(min_length=1, description="query texts, each placed right after the tuned prefix")
+    choices: Union[list[str], list[list[str]]] = Field(
+        description="the continuations to score: one list shared by every query, or one list per query; a choice "
+                    "is the exact text appended to its query (e.g. \" positive\", with its leading space)")
+    normalize: bool = Field(False, description="pick `answer` by per-token log-probability instead of the sum")
+
+
+class ScoreResult(BaseModel):
+    query: str = Field(description="the query as given")
+    choices: list[str] = Field(description="its choices as scored")
+    logprob: list[float] = Field(description="summed log-probability of each choice's tokens")
+    normalized: list[float] = Field(description="per-token log-probability of each choice (sum / token count)")
+    prediction: int = Field(description="index of the choice with the highest summed log-probability")
+    prediction_normalized: int = Field(description="index of the choice with the highest per-token log-probability")
+    answer: str = Field(description="the predicted choice's text (by `normalized` when normalize is true)")
+
+
+class ScoreResponse(BaseModel):
+    context: str = Field(description="the context that scored the queries")
+    results: list[ScoreResult] = Field(description="one result per query, in request order")
+
+
+class PredictRequest(_Body):
+    context: str = Field(description="name of a served context that was tuned on a task")
+    rows: list[Union[dict, str]] = Field(
+        min_length=1, description="rows in the context's task layout (like its eval.jsonl; the label field is "
+                                  "optional), or plain strings for tasks whose query is one field")
+    normalize: bool = Field(False, description="pick `answer` by per-token log-probability instead of the sum")
+
+
+class PredictResult(ScoreResult):
+    index: int = Field(description="0-based position of the row in the request")
+    label: int | None = Field(None, description="the row's gold label index, when the row has one")
+
+
+class PredictResponse(BaseModel):
+    context: str = Field(description="the context that scored the rows")
+    task: str = Field(description="the task whose template and choices formatted the rows")
+    results: list[PredictResult] = Field(description="one result per row, in request order")
+    accuracy: float | None = Field(None, description="fraction of rows predicted right, when every row has a label")
+
+
+class GenerateRequest(_Body):
+    context: str = Field(description="name of a served context")
+    prompt: str = Field(min_length=1, description="text to continue, placed right after the tuned prefix")
+    max_new_tokens: int = Field(64, ge=1, description="at most this many new tokens (the server caps it: "
+                                                       "--max-new-tokens)")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy; > 0 samples")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass, in (0, 1]")
+    seed: int | None = Field(None, description="seed for sampling; the same seed gives the same text")
+    stop: list[str] = Field([], description="cut the text before the first occurrence of any of these strings "
+                                            "(generation itself ends at max_new_tokens or end-of-sequence)")
+    stop_at_eos: bool = Field(True, description="end at the end-of-sequence token")
+
+
+class GenerateResponse(BaseModel):
+    context: str = Field(description="the context that generated the text")
+    text: str = Field(description="the continuation only (without the prompt or the end-of-sequence token)")
+    tokens: int = Field(description="number of tokens generated")
+    finish_reason: Literal["stop", "eos", "length"] = Field(
+        description="stop: cut at a stop string; eos: the model ended; length: max_new_tokens reached")
+
+
+class ContextInfo(BaseModel):
+    name: str = Field(description="the name clients use for this context (from --context NAME=DIR)")
+    model: dict = Field(description="name and source of the model the context was tuned with")
+    dtype: str = Field(description="dtype of the model and the tuned keys/values, e.g. float32")
+    tokens: int = Field(description="prefix length L (tuned demonstration tokens)")
+    steps: int = Field(description="forward-tuning steps done")
+    tuning: dict | None = Field(description="the TuningConfig it was tuned with (null for a zero-shot context)")
+    origin: dict | None = Field(description="where the demonstrations came from (task, seed, shots or file)")
+    stopped: str | None = Field(description="why tuning stopped early, if it did")
+
+
+# ---------------------------------------------------------------- errors
+
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, message: str, **extra):
+        self.status, self.kind, self.message, self.extra = status, kind, message, extra
+
+
+def _error_body(status: int, kind: str, message: str, **extra) -> dict:
+    return {"error": {"status": status, "type": kind, "message": message, **extra}}
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    bad_json = [e for e in errors if e.get("type") == "json_invalid"]
+    if bad_json:
+        ctx = bad_json[0].get("ctx") or {}
+        where = f" at position {bad_json[0]['loc'][1]}" if len(bad_json[0].get("loc", ())) > 1 else ""
+        return JSONResponse(_error_body(400, "invalid_json", f"the request body is not valid JSON{where}: "
+                                        f"{ctx.get('error', bad_json[0].get('msg'))}"), 400)
+    details = [{"field": ".".join(str(x) for x in e.get("loc", ())[1:]) or "body", "message": e.get("msg", ""),
+                "type": e.get("type", "")} for e in errors]
+    message = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+    return JSONResponse(_error_body(422, "invalid_request", message, details=details), 422)
+
+
+# ---------------------------------------------------------------- metrics
+
+class _Histogram:
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = tuple(buckets), [0] * len(buckets), 0.0, 0
+
+    def observe(self, x: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if x <= b:
+                self.counts[i] += 1
+        self.sum += x
+        self.count += 1
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        sep = "," if labels else ""
+        out = [f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        brace = f"{{{labels}}}" if labels else ""
+        return out + [f"{name}_sum{brace} {self.sum:.6g}", f"{name}_count{brace} {self.count}"]
+
+
+class Metrics:
+    """Counters and histograms in Prometheus' text format (GET /metrics)."""
+
+    LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+    SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.latency: dict[str, _Histogram] = {}
+        self.batch_requests = _Histogram(self.SIZES)
+        self.batch_queries = _Histogram(self.SIZES)
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[endpoint, status] += 1
+            self.latency.setdefault(endpoint, _Histogram(self.LATENCY)).observe(seconds)
+
+    def observe_batch(self, n_requests: int, n_queries: int) -> None:
+        with self.lock:
+            self.batch_requests.observe(n_requests)
+            self.batch_queries.observe(n_queries)
+
+    def render(self) -> str:
+        import psutil
+
+        with self.lock:
+            out = ["# HELP deepthink_requests_total HTTP requests by endpoint and status code.",
+                   "# TYPE deepthink_requests_total counter"]
+            out += [f'deepthink_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                    for (e, s), n in sorted(self.requests.items())]
+            out += ["# HELP deepthink_request_seconds Request latency by endpoint.",
+                    "# TYPE deepthink_request_seconds histogram"]
+            for e, h in sorted(self.latency.items()):
+                out += h.lines("deepthink_request_seconds", f'endpoint="{e}"')
+            out += ["# HELP deepthink_batch_requests Requests gathered into one model call.",
+                    "# TYPE deepthink_batch_requests histogram", *self.batch_requests.lines("deepthink_batch_requests"),
+                    "# HELP deepthink_batch_queries Queries in one model call.",
+                    "# TYPE deepthink_batch_queries histogram", *self.batch_queries.lines("deepthink_batch_queries")]
+        out += ["# HELP process_resident_memory_bytes Resident memory of the server process.",
+                "# TYPE process_resident_memory_bytes gauge",
+                f"process_resident_memory_bytes {psutil.Process().memory_info().rss}"]
+        return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- the model worker and the batcher
+
+@dataclass
+class _Job:
+    context: str
+    queries: list[str]
+    choices: list[list[str]]
+    future: asyncio.Future
+
+
+class Worker:
+    """One thread for all model work; score jobs gathered per context into one `predict` call."""
+
+    def __init__(self, contexts: dict[str, TunedContext], config: ServeConfig, metrics: Metrics):
+        self.contexts, self.config, self.metrics = contexts, config, metrics
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepthink-model")
+        self.queue: asyncio.Queue[_Job] | None = None
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.create_task(self._batcher())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        self.executor.shutdown(wait=True)
+
+    async def call(self, fn, *args, **kwargs):
+        """Run fn on the model thread (after the model work queued before it)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args, **kwargs))
+
+    async def score(self, context: str, queries: list[str], choices: list[list[str]]) -> list[dict]:
+        """TunedContext.predict rows (normalize=False), computed in a batch with other requests'."""
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Job(context, queries, choices, fut))
+        return await fut
+
+    async def _batcher(self) -> None:
+        loop = asyncio.get_running_loop()
+        wait = self.config.batch_wait_ms / 1000
+        while True:
+            jobs = [await self.queue.get()]
+            n = len(jobs[0].queries)
+            deadline = loop.time() + wait
+            while n < self.config.max_batch:
+                try:
+                    job = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        job = await asyncio.wait_for(self.queue.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                jobs.append(job)
+                n += len(job.queries)
+            by_context: dict[str, list[_Job]] = {}
+            for job in jobs:
+                if not job.future.done():               # a client that went away is not computed for
+                    by_context.setdefault(job.context, []).append(job)
+            for name, group in by_context.items():
+                for chunk in self._chunks(group):
+                    await self._run(name, chunk)
+
+    def _chunks(self, jobs: list[_Job]):
+        chunk, n = [], 0
+        for job in jobs:
+            if chunk and n + len(job.queries) > self.config.max_batch:
+                yield chunk
+                chunk, n = [], 0
+            chunk.append(job)
+            n += len(job.queries)
+        if chunk:
+            yield chunk
+
+    async def _run(self, name: str, jobs: list[_Job]) -> None:
+        ctx = self.contexts[name]
+        queries = [q for j in jobs for q in j.queries]
+        choices = [c for j in jobs for c in j.choices]
+        try:
+            rows = await self.call(ctx.predict, queries, choices, batch_size=self.config.batch_size)
+        except ValueError as e:
+            if len(jobs) == 1:
+                _settle(jobs[0].future, error=e)
+                return
+            for job in jobs:                            # one request's input is bad: only it should fail
+                await self._run_alone(ctx, job)
+            return
+        except Exception as e:      # noqa: BLE001  (handed to every waiting request, which answers 500)
+            for job in jobs:
+                _settle(job.future, error=e)
+            return
+        self.metrics.observe_batch(len(jobs), len(queries))
+        k = 0
+        for job in jobs:
+            _settle(job.future, rows[k:k + len(job.queries)])
+            k += len(job.queries)
+
+    async def _run_alone(self, ctx: TunedContext, job: _Job) -> None:
+        if job.future.done():
+            return
+        try:
+            rows = await self.call(ctx.predict, job.queries, job.choices, batch_size=self.config.batch_size)
+        except Exception as e:      # noqa: BLE001
+            _settle(job.future, error=e)
+            return
+        self.metrics.observe_batch(1, len(job.queries))
+        _settle(job.future, rows)
+
+
+def _settle(fut: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+    if fut.done():                  # cancelled: the client disconnected
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+# ---------------------------------------------------------------- the app
+
+class _Front:
+    """ASGI middleware before routing: API key, body size limit, request metrics."""
+
+    def __init__(self, app, config: ServeConfig, metrics: Metrics, api_key: str | None):
+        self.app, self.config, self.metrics, self.api_key = app, config, metrics, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        status, started = [500], False
+
+        async def send_noting(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                status[0], started = message["status"], True
+            await send(message)
+
+        try:
+            if self.api_key is not None and path not in OPEN_PATHS and not self._authorized(scope):
+                return await _send_json(send_noting, 401, _error_body(
+                    401, "unauthorized", "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
+                                         "or 'X-API-Key: KEY'"), [(b"www-authenticate", b"Bearer")])
+            body = await self._read_body(scope, receive)
+            if body is None:        # the client went away while sending
+                status[0] = CLIENT_CLOSED
+                return
+            if isinstance(body, JSONResponse):
+                return await body(scope, receive, send_noting)
+            if not await self._run_watched(scope, receive, send_noting, body) and not started:
+                status[0] = CLIENT_CLOSED
+        finally:
+            self.metrics.observe_request(endpoint, status[0], time.perf_counter() - start)
+
+    async def _run_watched(self, scope, receive, send, body: bytes) -> bool:
+        """Run the app on the body read; cancel it if the client disconnects first (False then).
+
+        A cancelled handler cancels its batcher future, so queued work for a client that went away is dropped.
+        """
+        gone = asyncio.Event()
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        app = asyncio.ensure_future(self.app(scope, replay, send))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({app, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not app.done():          # the client went away first
+                app.cancel()
+        try:
+            await app
+        except asyncio.CancelledError:
+            if not gone.is_set():       # we are being cancelled ourselves (shutdown)
+                raise
+            return False
+        return True
+
+    def _authorized(self, scope) -> bool:
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-api-key", b"").decode("latin-1")
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    async def _read_body(self, scope, receive):
+        limit = self.config.max_body_bytes
+        too_big = JSONResponse(_error_body(413, "body_too_large", f"the request body is larger than this server's "
+                                           f"limit of {limit} bytes (--max-body-bytes): send fewer or shorter "
+                                           "queries per request"), 413)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return too_big
+        chunks, n = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            n += len(chunk)
+            if n > limit:
+                return too_big
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+async def _send_json(send, status: int, body: dict, headers=()):
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The ASGI app serving `contexts` (name -> loaded TunedContext). Run it with uvicorn, or `serve`."""
+    config = config or ServeConfig()
+    if not contexts:
+        raise ValueError("create_app needs at least one context")
+    for name in contexts:
+        if not NAME.fullmatch(name):
+            raise ValueError(f"context name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    metrics = Metrics()
+    worker = Worker(contexts, config, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await worker.start()
+        try:
+            yield
+        finally:
+            await worker.stop()
+
+    app = FastAPI(title="deepthink", version=__version__, lifespan=lifespan,
+                  description="Score, predict and generate with forward-tuned contexts (few-shot demonstrations "
+                              "compiled into a key/value cache). Errors are JSON: "
+                              '{"error": {"status", "type", "message"}}.')
+    app.state.contexts, app.state.config, app.state.metrics, app.state.worker = contexts, config, metrics, worker
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(_error_body(exc.status, exc.kind, exc.message, **exc.extra), exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _validation_error(exc)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, exc):
+        return JSONResponse(_error_body(404, "not_found", f"no endpoint {request.url.path}; see /docs"), 404)
+
+    @app.exception_handler(405)
+    async def _not_allowed(request: Request, exc):
+        return JSONResponse(_error_body(405, "method_not_allowed",
+                                        f"{request.method} is not allowed on {request.url.path}; see /docs"), 405)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        return JSONResponse(_error_body(500, "internal_error", f"{type(exc).__name__}: {exc}"), 500)
+
+    def get(name: str) -> TunedContext:
+        if name not in contexts:
+            raise ApiError(404, "unknown_context", f"no context named {name!r}; this server has: "
+                           f"{', '.join(sorted(contexts))}", contexts=sorted(contexts))
+        return contexts[name]
+
+    def check_count(n: int, what: str) -> None:
+        if n > config.max_queries:
+            raise ApiError(413, "too_many_queries", f"{n} {what} in one request; this server takes at most "
+                           f"{config.max_queries} (--max-queries): split the request")
+
+    def check_tokens(ctx: TunedContext, queries: list[str], choices: list[list[str]]) -> None:
+        texts = [q + c for q, cs in zip(queries, choices) for c in cs]
+        lengths = iter(len(ids) for ids in ctx.lm.tokenizer(texts, add_special_tokens=False).input_ids)
+        for i, cs in enumerate(choices):
+            n = max(next(lengths) for _ in cs)
+            if n > config.max_query_tokens:
+                raise ApiError(413, "query_too_long", f"query {i} with its longest choice is {n} tokens; this server "
+                               f"takes at most {config.max_query_tokens} (--max-query-tokens): shorten it")
+
+    async def score(name: str, ctx: TunedContext, queries: list[str], choices: list[list[str]], normalize: bool):
+        check_tokens(ctx, queries, choices)
+        try:
+            rows = await worker.score(name, queries, choices)
+        except ValueError as e:
+            raise ApiError(422, "invalid_request", str(e)) from None
+        except Exception as e:      # noqa: BLE001
+            raise ApiError(500, "model_error", f"{type(e).__name__}: {e}") from None
+        if normalize:
+            rows = [r | {"answer": r["choices"][r["prediction_normalized"]]} for r in rows]
+        return rows
+
+    @app.get("/healthz", summary="liveness: answers while the server runs (no API key needed)")
+    async def healthz():
+        return {"status": "ok", "contexts": len(contexts)}
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             summary="Prometheus text: requests by endpoint and status, latency histogram, batch sizes, memory")
+    async def metrics_page():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/contexts", response_model=list[ContextInfo], summary="the served contexts")
+    async def list_contexts():
+        return [ContextInfo(name=name, model={"name": c.lm.name, "source": c.lm.source},
+                            dtype=str(c.lm.dtype).removeprefix("torch."), tokens=c.length, steps=c.steps_done,
+                            tuning=c.config.to_dict() if c.config else None, origin=c.origin, stopped=c.stopped)
+                for name, c in contexts.items()]
+
+    @app.post("/v1/score", response_model=ScoreResponse,
+              summary="log-probability of each choice after each query, and the prediction")
+    async def score_endpoint(req: ScoreRequest):
+        ctx = get(req.context)
+        check_count(len(req.queries), "queries")
+        if req.choices and all(isinstance(c, str) for c in req.choices):
+            choices = [list(req.choices)] * len(req.queries)
+        else:
+            choices = [list(c) for c in req.choices]
+        if len(choices) != len(req.queries):
+            raise ApiError(422, "invalid_request", f"got {len(req.queries)} queries but {len(choices)} choice lists: "
+                           "give one list per query, or one list of strings shared by all")
+        empty = [i for i, cs in enumerate(choices) if not cs]
+        if empty:
+            raise ApiError(422, "invalid_request", f"query {empty[0]} has no choices: give at least one")
+        rows = await score(req.context, ctx, list(req.queries), choices, req.normalize)
+        return {"context": req.context, "results": rows}
+
+    @app.post("/v1/predict", response_model=PredictResponse,
+              summary="rows in the context's task layout: the task's template and choices applied, then scored")
+    async def predict_endpoint(req: PredictRequest):
+        from ..infer import task_queries
+
+        ctx = get(req.context)
+        check_count(len(req.rows), "rows")
+        task = (ctx.origin or {}).get("task")
+        if task is None:
+            raise ApiError(422, "no_task", f"context {req.context!r} was not tuned on a task (its demonstrations "
+                           "came from a file), so it has no row layout: use /v1/score with queries and choices")
+        try:
+            queries, choices, labels = task_queries(task, list(req.rows))
+        except (ValueError, KeyError) as e:
+            raise ApiError(422, "invalid_row", str(e)) from None
+        rows = await score(req.context, ctx, queries, choices, req.normalize)
+        key = "prediction_normalized" if req.normalize else "prediction"
+        results = [{"index": i, **r, "label": label} for i, (r, label) in enumerate(zip(rows, labels))]
+        accuracy = (sum(r[key] == r["label"] for r in results) / len(results)
+                    if all(label is not None for label in labels) else None)
+        return {"context": req.context, "task": task, "results": results, "accuracy": accuracy}
+
+    @app.post("/v1/generate", response_model=GenerateResponse, summary="continue a prompt after the tuned context")
+    async def generate_endpoint(req: GenerateRequest):
+        ctx = get(req.context)
+        if req.max_new_tokens > config.max_new_tokens:
+            raise ApiError(422, "max_new_tokens_too_large", f"max_new_tokens {req.max_new_tokens} is above this "
+                           f"server's limit of {config.max_new_tokens} (--max-new-tokens)")
+        if any(not s for s in req.stop):
+            raise ApiError(422, "invalid_request", "stop strings must be non-empty")
+        check_tokens(ctx, [req.prompt], [[""]])
+        try:
+            ids = await worker.call(ctx.generate_tokens, req.prompt, max_new_tokens=req.max_new_tokens,
+                                    temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                    stop_at_eos=req.stop_at_eos)
+        except ValueError as e:
+            raise ApiError(422, "invalid_request", str(e)) from None
+        text = ctx.lm.tokenizer.decode(ids)
+        cuts = [i for i in (text.find(s) for s in req.stop) if i >= 0]
+        if cuts:
+            text, reason = text[:min(cuts)], "stop"
+        else:
+            reason = "length" if len(ids) == req.max_new_tokens else "eos"
+        return {"context": req.context, "text": text, "tokens": len(ids), "finish_reason": reason}
+
+    app.add_middleware(_Front, config=config, metrics=metrics, api_key=api_key)
+    return app
+
+
+def serve(contexts: dict[str, TunedContext], config: ServeConfig | None = None, host: str = "127.0.0.1",
+          port: int = 8000, api_key: str | None = None, log_level: str = "info") -> None:
+    """Run the server until SIGINT/SIGTERM; requests in flight are finished before it exits."""
+    import uvicorn
+
+    app = create_app(contexts, config, api_key)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
