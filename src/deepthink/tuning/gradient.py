@@ -38,6 +38,7 @@ from ..context import TunedContext
 from ..scoring import _head
 
 TARGETS = ("kv", "k", "v")
+READ_ROWS = 16          # rows per forward when the objective is only read (no gradient), e.g. loo_eval
 METHOD_NAME = "grad_kv"
 
 
@@ -396,7 +397,11 @@ class GradientTuner:
         """(R,) log-probability of each row's continuation after the cache (default: the current one)."""
         keys = self.keys if keys is None else keys
         values = self.values if values is None else values
-        prefix = self._prefix(rows, keys, values, objective or self.config.objective)
+        objective = objective or self.config.objective
+        if not torch.is_grad_enabled() and len(rows) > READ_ROWS:      # a reading, not an update: bounded memory
+            return torch.cat([self.logprobs(rows[i:i + READ_ROWS], keys, values, objective)
+                              for i in range(0, len(rows), READ_ROWS)])
+        prefix = self._prefix(rows, keys, values, objective)
         return row_logprobs(self.lm.model, prefix, rows, self.spans, self.config.checkpointing)
 
     def check_mask(self) -> None:
