@@ -42,6 +42,13 @@ READ_ROWS = 16          # rows per forward when the objective is only read (no g
 METHOD_NAME = "grad_kv"
 
 
+# the prefix each demonstration's query reads (GradientTuner._prefix builds it)
+OBJECTIVES: dict[str, str] = {
+    "loo-mask": "the tuned cache, the demonstration's own span hidden from its query",
+    "loo-reencode": "the demonstrations encoded with nothing attending to it, plus the learnt change; its span hidden",
+}
+
+
 # ---- configuration ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -61,7 +68,8 @@ class GradientConfig:
         "help": "demonstrations per Adam update, drawn in a seeded order (0 = all of them every step)"})
     objective: str = field(default="loo-mask", metadata={
         "help": "loo-mask: each demonstration's span hidden from its own query; loo-reencode: its query reads "
-                "the other demonstrations encoded without it, plus the learnt change (leak-free, n encodings)"})
+                "the other demonstrations encoded without it, plus the learnt change (leak-free, n encodings)",
+        "choices": tuple(OBJECTIVES)})
     seed: int = field(default=0, metadata={"help": "seed of the batch order (only matters with batch < n)"})
     checkpointing: bool = field(default=False, metadata={
         "help": "recompute each layer's activations in the backward pass instead of keeping them (less memory)"})
@@ -112,14 +120,6 @@ class GradientConfig:
         if unknown:
             raise ValueError(f"unknown gradient-tuning option(s) {sorted(unknown)}; valid: {sorted(known)}")
         return cls(**d)
-
-
-# ---- objectives: the prefix each demonstration's query reads ------------------------------------------------------
-
-OBJECTIVES: dict[str, str] = {
-    "loo-mask": "the tuned cache, the demonstration's own span hidden from its query",
-    "loo-reencode": "the demonstrations encoded with nothing attending to it, plus the learnt change; its span hidden",
-}
 
 
 # ---- demonstrations as token spans ---------------------------------------------------------------------------------
