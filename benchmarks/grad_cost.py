@@ -5,10 +5,9 @@
     python benchmarks/grad_cost.py --models smollm2-135m --settings sst2:1 --steps 2   # smoke test
 
 Each (model, task, shots, tuner) runs in a fresh process (`--worker`): the model and the demonstrations are
-loaded, a 2-step run of the same tuner warms up (it pages in the memory-mapped weights), then one tuning run
-of --steps steps is timed; a thread samples the process's RSS every 5 ms during
-that run, and "peak MB" is its peak minus the RSS just before tuning (on CUDA: torch.cuda.max_memory_allocated
-growth). Tuners:
+loaded and the memory-mapped weights paged in; then the tuning run of --steps steps runs twice: during the
+first a thread samples the process's RSS every 5 ms ("peak MB": its peak minus the RSS just before; on CUDA
+the growth of torch.cuda.max_memory_allocated), the second is timed ("seconds", free of one-time costs). Tuners:
   forward       forward tuning, TuningConfig defaults (eta 0.01, beta 0.9)
   grad_kv       gradient KV tuning, GradientConfig defaults (Adam, lr 0.001, every demonstration each step)
   grad_kv_ckpt  the same with checkpointing=True
@@ -63,17 +62,20 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def worker(model: str, task: str, shots: int, tuner: str, steps: int, seed: int, device: str) -> dict:
+def worker(model: str, task: str, shots: int, tuner: str, steps: int, seed: int, device: str,
+           threads: int | None = None) -> dict:
     import torch
 
     import deepthink
-    from deepthink import TuningConfig, data
+    from deepthink import TuningConfig, data, models
     from deepthink.tuning.gradient import GradientConfig, GradientTuner
     from deepthink.tuning.tuner import tune
 
+    models.set_threads(threads)
     lm = deepthink.load_model(model, device=device)
     plan = data.make_plan(task, seed, shots, dev_size=0, max_eval=1)
     n_tokens = len(lm.tokenizer(plan.demonstrations).input_ids)
+
     def run(steps):
         if tuner == "forward":
             return tune(lm, plan.demonstrations, TuningConfig(steps=steps))
@@ -81,19 +83,24 @@ def worker(model: str, task: str, shots: int, tuner: str, steps: int, seed: int,
             pass
         return ctx
 
-    run(2)        # warm-up: the weights are memory-mapped (paged in by the first forward); one-time autograd setup
+    with torch.no_grad():             # page in the memory-mapped weights, so that RSS growth is the run's own
+        for t in list(lm.model.parameters()) + list(lm.model.buffers()):
+            t.sum()
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        ctx = run(steps)
+    with PeakRSS() as mem:             # the first run: memory (freed memory stays in the process afterwards)
+        run(steps)
         if cuda:
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base) if cuda else (mem.peak - mem.start)
+    t0 = time.perf_counter()           # the second run: time, without one-time costs
+    ctx = run(steps)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
     return {"model": model, "task": task, "shots": shots, "demos": len(plan.demos), "tokens": n_tokens,
             "tuner": tuner, "steps": steps, "seconds": round(seconds, 3), "per_step_s": round(seconds / steps, 4),
             "peak_mb": round(peak / 2 ** 20, 1), "cache_mb": round(ctx.nbytes / 2 ** 20, 2), "device": device,
@@ -142,12 +149,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: physical cores)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--worker", nargs=4, metavar=("MODEL", "TASK", "SHOTS", "TUNER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         model, task, shots, tuner = args.worker
-        print(json.dumps(worker(model, task, int(shots), tuner, args.steps, args.seed, args.device)))
+        print(json.dumps(worker(model, task, int(shots), tuner, args.steps, args.seed, args.device, args.threads)))
         return 0
     rows, skipped = [], {}
     for model in args.models:
@@ -161,6 +169,7 @@ def main(argv=None) -> int:
             for tuner in args.tuners:
                 cmd = [sys.executable, __file__, "--worker", model, task, shots, tuner, "--steps", str(args.steps),
                        "--seed", str(args.seed), "--device", args.device]
+                cmd += ["--threads", str(args.threads)] if args.threads else []
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
                     raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")

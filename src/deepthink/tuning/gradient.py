@@ -398,6 +398,8 @@ class GradientTuner:
         keys = self.keys if keys is None else keys
         values = self.values if values is None else values
         objective = objective or self.config.objective
+        if not keys:
+            raise RuntimeError("no step has run yet: call step() first (step 1 encodes the demonstrations)")
         if not torch.is_grad_enabled() and len(rows) > READ_ROWS:      # a reading, not an update: bounded memory
             return torch.cat([self.logprobs(rows[i:i + READ_ROWS], keys, values, objective)
                               for i in range(0, len(rows), READ_ROWS)])
