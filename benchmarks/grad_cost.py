@@ -133,7 +133,8 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
         base = fwd.get((r["model"], r["task"], r["shots"]))
         ratio = f"{r['seconds'] / base:.1f}" if base else "-"
         lines.append(f"| {r['model']} | {r['task']} | {r['demos']} | {r['tokens']} | {r['tuner']} | {r['steps']} | "
-                     f"{r['seconds']:.2f} | {r['per_step_s']:.3f} | {r['peak_mb']:.0f} | {r['cache_mb']:.2f} | {ratio} |")
+                     f"{r['seconds']:.2f} | {r['per_step_s']:.3f} | {r['peak_mb']:.0f} | {r['cache_mb']:.2f} | "
+                     f"{ratio} |")
     for model, why in skipped.items():
         lines.append(f"\n{model}: {why}.")
     if rows:
