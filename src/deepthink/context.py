@@ -5,6 +5,8 @@ A context saves to a folder (`save` / `load`, `deepthink tune --out DIR`):
     context.safetensors   per layer l: "k.l", "v.l", each [kv_heads, L, head_dim] (the batch axis dropped)
     context.json          format version, deepthink version, model (name, source, weights and tokenizer
                           fingerprints), dtype, tuning config, origin (task/seed/shots or demos file),
+                          for a cache not made by forward tuning the method that made it ("method":
+                          {"name": "grad_kv", "options": {...}}, with "tuning" null; absent otherwise),
                           demonstration text, prefix token ids and count, per-step ||dK||/||dV|| norms,
                           why tuning stopped early (if it did), every tensor's name/shape/dtype, sha256
 
@@ -40,7 +42,8 @@ class TunedContext:
 
     def __init__(self, lm, keys: list[torch.Tensor], values: list[torch.Tensor], prefix_ids: list[int],
                  config: TuningConfig | None = None, demonstrations: str = "", steps_done: int = 1,
-                 history: list[dict] | None = None, stopped: str | None = None, origin: dict | None = None):
+                 history: list[dict] | None = None, stopped: str | None = None, origin: dict | None = None,
+                 method: dict | None = None):
         self.lm, self.keys, self.values = lm, keys, values
         self.prefix_ids = list(prefix_ids)
         self.config = config
@@ -49,6 +52,9 @@ class TunedContext:
         self.history = history or []
         self.stopped = stopped
         self.origin = origin     # where the demonstrations came from, e.g. {"task": "sst2", "seed": 0, "shots": 1}
+        # how the cache was made when not by forward tuning (config is then None), e.g.
+        # {"name": "grad_kv", "options": {...GradientConfig...}}; None for forward tuning and plain ICL
+        self.method = method
 
     @property
     def length(self) -> int:
@@ -230,6 +236,7 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
             "dtype": _dtype_name(lm.dtype),
             "tuning": ctx.config.to_dict() if ctx.config else None,
             "origin": ctx.origin,
+            **({"method": ctx.method} if ctx.method is not None else {}),
             "steps_done": ctx.steps_done,
             "stopped": ctx.stopped,
             "demonstrations": ctx.demonstrations,
@@ -292,6 +299,10 @@ def read_config(path) -> dict:
     wrong = [k for k, kind in (("layers", int), ("tokens", int), ("steps_done", int), ("prefix_ids", list),
                                ("history", list), ("tensors", dict), ("checksums", dict), ("demonstrations", str))
              if not isinstance(meta[k], kind)]
+    method = meta.get("method")
+    if method is not None and not (isinstance(method, dict) and isinstance(method.get("name"), str)
+                                   and isinstance(method.get("options"), dict)):
+        wrong.append("method")
     if wrong:
         raise ValueError(f"{path / CONFIG}: field(s) {wrong} have the wrong type: the artifact is damaged; "
                          "re-run `deepthink tune`")
@@ -351,7 +362,7 @@ def _load(path, lm, device=None) -> TunedContext:
     config = TuningConfig.from_dict(meta["tuning"]) if meta["tuning"] else None
     return TunedContext(lm, keys, values, meta["prefix_ids"], config=config, demonstrations=meta["demonstrations"],
                         steps_done=meta["steps_done"], history=meta["history"], stopped=meta["stopped"],
-                        origin=meta.get("origin"))
+                        origin=meta.get("origin"), method=meta.get("method"))
 
 
 @torch.inference_mode()

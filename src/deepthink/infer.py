@@ -46,6 +46,24 @@ def demonstrations(task: str | None = None, seed: int = 0, shots: int | None = N
     return text, {"task": task_name, "demos_file": str(path)}
 
 
+def demonstration_items(task: str | None = None, seed: int = 0, shots: int | None = None, data_dir=None,
+                        demos: str | None = None) -> list:
+    """The demonstrations of `demonstrations(...)` as task items (tasks.Example), in prompt order: what a
+    method that reads each demonstration's query and answer needs (e.g. gradient KV tuning). A verbatim
+    text file has no items: an error."""
+    if demos is None:
+        if task is None:
+            raise ValueError("give the demonstrations: --task T (with --seed, --shots) or --demos FILE.jsonl")
+        return list(make_plan(get_task(task), seed, 1 if shots is None else shots, dev_size=0,
+                              data_dir=data_dir).demos)
+    path = Path(demos)
+    if path.suffix != ".jsonl" or task is None:
+        raise ValueError(f"{path}: this method needs each demonstration's query and answer, which a verbatim text "
+                         "file does not give: use a task draw (--task T --seed S --shots K) or a .jsonl file of "
+                         "rows in --task's layout")
+    return list(read_demos_file(path, get_task(task)))
+
+
 def load_context(path, model: str | None = None, dtype: str | None = None, device="cpu", quantize=None):
     """The saved context at `path`, loaded for `model` (default: the model it records) in `dtype` (default:
     the dtype it was tuned in). Refuses another model, tokenizer or dtype, as TunedContext.load does."""

@@ -48,6 +48,10 @@ def add_config_args(group, cls, skip=()) -> None:
         if f.name in skip:
             continue
         default = f.default if f.default is not MISSING else None
+        if str(f.type) == "bool":
+            group.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{f.metadata.get('help', '')} (default: {default})")
+            continue
         group.add_argument(flag(f.name), dest=f.name, type=KINDS.get(str(f.type), str), default=default,
                            choices=f.metadata.get("choices"), help=f"{f.metadata.get('help', '')} (default: {default})")
 

@@ -6,7 +6,10 @@ import sys
 import warnings
 
 from ..tuning import TuningConfig
-from .common import add_config_args, add_model_args, config_from_args, load_lm
+from ..tuning.gradient import GradientConfig
+from .common import add_config_args, add_model_args, config_from_args, flag, load_lm
+
+TUNERS = ("forward", "grad_kv")
 
 TUNE_HELP = """Forward-tune demonstrations and save the tuned context to --out.
 
@@ -20,6 +23,12 @@ With --demos FILE.txt, --task is optional and only recorded, so that `predict` c
 with --overwrite (atomically: the old one stays until the new one is complete). If the update
 diverges (a non-finite cache), tuning stops at the last finite step, warns, records why in the
 artifact, and still saves it (exit code 0).
+
+--method grad_kv optimises the cache with Adam on a leave-one-out objective instead (docs/gradient.md):
+the demonstrations must be items (a task draw or a .jsonl --demos file), --steps counts as in forward
+tuning (1 = plain ICL, step t after t - 1 Adam updates), and the cache after step --steps is saved,
+its objective and options recorded in context.json under "method". To choose the step count on dev
+items, run `deepthink eval --methods grad_kv` instead.
 """
 
 
@@ -36,26 +45,59 @@ def register(sub) -> None:
                                         "(default: $DEEPTHINK_DATA_DIR or ../shared/data)")
     src.add_argument("--demos", metavar="FILE", help="demonstrations file instead of a draw: .jsonl rows in --task's "
                                                      "layout, or any other file's text used verbatim")
+    p.add_argument("--method", default="forward", choices=TUNERS,
+                   help="forward: forward tuning (the paper's method); grad_kv: gradient KV tuning (default: forward)")
     add_config_args(p.add_argument_group("tuning (TuningConfig)"), TuningConfig)
+    g = p.add_argument_group("gradient KV tuning (GradientConfig; with --method grad_kv; --steps as above)")
+    add_config_args(g, GradientConfig, skip=("steps", "seed"))
+    g.add_argument("--grad-seed", dest="grad_seed", type=int, default=0,
+                   help="seed of the batch order of gradient KV tuning (default: 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the context to (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a context already saved in --out")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from ..context import check_output_dir
-    from ..infer import demonstrations as draw
-    from ..tuning.tuner import tune
+def _configs(args):
+    """(TuningConfig, GradientConfig or None); options of the tuner not chosen must keep their defaults."""
+    import dataclasses
 
     config = config_from_args(TuningConfig, args)
+    grad = dataclasses.replace(config_from_args(GradientConfig, args, skip=("seed",)), seed=args.grad_seed)
+    if args.method == "grad_kv":
+        changed = [flag(f.name) for f in dataclasses.fields(TuningConfig)
+                   if f.name != "steps" and getattr(config, f.name) != f.default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} set(s) forward tuning, not --method grad_kv: drop it")
+        return config, grad
+    changed = [flag(f.name) for f in dataclasses.fields(GradientConfig)
+               if f.name not in ("steps", "seed") and getattr(grad, f.name) != f.default]
+    if args.grad_seed != 0:
+        changed.append("--grad-seed")
+    if changed:
+        raise ValueError(f"{', '.join(changed)} set(s) gradient KV tuning: add --method grad_kv, or drop it")
+    return config, None
+
+
+def run(args) -> int:
+    from ..context import check_output_dir
+    from ..infer import demonstration_items
+    from ..infer import demonstrations as draw
+    from ..tuning.gradient import gradient_tune
+    from ..tuning.tuner import tune
+
+    config, grad = _configs(args)
     demonstrations, origin = draw(args.task, args.seed, args.shots, args.data_dir, args.demos)        # fails fast on a bad task, split or file
+    items = demonstration_items(args.task, args.seed, args.shots, args.data_dir, args.demos) if grad else None
     out = check_output_dir(args.out, args.overwrite)      # ... and on an unusable --out, before the model loads
     lm = load_lm(args)
     saving = False
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="non-finite cache", category=RuntimeWarning)
-            ctx = tune(lm, demonstrations, config, progress=sys.stderr.isatty())
+            warnings.filterwarnings("ignore", message="non-finite", category=RuntimeWarning)
+            if grad is not None:
+                ctx = gradient_tune(lm, demonstrations, items, grad, progress=sys.stderr.isatty())
+            else:
+                ctx = tune(lm, demonstrations, config, progress=sys.stderr.isatty())
         ctx.origin = origin
         if ctx.stopped:
             print(f"deepthink tune: warning: {ctx.stopped} (recorded in the artifact)", file=sys.stderr)

@@ -1,0 +1,81 @@
+"""grad_kv: the demonstrations' cache optimised by Adam on a leave-one-out objective (deepthink.tuning.gradient).
+
+The step count T in 1..steps (1 = plain ICL) is chosen like dt_dev's:
+  dev-acc: accuracy on dev items drawn from the training data, disjoint from the demonstrations; ties go to
+           the smaller T. Without dev items it falls back to `loo` (recorded in info["selection_used"]).
+  loo:     no dev items: leave-one-out accuracy over the demonstrations themselves (every choice of each
+           demonstration scored with its own span hidden), ties to the smaller T. The terms are also what
+           Adam fits, so after step 1 this reading is optimistic; it is the no-dev option, not an unbiased one.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field, fields
+
+from ..tuning.gradient import GradientConfig, GradientTuner
+from .base import Method, Prepared, Setup, register_method
+
+SELECTIONS = ("dev-acc", "loo")
+
+
+def gradient_config(config) -> GradientConfig:
+    """The GradientConfig part of a method config that extends it."""
+    return GradientConfig(**{f.name: getattr(config, f.name) for f in fields(GradientConfig)})
+
+
+def _peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB (ru_maxrss: kB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+
+
+@dataclass(frozen=True)
+class GradKVConfig(GradientConfig):
+    selection: str = field(default="dev-acc", metadata={
+        "help": "how T is chosen: dev-acc (accuracy on dev, ties to the smaller T; loo without dev items) or "
+                "loo (leave-one-out accuracy over the demonstrations, no dev items used)", "choices": SELECTIONS})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"GradKVConfig.selection={self.selection!r}: valid: {', '.join(SELECTIONS)}")
+
+
+@register_method
+class GradKV(Method):
+    """Adam on the demonstrations' keys/values, leave-one-out objective; T chosen on dev (or leave-one-out)."""
+
+    name, label = "grad_kv", "grad KV"
+    Config = GradKVConfig
+
+    def prepare(self, setup: Setup) -> Prepared:
+        cfg = self.config
+        if not setup.demos:
+            raise ValueError("grad_kv needs the demonstrations as items (Setup.demos: a task draw or a .jsonl "
+                             "demos file) to know each one's query and answer; a verbatim text file has none")
+        start = time.perf_counter()
+        icl = setup.icl()
+        tuner = GradientTuner(setup.lm, setup.demonstrations, setup.demos, gradient_config(cfg), init=icl)
+        contexts = list(tuner)
+        contexts[0] = icl                 # the same object as every other method's step 1: scores are shared
+        seconds = time.perf_counter() - start
+        selection = cfg.selection if (cfg.selection != "dev-acc" or setup.dev) else "loo"
+        dev_curve = [setup.dev_accuracy(ctx) for ctx in contexts] if setup.dev else []
+        loo_curve = []
+        if selection == "loo":
+            loo_curve = [{k: v for k, v in tuner.loo_eval(ctx).items() if k != "per_demo"} for ctx in contexts]
+            scores = [c["acc"] for c in loo_curve]
+        else:
+            scores = [c["sum"] for c in dev_curve]
+        chosen = max(range(len(scores)), key=lambda t: (scores[t], -t)) + 1      # ties go to the smaller T
+        best = contexts[chosen - 1]
+        info = {"chosen_steps": chosen, "selection_used": selection, "dev_curve": dev_curve, "loo_curve": loo_curve,
+                "train_loss": [h["loss"] for h in tuner.history], "stopped": tuner.stopped,
+                "tuning_seconds": round(seconds, 3), "process_peak_rss_mb": _peak_rss_mb()}
+        return Prepared(best, info=info, curve=contexts)
+
+    def describe(self, info: dict) -> str:
+        return (f"gradient KV tuning, lr {self.config.lr:g}, T={info['chosen_steps']} chosen by "
+                f"{info['selection_used']}")

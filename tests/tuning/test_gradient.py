@@ -1,0 +1,208 @@
+"""Gradient KV tuning on tiny models: plain ICL at lr 0, a decreasing objective, a leave-one-out mask that
+really hides the demonstration's own span, seeds, artifacts, refused architectures."""
+import json
+
+import pytest
+import torch
+
+import deepthink
+from deepthink import TunedContext, TuningConfig
+from deepthink.tasks import Example
+from deepthink.tuning.gradient import (GradientConfig, GradientTuner, Row, demonstration_spans, gradient_tune, leak,
+                                       row_logprobs)
+from conftest import ARCHS, CHOICES, QUERIES, tiny_lm
+
+ITEMS = [Example("Review: a gorgeous, witty, seductive movie.\nSentiment:", tuple(CHOICES), 1, 0, "train"),
+         Example("Review: the plot is nothing but boilerplate clichés.\nSentiment:", tuple(CHOICES), 0, 1, "train"),
+         Example("Review: witty and gorgeous\nSentiment:", tuple(CHOICES), 1, 2, "train")]
+TEXT = "".join(e.demo_text + "\n\n" for e in ITEMS)
+MASKABLE = [a for a in ARCHS if a != "bloom"]
+
+
+def tuner(arch="llama", **options):
+    return GradientTuner(tiny_lm(arch), TEXT, ITEMS, GradientConfig(**options))
+
+
+@pytest.mark.parametrize("arch", MASKABLE)
+def test_lr_zero_is_plain_icl_exactly(arch):
+    lm = tiny_lm(arch)
+    icl = deepthink.tune(lm, TEXT, TuningConfig(steps=1))
+    contexts = list(tuner(arch, steps=3, lr=0.0))
+    assert [c.steps_done for c in contexts] == [1, 2, 3]
+    for ctx in contexts:
+        assert all(torch.equal(a, b) for a, b in zip(ctx.keys + ctx.values, icl.keys + icl.values))
+        assert ctx.score(QUERIES, CHOICES).logprob == icl.score(QUERIES, CHOICES).logprob
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_objective_decreases_over_steps(arch):
+    t = tuner(arch, steps=6, lr=0.003)
+    contexts = list(t)
+    with torch.no_grad():
+        values = [float(t.objective(keys=c.keys, values=c.values)) for c in contexts]
+    assert all(b < a for a, b in zip(values, values[1:])), values
+    # the history's loss at step t is J at the cache of step t - 1 (full batch here)
+    assert [h["loss"] for h in t.history[1:]] == pytest.approx(values[:-1], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", MASKABLE)
+def test_a_demonstrations_term_does_not_depend_on_its_own_span(arch):
+    t = tuner(arch, steps=1)
+    t.step()
+    g = torch.Generator().manual_seed(1)
+    for i, (a, b) in enumerate(t.spans):
+        keys = [k.detach().clone() for k in t.keys]
+        values = [v.detach().clone() for v in t.values]
+        for x in keys + values:
+            x[..., a:b, :] += 5 * torch.randn(x[..., a:b, :].shape, generator=g)
+        with torch.no_grad():
+            before = t.logprobs(t.rows).tolist()
+            after = t.logprobs(t.rows, keys, values).tolist()
+        assert after[i] == pytest.approx(before[i], abs=1e-6)                       # its own term: unchanged
+        others = [j for j in range(len(ITEMS)) if j != i]
+        assert any(abs(after[j] - before[j]) > 1e-4 for j in others)              # the others read that span
+
+
+def test_the_gradient_of_a_term_is_zero_on_its_own_span():
+    t = tuner(steps=1)
+    t.step()
+    for i, (a, b) in enumerate(t.spans):
+        keys = [k.detach().clone().requires_grad_() for k in t.keys]
+        values = [v.detach().clone().requires_grad_() for v in t.values]
+        t.objective([i], keys, values).backward()
+        for x in keys + values:
+            assert torch.count_nonzero(x.grad[..., a:b, :]) == 0
+            assert torch.count_nonzero(x.grad) > 0
+
+
+def test_leaks_visible_reading_is_the_unmasked_term():
+    """"visible" is the term with nothing hidden (the label can be copied): plain scoring of the demonstration."""
+    t = tuner(steps=1)
+    t.step()
+    r = leak(t)
+    assert all(p["visible"] == pytest.approx(-t.logprobs([Row(None, row.ids, row.start)])[0].item(), abs=1e-5)
+               for p, row in zip(r["per_demo"], t.rows))
+
+
+def test_leak_measurement_compares_mask_with_reencode():
+    t = tuner(steps=1)
+    t.step()
+    r = leak(t)
+    assert len(r["per_demo"]) == len(ITEMS)
+    first, last = r["per_demo"][0], r["per_demo"][-1]
+    assert last["leak"] == pytest.approx(0.0, abs=1e-5)      # nothing follows the last demonstration
+    assert abs(first["leak"]) > 1e-5                          # the later ones read the first
+    assert r["mean_leak"] == pytest.approx(sum(p["reencode"] - p["mask"] for p in r["per_demo"]) / len(ITEMS))
+
+
+def test_reencode_objective_tunes_and_records_itself():
+    t = tuner(steps=4, lr=0.003, objective="loo-reencode")
+    contexts = list(t)
+    losses = [h["loss"] for h in t.history[1:]]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert contexts[-1].method == {"name": "grad_kv", "options": t.config.to_dict()}
+    assert contexts[-1].method["options"]["objective"] == "loo-reencode"
+
+
+def test_reproducible_with_a_seed():
+    runs = [list(tuner(steps=4, lr=0.01, batch=1, seed=s))[-1] for s in (3, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].keys + runs[0].values, runs[1].keys + runs[1].values))
+    assert runs[0].history == runs[1].history
+    batches = set()
+    for s in range(5):
+        t = tuner(steps=4, lr=0.0, batch=1, seed=s)
+        list(t)
+        batches.add(tuple(h["batch"][0] for h in t.history[1:]))
+        assert all(len(h["batch"]) == 1 for h in t.history[1:])
+    assert len(batches) > 1                                     # the seed sets the order
+
+
+def test_save_load_score_round_trip(tmp_path):
+    lm = tiny_lm("llama")
+    ctx = gradient_tune(lm, TEXT, ITEMS, GradientConfig(steps=3, lr=0.01, target="k", layers="1:"))
+    ctx.save(tmp_path / "ctx")
+    meta = json.loads((tmp_path / "ctx" / "context.json").read_text())
+    assert meta["tuning"] is None
+    assert meta["method"] == {"name": "grad_kv", "options": GradientConfig(steps=3, lr=0.01, target="k",
+                                                                            layers="1:").to_dict()}
+    back = TunedContext.load(tmp_path / "ctx", lm)
+    assert back.method == ctx.method and back.steps_done == 3 and back.history == ctx.history
+    assert all(torch.equal(a, b) for a, b in zip(back.keys + back.values, ctx.keys + ctx.values))
+    assert back.score(QUERIES, CHOICES).logprob == ctx.score(QUERIES, CHOICES).logprob
+    assert back.generate_tokens(QUERIES[0], 4) == ctx.generate_tokens(QUERIES[0], 4)
+
+
+def test_forward_tuned_artifacts_record_no_method(tmp_path):
+    lm = tiny_lm("llama")
+    deepthink.tune(lm, TEXT, TuningConfig(steps=2)).save(tmp_path / "fwd")
+    assert "method" not in json.loads((tmp_path / "fwd" / "context.json").read_text())
+    assert TunedContext.load(tmp_path / "fwd", lm).method is None
+
+
+def test_target_and_layer_range_leave_the_rest_untouched():
+    t = tuner(steps=3, lr=0.05, target="k", layers="1:")
+    first, last = list(t)[0], t.context()
+    assert all(torch.equal(a, b) for a, b in zip(first.values, last.values))        # values never move
+    assert torch.equal(first.keys[0], last.keys[0])                                  # layer 0 never moves
+    assert not torch.equal(first.keys[1], last.keys[1])
+
+
+def test_l2_pulls_towards_the_step1_cache():
+    def moved(l2):
+        t = tuner(steps=5, lr=0.05, l2=l2)
+        first, last = list(t)[0], t.context()
+        return sum(float((a - b).norm()) for a, b in zip(first.keys + first.values, last.keys + last.values))
+    assert moved(1e4) < moved(0.0)
+
+
+def test_checkpointing_gives_the_same_updates():
+    a, b = (list(tuner("qwen2", steps=3, lr=0.01, checkpointing=c))[-1] for c in (False, True))
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.keys + a.values, b.keys + b.values))
+
+
+def test_spans_are_the_demonstrations_tokens():
+    for arch in ("gpt2", "llama"):         # without and with BOS
+        lm = tiny_lm(arch)
+        ids, spans = demonstration_spans(lm.tokenizer, TEXT, ITEMS)
+        assert ids == lm.tokenizer(TEXT).input_ids
+        assert [lm.tokenizer.decode(ids[a:b]) for a, b in spans] == [e.demo_text + "\n\n" for e in ITEMS]
+        assert spans[-1][1] == len(ids) and all(s[1] == n[0] for s, n in zip(spans, spans[1:]))
+
+
+def test_row_logprobs_equal_scoring():
+    lm = tiny_lm("mistral")
+    ctx = deepthink.tune(lm, TEXT, TuningConfig(steps=1))
+    rows = [Row(None, lm.tokenizer(q + c, add_special_tokens=False).input_ids,
+                len(lm.tokenizer(q, add_special_tokens=False).input_ids)) for q in QUERIES for c in CHOICES]
+    with torch.no_grad():
+        got = row_logprobs(lm.model, ctx.prefix, rows, []).tolist()
+    want = [x for row in ctx.score(QUERIES, CHOICES).logprob for x in row]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_architectures_that_cannot_take_the_mask_are_refused():
+    with pytest.raises(ValueError, match="bloom: its attention does not take a custom 4D attention mask"):
+        list(tuner("bloom", steps=2))
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="lr"):
+        GradientConfig(lr=-1)
+    with pytest.raises(ValueError, match="target"):
+        GradientConfig(target="q")
+    with pytest.raises(ValueError, match="layers"):
+        GradientConfig(layers="2-4")
+    with pytest.raises(ValueError, match="objective.*loo-mask"):
+        GradientConfig(objective="plain")
+    with pytest.raises(ValueError, match="steps"):
+        GradientConfig(steps=0)
+    with pytest.raises(ValueError, match="checkpointing"):
+        GradientConfig(checkpointing="yes")
+    with pytest.raises(ValueError, match="inside the model's 2 layers"):
+        tuner(layers="1:5")
+    with pytest.raises(ValueError, match="at least 2"):
+        GradientTuner(tiny_lm("llama"), ITEMS[0].demo_text + "\n\n", ITEMS[:1])
+    with pytest.raises(ValueError, match="do not spell the demonstration text"):
+        GradientTuner(tiny_lm("llama"), TEXT + "extra", ITEMS)
+    with pytest.raises(ValueError, match="sliding window of 40"):
+        GradientTuner(tiny_lm("mistral", sliding_window=40), TEXT, ITEMS)
