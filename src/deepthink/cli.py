@@ -49,7 +49,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, evaluate, infer_cli, report
+    from . import __version__, cli_lm_eval, evaluate, infer_cli, report
 
     parser = argparse.ArgumentParser(
         prog="deepthink", description="Iterative forward tuning (Deep-Thinking) for in-context learning.")
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.register(sub)
     report.register(sub)
     infer_cli.register(sub)
+    cli_lm_eval.register(sub)
     return parser
 
 

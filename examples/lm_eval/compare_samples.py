@@ -1,0 +1,44 @@
+"""Compare the per-request log-likelihoods that lm-evaluation-harness logged (--log_samples) in several runs.
+
+    python examples/lm_eval/compare_samples.py runs/lm-eval/hf runs/lm-eval/deepthink-steps1 ...
+
+The first folder is the reference: for every other run it prints the accuracy, the largest absolute difference
+of any request's log-likelihood from the reference, and on how many items the prediction differs.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(folder: str) -> dict[tuple[str, int], list[float]]:
+    files = sorted(Path(folder).rglob("samples_*.jsonl"))
+    if not files:
+        sys.exit(f"no samples_*.jsonl under {folder}: run the harness with --log_samples --output_path {folder}")
+    out = {}
+    for f in files:
+        task = f.name.removeprefix("samples_").rsplit("_", 1)[0]
+        for line in f.read_text().splitlines():
+            s = json.loads(line)
+            out[(task, s["doc_id"])] = ([float(r[0][0]) for r in s["resps"]], s["target"])
+    return out
+
+
+def main(folders: list[str]) -> None:
+    if len(folders) < 2:
+        sys.exit(__doc__)
+    ref = load(folders[0])
+    print(f"{'run':<40} {'items':>5} {'acc %':>6} {'max |dLL| vs ' + Path(folders[0]).name:>22} {'changed':>7}")
+    for folder in folders:
+        run = load(folder)
+        keys = sorted(ref.keys() & run.keys())
+        argmax = lambda lls: max(range(len(lls)), key=lambda j: (lls[j], -j))   # noqa: E731  first wins a tie
+        acc = sum(argmax(run[k][0]) == run[k][1] for k in keys) / len(keys)
+        diff = max(abs(a - b) for k in keys for a, b in zip(run[k][0], ref[k][0]))
+        changed = sum(argmax(run[k][0]) != argmax(ref[k][0]) for k in keys)
+        print(f"{Path(folder).name:<40} {len(keys):>5} {100 * acc:>6.1f} {diff:>22.2e} {changed:>7}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
