@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import textwrap
 
 import pytest
@@ -118,7 +119,7 @@ def test_icl_equals_hf_generation(tiny_model_dir, tasks, hf_model):
     assert [r[0] for r in y] == pytest.approx([r[0] for r in x], abs=1e-4, rel=0)
 
 
-def test_explicit_context_equals_tuned_context_score(tiny_model_dir, tasks, tmp_path):
+def test_explicit_context_equals_tuned_context_score(tiny_model_dir, tasks, tmp_path, caplog):
     lm = deepthink.load_model(str(tiny_model_dir))
     ctx = deepthink.tune(lm, DEMOS, deepthink.TuningConfig(steps=3, step_size=0.1, momentum=0.5))
     ctx.save(tmp_path / "ctx")
@@ -129,6 +130,9 @@ def test_explicit_context_equals_tuned_context_score(tiny_model_dir, tasks, tmp_
                   DeepThinkLM(model=lm, demos=str(tmp_path / "demos.txt"), steps=3, step_size=0.1, momentum=0.5)):
         got = _loglikelihoods(_run(model, tasks, "tiny_mc", 0))
         assert got == approx(want, abs=1e-5)
+    with caplog.at_level(logging.WARNING, logger="deepthink"):
+        _run(model, tasks, "tiny_mc", 2, limit=2)             # harness examples on top of the explicit context
+    assert "probably the harness's few-shot examples" in caplog.text
 
 
 def test_shared_prefix_tuned_once_per_task(tiny_model_dir, tasks):
@@ -261,3 +265,18 @@ def test_tune_from_token_ids_and_generate_with_stop():
     ids = lm.tokenizer(prompt, add_special_tokens=False).input_ids
     assert a.generate_tokens(ids, max_new_tokens=8, stop_at_eos=False) == full
     assert a.generate_tokens(ids, max_new_tokens=8, stop_at_eos=False, stop=lambda new: len(new) == 3) == full[:3]
+
+
+def test_cli_argument_handling():
+    from deepthink.cli_lm_eval import harness_argv, model_args
+
+    assert model_args(["--model_args", "model=x,steps=5", "steps=6", "--tasks", "t", "-a", "demos=d.txt"]) == \
+        {"model": "x", "steps": "6", "demos": "d.txt"}
+    assert harness_argv(["--tasks", "t"]) == ["--model", "deepthink", "--tasks", "t", "--device", "cpu"]
+    assert harness_argv(["run", "--model", "deepthink", "--device", "cuda", "--model_args", "context=c"]) == \
+        ["--model", "deepthink", "--device", "cuda", "--model_args", "context=c", "--num_fewshot", "0"]
+    assert harness_argv(["--model_args=demos=d.txt", "-f", "0"])[-2:] == ["--device", "cpu"]
+    with pytest.raises(ValueError, match="run with --num_fewshot 0"):
+        harness_argv(["--model_args", "demos=d.txt", "--num_fewshot", "3"])
+    with pytest.raises(ValueError, match="use `lm_eval --model hf`"):
+        harness_argv(["--model", "hf"])

@@ -181,6 +181,8 @@ class DeepThinkLM(TemplateLM):
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         if self.explicit is not None:
             pairs = [self._pair(*r.args, special=False) for r in requests]
+            for task, idx in _by_task(requests).items():
+                self._warn_fewshot(task, [pairs[i][0] for i in idx])
             for i, res in enumerate(self.explicit.score_tokens(pairs, batch_size=self.batch_size_per_gpu)):
                 out[i] = res
             return self._cached(requests, out, "loglikelihood")
@@ -254,6 +256,13 @@ class DeepThinkLM(TemplateLM):
             raise ValueError(f"{what} carry no few-shot examples to share: pass an explicit context "
                              "(--model_args context=DIR or demos=FILE) for such tasks")
         return self.explicit
+
+    def _warn_fewshot(self, task, encodings: list[list[int]]) -> None:
+        """Explicit mode: harness few-shot examples on top of our context are legal but rarely meant."""
+        if len({tuple(e) for e in encodings}) > 1 and shared_prefix(encodings, self.tokenizer, self.fewshot_delimiter):
+            log.warning("task %s: its requests start with the same text ending in %r, probably the harness's few-shot "
+                        "examples; they are scored after the explicit context as well - run with --num_fewshot 0 "
+                        "to use only the context's demonstrations", task or "(unnamed task)", self.fewshot_delimiter)
 
     def _shared(self, task, encodings: list[list[int]], kind: str) -> tuple["deepthink.TunedContext", int]:
         """The tuned context of this task's shared demonstrations and its length in tokens (tuned on first use)."""
