@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 
-def load(folder: str) -> dict[tuple[str, int], list[float]]:
+def load(folder: str) -> dict[tuple[str, int], tuple[list[float], int]]:
+    """(task, doc id) -> (log-likelihood of each choice, gold index), from a multiple-choice task's samples."""
     files = sorted(Path(folder).rglob("samples_*.jsonl"))
     if not files:
         sys.exit(f"no samples_*.jsonl under {folder}: run the harness with --log_samples --output_path {folder}")
@@ -21,7 +22,8 @@ def load(folder: str) -> dict[tuple[str, int], list[float]]:
         task = f.name.removeprefix("samples_").rsplit("_", 1)[0]
         for line in f.read_text().splitlines():
             s = json.loads(line)
-            out[(task, s["doc_id"])] = ([float(r[0][0]) for r in s["resps"]], s["target"])
+            target = s["target"]                        # the gold choice's index (a string in the harness's files)
+            out[(task, s["doc_id"])] = ([float(r[0][0]) for r in s["resps"]], int(target))
     return out
 
 
