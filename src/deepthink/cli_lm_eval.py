@@ -15,7 +15,9 @@ HELP = """deepthink lm-eval: lm-evaluation-harness with deepthink as the model (
       --num_fewshot 4 --limit 20 --output_path runs/lm-eval
 
 --model_args (comma-separated key=value):
-  model=NAME|DIR|FILE.gguf   the deepthink model (default smollm2-135m); device=cpu, dtype=float32, batch_size=16
+  model=NAME|DIR|FILE.gguf   the deepthink model (default smollm2-135m); dtype=float32
+                             (device and batch size: the harness's --device, default here cpu, and --batch_size,
+                             default here 16)
   context=DIR                a saved tuned context (deepthink tune --out DIR); the task runs with --num_fewshot 0
   demos=FILE                 demonstrations to tune here (with the options below); --num_fewshot 0
   steps=, step_size=, momentum=, positions=, update=   tuning options (TuningConfig)
@@ -70,8 +72,8 @@ def _option(argv: list[str], *names: str) -> str | None:
 
 
 def harness_argv(argv: list[str]) -> list[str]:
-    """The argument list for the harness's `run`: --model deepthink (and --device cpu unless a device is given)
-    added; --num_fewshot 0 in the explicit mode.
+    """The argument list for the harness's `run`: --model deepthink, --device cpu and --batch_size 16 added
+    unless given; --num_fewshot 0 in the explicit mode.
     Raises ValueError on a combination that cannot mean what the user wants."""
     argv = list(argv)
     if argv[:1] == ["run"]:
@@ -82,9 +84,13 @@ def harness_argv(argv: list[str]) -> list[str]:
                          f"{model}` for others (e.g. the harness's hf baseline)")
     if model is None:
         argv = ["--model", "deepthink", *argv]
-    if _option(argv, "--device") is None and "device" not in model_args(argv):
-        argv += ["--device", "cpu"]             # the harness defaults to CUDA; deepthink to the CPU
     margs = model_args(argv)
+    for key, value, why in (("device", "cpu", "the harness defaults to CUDA; deepthink to the CPU"),
+                            ("batch_size", "16", "the harness defaults to 1")):
+        if key in margs and _option(argv, f"--{key}") is not None:
+            raise ValueError(f"{key} is given twice (--{key} and in --model_args): keep one")
+        if key not in margs and _option(argv, f"--{key}") is None:
+            argv += [f"--{key}", value]         # {why}
     explicit = [k for k in ("context", "demos") if k in margs]
     if explicit:
         shots = _option(argv, "--num_fewshot", "-f")

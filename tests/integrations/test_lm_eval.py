@@ -272,10 +272,15 @@ def test_cli_argument_handling():
 
     assert model_args(["--model_args", "model=x,steps=5", "steps=6", "--tasks", "t", "-a", "demos=d.txt"]) == \
         {"model": "x", "steps": "6", "demos": "d.txt"}
-    assert harness_argv(["--tasks", "t"]) == ["--model", "deepthink", "--tasks", "t", "--device", "cpu"]
-    assert harness_argv(["run", "--model", "deepthink", "--device", "cuda", "--model_args", "context=c"]) == \
-        ["--model", "deepthink", "--device", "cuda", "--model_args", "context=c", "--num_fewshot", "0"]
-    assert harness_argv(["--model_args=demos=d.txt", "-f", "0"])[-2:] == ["--device", "cpu"]
+    assert harness_argv(["--tasks", "t"]) == ["--model", "deepthink", "--tasks", "t", "--device", "cpu",
+                                              "--batch_size", "16"]
+    assert harness_argv(["run", "--model", "deepthink", "--device", "cuda", "--model_args", "context=c",
+                         "--batch_size", "4"]) == \
+        ["--model", "deepthink", "--device", "cuda", "--model_args", "context=c", "--batch_size", "4",
+         "--num_fewshot", "0"]
+    assert harness_argv(["--model_args=demos=d.txt", "-f", "0"])[-4:] == ["--device", "cpu", "--batch_size", "16"]
+    with pytest.raises(ValueError, match="device is given twice"):
+        harness_argv(["--model_args", "device=cpu", "--device", "cpu"])
     with pytest.raises(ValueError, match="run with --num_fewshot 0"):
         harness_argv(["--model_args", "demos=d.txt", "--num_fewshot", "3"])
     with pytest.raises(ValueError, match="use `lm_eval --model hf`"):
