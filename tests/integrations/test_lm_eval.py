@@ -285,3 +285,14 @@ def test_cli_argument_handling():
         harness_argv(["--model_args", "demos=d.txt", "--num_fewshot", "3"])
     with pytest.raises(ValueError, match="use `lm_eval --model hf`"):
         harness_argv(["--model", "hf"])
+
+
+def test_command_line_values():
+    lm = tiny_lm("llama")
+    m = DeepThinkLM(model=lm, fewshot_delimiter="\\n###\\n", add_bos_token="False", steps="3", step_size="0.1")
+    assert (m.fewshot_delimiter, m.add_bos_token, m.config.steps, m.config.step_size) == ("\n###\n", False, 3, 0.1)
+    assert m.tok_encode("Review: a")[0] != lm.tokenizer.bos_token_id        # add_bos_token=False is obeyed
+    with pytest.raises(ValueError, match="model arg steps='many': expected int"):
+        DeepThinkLM(model=lm, steps="many")
+    with pytest.raises(ValueError, match="add_bos_token='maybe'"):
+        DeepThinkLM(model=lm, add_bos_token="maybe")

@@ -104,7 +104,13 @@ class DeepThinkLM(TemplateLM):
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         if not isinstance(fewshot_delimiter, str) or not fewshot_delimiter:
             raise ValueError("fewshot_delimiter must be a non-empty string (the task's fewshot_delimiter, default \\n\\n)")
+        if "\\" in fewshot_delimiter:                                     # typed on a command line: \n, \t
+            fewshot_delimiter = fewshot_delimiter.encode("utf-8").decode("unicode_escape").encode("latin-1").decode()
         self.fewshot_delimiter = fewshot_delimiter
+        if isinstance(add_bos_token, str):
+            if add_bos_token.lower() not in ("true", "false"):
+                raise ValueError(f"add_bos_token={add_bos_token!r}: expected True or False")
+            add_bos_token = add_bos_token.lower() == "true"
         self.add_bos_token = add_bos_token
         if isinstance(model, deepthink.LM):
             self.lm = model
