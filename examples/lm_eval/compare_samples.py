@@ -2,12 +2,14 @@
 
     python examples/lm_eval/compare_samples.py runs/lm-eval/hf runs/lm-eval/deepthink-steps1 ...
 
-The first folder is the reference: for every other run it prints the accuracy, the largest absolute difference
-of any request's log-likelihood from the reference, and on how many items the prediction differs.
+The first folder is the reference: for every run it prints the accuracy, the largest absolute difference of any
+request's log-likelihood from the reference, on how many items the prediction differs, how many items turned from
+right to wrong and from wrong to right, and the exact McNemar p-value of those two counts.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,7 +33,8 @@ def main(folders: list[str]) -> None:
     if len(folders) < 2:
         sys.exit(__doc__)
     ref = load(folders[0])
-    print(f"{'run':<40} {'items':>5} {'acc %':>6} {'max |dLL| vs ' + Path(folders[0]).name:>22} {'changed':>7}")
+    print(f"{'run':<24} {'items':>5} {'acc %':>6} {'max |dLL| vs ' + Path(folders[0]).name:>22} {'changed':>7} "
+          f"{'right>wrong':>11} {'wrong>right':>11} {'McNemar p':>9}")
     for folder in folders:
         run = load(folder)
         keys = sorted(ref.keys() & run.keys())
@@ -39,7 +42,18 @@ def main(folders: list[str]) -> None:
         acc = sum(argmax(run[k][0]) == run[k][1] for k in keys) / len(keys)
         diff = max(abs(a - b) for k in keys for a, b in zip(run[k][0], ref[k][0]))
         changed = sum(argmax(run[k][0]) != argmax(ref[k][0]) for k in keys)
-        print(f"{Path(folder).name:<40} {len(keys):>5} {100 * acc:>6.1f} {diff:>22.2e} {changed:>7}")
+        ok_ref = {k: argmax(ref[k][0]) == ref[k][1] for k in keys}
+        ok_run = {k: argmax(run[k][0]) == run[k][1] for k in keys}
+        worse = sum(ok_ref[k] and not ok_run[k] for k in keys)
+        better = sum(ok_run[k] and not ok_ref[k] for k in keys)
+        print(f"{Path(folder).name:<24} {len(keys):>5} {100 * acc:>6.1f} {diff:>22.2e} {changed:>7} {worse:>11} "
+              f"{better:>11} {mcnemar(worse, better):>9.3f}")
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value for b and c discordant pairs (binomial, p = 1/2)."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
 
 
 if __name__ == "__main__":
