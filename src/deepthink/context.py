@@ -91,6 +91,28 @@ class TunedContext:
         fn = scoring.score_fast if method == "fast" else scoring.score_naive
         return fn(self.lm.model, self.prefix, units, n, len(queries), batch_size=batch_size, progress=progress)
 
+    def score_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                     batch_size: int = 16) -> list[tuple[float, bool]]:
+        """Score already-tokenised (context ids, continuation ids) pairs after this prefix.
+
+        For callers with their own tokenisation rule (e.g. lm-evaluation-harness): the context ids follow the
+        prefix directly, so they must not repeat its special tokens. Returns per pair the summed log-probability
+        of the continuation and whether each of its tokens is the argmax (greedy) at its position.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        limit = kv.max_positions(self.lm.config)
+        clean = []
+        for i, (c, t) in enumerate(pairs):
+            c, t = [int(x) for x in c], [int(x) for x in t]
+            if not c or not t:
+                raise ValueError(f"pair {i}: the context and the continuation each need at least one token")
+            if limit is not None and self.length + len(c) + len(t) - 1 > limit:
+                raise ValueError(f"pair {i} needs {self.length} prefix + {len(c) + len(t) - 1} tokens, beyond the "
+                                 f"model's {limit} positions: shorten the context or the demonstrations")
+            clean.append((c, t))
+        return scoring.score_tokens(self.lm.model, self.prefix, clean, batch_size) if clean else []
+
     def predict(self, queries: Sequence[str], choices, normalize: bool = False, method: str = "fast",
                 batch_size: int = 16, progress: bool = False) -> list[dict]:
         """Score and pick one choice per query; one dict per query, in order:
@@ -133,10 +155,15 @@ class TunedContext:
         return self.lm.tokenizer.decode(self.generate_tokens(prompt, max_new_tokens, temperature, top_p, seed,
                                                              stop_at_eos))
 
-    def generate_tokens(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                        top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> list[int]:
-        """`generate`, returning the new token ids instead of text."""
-        return _generate(self, prompt, max_new_tokens, temperature, top_p, seed, stop_at_eos)
+    def generate_tokens(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                        top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+                        stop=None) -> list[int]:
+        """`generate`, returning the new token ids instead of text.
+
+        prompt may also be token ids (used as given, after the prefix). stop: optional function of the new ids
+        so far; generation ends (keeping the last token) as soon as it returns True, e.g. on a stop string.
+        """
+        return _generate(self, prompt, max_new_tokens, temperature, top_p, seed, stop_at_eos, stop)
 
     def save(self, path, overwrite: bool = False) -> Path:
         """Write safetensors + JSON to the folder `path` (atomically: temporary folder, then rename).
@@ -367,7 +394,7 @@ def _load(path, lm, device=None) -> TunedContext:
 
 @torch.inference_mode()
 def _generate(ctx: TunedContext, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> list[int]:
+              top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True, stop=None) -> list[int]:
     """New token ids continuing `prompt` after the tuned prefix: greedy at temperature 0, else nucleus sampling."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -375,10 +402,13 @@ def _generate(ctx: TunedContext, prompt: str, max_new_tokens: int = 64, temperat
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {top_p!r}")
-    if not isinstance(prompt, str):
-        raise ValueError(f"the prompt must be a string, got {type(prompt).__name__}")
     lm = ctx.lm
-    ids = lm.tokenizer(prompt, add_special_tokens=False).input_ids
+    if isinstance(prompt, str):
+        ids = lm.tokenizer(prompt, add_special_tokens=False).input_ids
+    elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise ValueError(f"the prompt must be a string or a list of token ids, got {type(prompt).__name__}")
     if not ids:
         raise ValueError("the prompt tokenises to nothing: give a non-empty prompt")
     limit = kv.max_positions(lm.config)
@@ -406,6 +436,8 @@ def _generate(ctx: TunedContext, prompt: str, max_new_tokens: int = 64, temperat
         if stop_at_eos and nxt == eos:
             break
         out_ids.append(nxt)
+        if stop is not None and stop(out_ids):
+            break
         x = torch.tensor([[nxt]], device=lm.device)
     return out_ids
 

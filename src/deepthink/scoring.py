@@ -261,3 +261,45 @@ def score_naive(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_i
             logprob[item][j] = float(logp[b, pos - 1, ids[b, pos]].sum())
             n_tok[item][j] = len(toks)
     return Scores(logprob, n_tok)
+
+
+@torch.inference_mode()
+def score_tokens(model, prefix: kv.Prefix, pairs: list[tuple[list[int], list[int]]],
+                 batch_size: int = 16) -> list[tuple[float, bool]]:
+    """Token-level scoring after the prefix: per (context ids, continuation ids) pair, the summed log-probability
+    of the continuation and whether greedy decoding would have produced it (every continuation token the argmax).
+
+    The caller has already tokenised both parts (this is the contract of lm-evaluation-harness' `loglikelihood`);
+    the context sits right after the prefix. Rows are batched longest first and right-padded per batch; the LM
+    head runs only at the continuation's positions.
+    """
+    keys, values = prefix
+    L = keys[0].shape[-2] if keys else 0
+    shared = bool(L) and kv.supports_shared_prefix(model)
+    device = model.get_input_embeddings().weight.device
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        rows = [pairs[i][0] + pairs[i][1][:-1] for i in batch]
+        ids = _pad(rows, device)                                                         # (B, T)
+        if shared:
+            hidden = kv.shared_forward(model, ids, prefix).last_hidden_state
+        elif L:
+            hidden = model.base_model(ids, cache=kv.build_cache(model, keys, values, batch=len(batch)),
+                                      use_cache=False).last_hidden_state
+        else:
+            hidden = model.base_model(ids, use_cache=False).last_hidden_state              # (B, T, D)
+        r = torch.cat([torch.full((len(pairs[i][1]),), b, device=device) for b, i in enumerate(batch)])
+        c = torch.cat([torch.arange(len(pairs[i][0]) - 1, len(pairs[i][0]) + len(pairs[i][1]) - 1, device=device)
+                       for i in batch])
+        targets = torch.tensor([t for i in batch for t in pairs[i][1]], device=device)
+        logp = _head(model, hidden[r, c])                                                # (N, V)
+        lp = logp.gather(-1, targets[:, None])[:, 0].tolist()
+        hit = (logp.argmax(-1) == targets).tolist()
+        k = 0
+        for i in batch:
+            n = len(pairs[i][1])
+            out[i] = (sum(lp[k:k + n]), all(hit[k:k + n]))
+            k += n
+    return out

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, evaluate, generate, methods, predict, report, serve, tasks, tune
+from . import demo, evaluate, generate, lm_eval, methods, predict, report, serve, tasks, tune
 
-SUBCOMMANDS = [tasks, methods, demo, evaluate, report, tune, predict, generate, serve]
+SUBCOMMANDS = [tasks, methods, demo, evaluate, report, tune, predict, generate, serve, lm_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,14 +34,19 @@ class ForwardTuner:
     >>> for ctx in tuner: ...    # a TunedContext after steps 1, 2, ..., T
     """
 
-    def __init__(self, lm, demonstrations: str, config: TuningConfig | None = None):
+    def __init__(self, lm, demonstrations: str | list[int], config: TuningConfig | None = None):
         self.lm, self.config = lm, config or TuningConfig()
         self.rule = get_rule(self.config.rule)
-        if not isinstance(demonstrations, str) or not demonstrations.strip():
-            raise ValueError("demonstrations are empty: pass the demonstration text to tune "
+        if isinstance(demonstrations, (list, tuple)) and demonstrations and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in demonstrations):
+            ids = list(demonstrations)                        # token ids, used as given (special tokens included)
+            demonstrations = lm.tokenizer.decode(ids)
+        elif isinstance(demonstrations, str) and demonstrations.strip():
+            ids = lm.tokenizer(demonstrations).input_ids      # the tokenizer's default special tokens
+        else:
+            raise ValueError("demonstrations are empty: pass the demonstration text (or its token ids) to tune "
                              "(for a zero-shot baseline use deepthink.zero_shot(lm))")
         self.demonstrations = demonstrations
-        ids = lm.tokenizer(demonstrations).input_ids          # the tokenizer's default special tokens
         self.input_ids = torch.tensor([ids], device=lm.device)  # (1, L)
         self.check_lengths()
         self.reset()
@@ -133,8 +138,8 @@ class ForwardTuner:
             yield self.step()
 
 
-def tune(lm, demonstrations: str, config: TuningConfig | None = None, progress: bool = False) -> "TunedContext":
-    """Forward-tune `demonstrations` for `config.steps` steps and return the tuned context."""
+def tune(lm, demonstrations: str | list[int], config: TuningConfig | None = None, progress: bool = False) -> "TunedContext":
+    """Forward-tune `demonstrations` (text, or token ids used as given) for `config.steps` steps."""
     tuner = ForwardTuner(lm, demonstrations, config)
     ctx = None
     steps = iter(tuner)
