@@ -13,7 +13,8 @@ SST2 = get_task("sst2")
 DEV = [Example(query=q, continuations=tuple(CHOICES), label=i % 2, split="train", index=i)
        for i, q in enumerate(QUERIES)]
 DEMO_ITEMS = [Example("Review: a gorgeous, witty, seductive movie.\nSentiment:", tuple(CHOICES), 1, 10, "train"),
-              Example("Review: the plot is nothing but boilerplate clichés.\nSentiment:", tuple(CHOICES), 0, 11, "train")]
+              Example("Review: the plot is nothing but boilerplate clichés.\nSentiment:", tuple(CHOICES), 0, 11,
+                      "train")]
 DEMOS = "".join(e.demo_text + "\n\n" for e in DEMO_ITEMS)
 
 

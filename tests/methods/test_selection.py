@@ -16,7 +16,8 @@ from conftest import CHOICES, QUERIES, tiny_lm
 DEV = [Example(query=q, continuations=tuple(CHOICES), label=i % 2, split="train", index=i)
        for i, q in enumerate(QUERIES * 3)]
 DEMO_ITEMS = [Example("Review: a gorgeous, witty, seductive movie.\nSentiment:", tuple(CHOICES), 1, 10, "train"),
-              Example("Review: the plot is nothing but boilerplate clichés.\nSentiment:", tuple(CHOICES), 0, 11, "train"),
+              Example("Review: the plot is nothing but boilerplate clichés.\nSentiment:", tuple(CHOICES), 0, 11,
+                      "train"),
               Example("Review: witty lines.\nSentiment:", tuple(CHOICES), 1, 12, "train")]
 DEMOS = "".join(e.demo_text + "\n\n" for e in DEMO_ITEMS)
 OPTS = {"steps": 4, "step_size": 0.3}
