@@ -59,7 +59,8 @@ GRID = {
     "dt_dev_cc": dict(DEV),
     "grad_kv": {"lr": 0.001, "steps": 15},
     "grad_kv@lr01": {"lr": 0.01, "steps": 15},
-    "grad_kv@loo": {"lr": 0.001, "steps": 15, "selection": "loo"},
+    "grad_kv@loo": {"lr": 0.001, "steps": 15, "selection": "loo"},        # no dev items used
+    "grad_kv_cc": {"lr": 0.001, "steps": 15},                             # gradient tuning + calibration
 }
 STAGES = {
     "screen": dict(models=["gemma3-270m", "smollm2-135m"], seeds=[0, 1, 2], max_eval=200, dev_size=64),
@@ -170,7 +171,7 @@ def screen_ranking(units: list[dict]) -> list[tuple[str, float]]:
     tasks in the screen (T and options chosen without eval labels; no oracle)."""
     ranks = []
     for k in units[0]["accuracy"]:
-        if k in BASELINES or k == "zero_shot_cc":
+        if k in BASELINES or k in ("zero_shot", "zero_shot_cc"):
             continue
         ivs = [compare("screen", [u for u in units if u["model"] == m], k, REFERENCE)
                for m in sorted({u["model"] for u in units})]

@@ -80,14 +80,14 @@ def model_dir(tmp_path_factory):
 def test_tune_cli_saves_a_gradient_tuned_context(model_dir, tmp_path, capsys):
     out = tmp_path / "ctx"
     argv = ["tune", "--model", str(model_dir), "--task", "sentiment-demo", "--seed", "0", "--shots", "2",
-            "--method", "grad_kv", "--steps", "3", "--lr", "0.01", "--target", "v", "--checkpointing",
+            "--method", "grad_kv", "--steps", "3", "--lr", "0.01", "--update", "v", "--checkpointing",
             "--out", str(out)]
     assert main(argv) == 0
     meta = json.loads((out / "context.json").read_text())
     assert meta["tuning"] is None and meta["steps_done"] == 3
     assert meta["method"]["name"] == "grad_kv"
     opts = meta["method"]["options"]
-    assert (opts["lr"], opts["target"], opts["checkpointing"], opts["steps"]) == (0.01, "v", True, 3)
+    assert (opts["lr"], opts["update"], opts["checkpointing"], opts["steps"]) == (0.01, "v", True, 3)
     capsys.readouterr()
     assert main(["predict", "--context", str(out), "--task", "sentiment-demo", "--input", str(DEMO_TEST)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

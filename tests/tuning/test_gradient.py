@@ -119,11 +119,11 @@ def test_reproducible_with_a_seed():
 
 def test_save_load_score_round_trip(tmp_path):
     lm = tiny_lm("llama")
-    ctx = gradient_tune(lm, TEXT, ITEMS, GradientConfig(steps=3, lr=0.01, target="k", layers="1:"))
+    ctx = gradient_tune(lm, TEXT, ITEMS, GradientConfig(steps=3, lr=0.01, update="k", layers="1:"))
     ctx.save(tmp_path / "ctx")
     meta = json.loads((tmp_path / "ctx" / "context.json").read_text())
     assert meta["tuning"] is None
-    assert meta["method"] == {"name": "grad_kv", "options": GradientConfig(steps=3, lr=0.01, target="k",
+    assert meta["method"] == {"name": "grad_kv", "options": GradientConfig(steps=3, lr=0.01, update="k",
                                                                             layers="1:").to_dict()}
     back = TunedContext.load(tmp_path / "ctx", lm)
     assert back.method == ctx.method and back.steps_done == 3 and back.history == ctx.history
@@ -140,7 +140,7 @@ def test_forward_tuned_artifacts_record_no_method(tmp_path):
 
 
 def test_target_and_layer_range_leave_the_rest_untouched():
-    t = tuner(steps=3, lr=0.05, target="k", layers="1:")
+    t = tuner(steps=3, lr=0.05, update="k", layers="1:")
     first, last = list(t)[0], t.context()
     assert all(torch.equal(a, b) for a, b in zip(first.values, last.values))        # values never move
     assert torch.equal(first.keys[0], last.keys[0])                                  # layer 0 never moves
@@ -188,8 +188,8 @@ def test_architectures_that_cannot_take_the_mask_are_refused():
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="lr"):
         GradientConfig(lr=-1)
-    with pytest.raises(ValueError, match="target"):
-        GradientConfig(target="q")
+    with pytest.raises(ValueError, match="update"):
+        GradientConfig(update="q")
     with pytest.raises(ValueError, match="layers"):
         GradientConfig(layers="2-4")
     with pytest.raises(ValueError, match="objective.*loo-mask"):

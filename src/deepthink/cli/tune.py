@@ -48,8 +48,9 @@ def register(sub) -> None:
     p.add_argument("--method", default="forward", choices=TUNERS,
                    help="forward: forward tuning (the paper's method); grad_kv: gradient KV tuning (default: forward)")
     add_config_args(p.add_argument_group("tuning (TuningConfig)"), TuningConfig)
-    g = p.add_argument_group("gradient KV tuning (GradientConfig; with --method grad_kv; --steps as above)")
-    add_config_args(g, GradientConfig, skip=("steps", "seed"))
+    g = p.add_argument_group("gradient KV tuning (GradientConfig; with --method grad_kv; --steps and --update as "
+                                                             "above)")
+    add_config_args(g, GradientConfig, skip=("steps", "seed", "update"))
     g.add_argument("--grad-seed", dest="grad_seed", type=int, default=0,
                    help="seed of the batch order of gradient KV tuning (default: 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the context to (must be new or empty)")
@@ -65,12 +66,12 @@ def _configs(args):
     grad = dataclasses.replace(config_from_args(GradientConfig, args, skip=("seed",)), seed=args.grad_seed)
     if args.method == "grad_kv":
         changed = [flag(f.name) for f in dataclasses.fields(TuningConfig)
-                   if f.name != "steps" and getattr(config, f.name) != f.default]
+                   if f.name not in ("steps", "update") and getattr(config, f.name) != f.default]
         if changed:
             raise ValueError(f"{', '.join(changed)} set(s) forward tuning, not --method grad_kv: drop it")
         return config, grad
     changed = [flag(f.name) for f in dataclasses.fields(GradientConfig)
-               if f.name not in ("steps", "seed") and getattr(grad, f.name) != f.default]
+               if f.name not in ("steps", "seed", "update") and getattr(grad, f.name) != f.default]
     if args.grad_seed != 0:
         changed.append("--grad-seed")
     if changed:

@@ -60,8 +60,18 @@ RUN_FIELDS = ("shots", "dev_size", "max_eval", "curve", "batch_size")
 
 def upgrade_config(d: dict) -> dict:
     """A unit's saved config in today's layout (units written before methods existed hold the four
-    original methods' flags at the top level)."""
+    original methods' flags at the top level; options added to a method since, e.g. `target` or
+    `guard_level`, take their defaults, which reproduce what ran before they existed)."""
     if "methods" in d:
-        return d
+        return {**d, "methods": {key: _with_defaults(key, opts) for key, opts in d["methods"].items()}}
     legacy = {k: v for k, v in d.items() if k not in RUN_FIELDS}
     return EvalConfig(**{k: d[k] for k in RUN_FIELDS if k in d}, methods=legacy_methods(**legacy)).to_dict()
+
+
+def _with_defaults(key: str, options: dict) -> dict:
+    """The saved options of method `key` with today's defaults for options it lacks (as saved when the method
+    is unknown here, e.g. a plugin not loaded, or the options no longer valid)."""
+    try:
+        return make_method(key, options).options()
+    except (TypeError, ValueError):
+        return options

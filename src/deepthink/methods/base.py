@@ -77,11 +77,18 @@ class Workspace:
         return self._zero_shot
 
     def score(self, scorer, examples: Sequence, batch_size: int = 16) -> Scores:
-        """`scorer.score` over `examples` (any numbers of choices), computed once per (scorer, list)."""
+        """`scorer.score` over `examples` (any numbers of choices), computed once per (scorer, list).
+
+        A scorer derived from others' scores (calibration, step ensembles) says so with `parts` (the scorers it
+        reads) and `combine(part_scores, queries, choices) -> Scores`: its parts are scored here (once, shared
+        with every method that scores them) and combined, which gives what its own `.score` gives."""
         key = (id(scorer), id(examples))
         if key not in self._scores:
-            s = score_grouped(scorer.score, [e.query for e in examples], [list(e.continuations) for e in examples],
-                              batch_size=batch_size)
+            queries, choices = [e.query for e in examples], [list(e.continuations) for e in examples]
+            if getattr(scorer, "parts", None) is not None:
+                s = scorer.combine([self.score(p, examples, batch_size) for p in scorer.parts], queries, choices)
+            else:
+                s = score_grouped(scorer.score, queries, choices, batch_size=batch_size)
             self._scores[key] = (scorer, examples, s)    # holding both keeps their ids from being reused
         return self._scores[key][2]
 
@@ -146,6 +153,12 @@ class Method:
 
     def prepare(self, setup: Setup) -> Prepared:
         raise NotImplementedError
+
+    def adapt(self, scorer, setup: Setup):
+        """How this method reads a scorer's scores: the scorer itself here. A wrapper that changes scores (e.g.
+        calibration, methods/calibration.py) overrides it; a method that chooses among scorers on training
+        data compares `self.adapt(scorer, setup)`, so that it chooses on the scores it will answer with."""
+        return scorer
 
     @property
     def title(self) -> str:

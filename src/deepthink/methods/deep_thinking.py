@@ -1,8 +1,9 @@
-"""Deep-Thinking (forward tuning) at a fixed T, and with T chosen on dev items.
+"""Deep-Thinking (forward tuning) at a fixed T, and with T chosen on training data.
 
 dt_fixed: T fixed in advance (default 5 with momentum 0: the ACL paper's setting without a dev set).
-dt_dev:   T in 1..steps chosen by accuracy on dev items drawn from the training data, disjoint from
-          the demonstrations; ties go to the smaller T; without dev items, T = steps.
+dt_dev:   T in 1..steps chosen by a selection rule (methods/selection.py): by default accuracy on dev
+          items drawn from the training data, disjoint from the demonstrations; ties go to the smaller T;
+          without dev items, T = steps. Other rules: dev-acc-guarded, dev-loglik, loo (no dev items).
 """
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from dataclasses import dataclass, field, fields
 
 from ..tuning.config import TuningConfig
 from .base import Method, Prepared, Setup, register_method
-
-SELECTIONS = ("dev-acc",)
+from .selection import SELECTIONS
 
 
 def tuning_config(config) -> TuningConfig:
@@ -44,14 +44,23 @@ class DeepThinkingFixed(Method):
 
 @dataclass(frozen=True)
 class DevT(TuningConfig):
-    steps: int = field(default=15, metadata={"help": "largest T tried on dev (T = 1 is plain ICL)"})
+    steps: int = field(default=15, metadata={"help": "largest T tried (T = 1 is plain ICL)"})
     selection: str = field(default="dev-acc", metadata={
-        "help": "how T is chosen: dev-acc (accuracy on dev, ties to the smaller T)", "choices": SELECTIONS})
+        "help": "how T is chosen (methods/selection.py): dev-acc (dev accuracy), dev-acc-guarded (T = 1 unless "
+                "significantly better on dev), dev-loglik (dev log-probability of the gold choice), loo "
+                "(leave-one-out over the demonstrations, no dev items); ties to the smaller T",
+        "choices": tuple(SELECTIONS)})
+    guard_level: float = field(default=0.05, metadata={
+        "help": "dev-acc-guarded: leave T = 1 only when the one-sided exact sign test on dev items gives "
+                "p <= guard_level"})
 
     def __post_init__(self):
         super().__post_init__()
         if self.selection not in SELECTIONS:
             raise ValueError(f"DevT.selection={self.selection!r}: valid: {', '.join(SELECTIONS)}")
+        g = self.guard_level
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g < 1:
+            raise ValueError(f"DevT.guard_level={g!r}: must be a number in (0, 1), e.g. 0.05")
 
 
 @register_method
@@ -60,15 +69,14 @@ class DeepThinkingDev(Method):
     Config = DevT
 
     def prepare(self, setup: Setup) -> Prepared:
-        contexts = setup.contexts(tuning_config(self.config))
-        dev_curve = [setup.dev_accuracy(ctx) for ctx in contexts] if setup.dev else []
-        if dev_curve:   # ties go to the smaller T
-            chosen = max(range(len(dev_curve)), key=lambda t: (dev_curve[t]["sum"], -t)) + 1
-        else:
-            chosen = self.config.steps
+        tuning = tuning_config(self.config)
+        contexts = setup.contexts(tuning)
+        chosen, info = SELECTIONS[self.config.selection].fn(self, setup, contexts, tuning)
         best = contexts[chosen - 1]
-        return Prepared(best, info={"chosen_steps": chosen, "dev_curve": dev_curve, **_run_info(contexts[-1])},
+        return Prepared(best, info={"chosen_steps": chosen, "dev_curve": info.pop("dev_curve"),
+                                    "selection": self.config.selection, **info, **_run_info(contexts[-1])},
                         curve=contexts)
 
     def describe(self, info: dict) -> str:
-        return f"Deep-Thinking, T={info['chosen_steps']} chosen on dev"
+        how = "on dev" if self.config.selection == "dev-acc" else f"by {self.config.selection}"
+        return f"Deep-Thinking, T={info['chosen_steps']} chosen {how}"

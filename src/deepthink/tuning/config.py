@@ -8,6 +8,7 @@ from .rules import RULES
 
 POSITIONS = ("shifted", "aligned")
 UPDATES = ("kv", "k", "v")
+TARGETS = ("reencode", "rotation")   # implemented in tuning/targets.py
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,12 @@ class TuningConfig:
                 "'aligned': at 0..L-1 (ablation)", "choices": POSITIONS})
     update: str = field(default="kv", metadata={"help": "which of keys and values the update touches: kv, k or v",
                                                 "choices": UPDATES})
-    rule: str = field(default="momentum", metadata={"help": "update rule (deepthink.tuning.RULES): momentum"})
+    rule: str = field(default="momentum", metadata={
+        "help": "update rule (deepthink.tuning.RULES): momentum, normalized, nesterov"})
+    target: str = field(default="reencode", metadata={
+        "help": "what the cache moves towards: 'reencode' (the method: K_t, V_t of the re-encoded copy); "
+                "'rotation' (positional control for rotary models: K_t = K~ rotated by L positions, V_t = V~, "
+                "no re-encoding)", "choices": TARGETS})
 
     def __post_init__(self):
         def bad(name, why):
@@ -42,6 +48,11 @@ class TuningConfig:
             bad("positions", f"must be one of {', '.join(POSITIONS)}")
         if self.update not in UPDATES:
             bad("update", f"must be one of {', '.join(UPDATES)} (which of keys and values are updated)")
+        if self.target not in TARGETS:
+            bad("target", f"must be one of {', '.join(TARGETS)} (reencode: the method; rotation: its positional part)")
+        if self.target == "rotation" and self.positions == "aligned":
+            bad("target", "'rotation' applies the shifted copy's offset of L positions; with positions='aligned' "
+                          "there is no offset: use positions='shifted'")
         if self.rule not in RULES:
             bad("rule", f"unknown update rule; valid: {', '.join(sorted(RULES))}")
 
@@ -50,8 +61,8 @@ class TuningConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TuningConfig":
-        """From a saved dict; fields it lacks take their defaults (artifacts written before `rule` existed
-        hold no rule: they were made with the momentum rule, the default)."""
+        """From a saved dict; fields it lacks take their defaults (artifacts written before `rule` or `target`
+        existed hold neither: they were made with the momentum rule and re-encoding, the defaults)."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

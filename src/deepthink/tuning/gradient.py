@@ -58,7 +58,7 @@ class GradientConfig:
     steps: int = field(default=15, metadata={
         "help": "T: contexts 1..T; step 1 is plain ICL, step t the cache after t - 1 Adam updates"})
     lr: float = field(default=0.001, metadata={"help": "Adam learning rate (0 leaves the cache unchanged)"})
-    target: str = field(default="kv", metadata={"help": "what is optimised: kv (keys and values), k or v",
+    update: str = field(default="kv", metadata={"help": "what is optimised: kv (keys and values), k or v",
                                                 "choices": TARGETS})
     layers: str = field(default="all", metadata={
         "help": "layers optimised: 'all', or 'a:b' (0-based, b excluded; either end may be omitted)"})
@@ -90,8 +90,8 @@ class GradientConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(name, "must be a finite number >= 0")
-        if self.target not in TARGETS:
-            bad("target", f"must be one of {', '.join(TARGETS)}")
+        if self.update not in TARGETS:
+            bad("update", f"must be one of {', '.join(TARGETS)}")
         if not isinstance(self.layers, str) or not (self.layers == "all" or re.fullmatch(r"\d*:\d*", self.layers)):
             bad("layers", "must be 'all' or a range 'a:b' of 0-based layer numbers, e.g. '0:4' or '6:'")
         if self.objective not in OBJECTIVES:
@@ -467,9 +467,9 @@ class GradientTuner:
     def _pairs(self, keys, values):
         cfg = self.config
         for layer in self.layers:
-            if cfg.target in ("kv", "k"):
+            if cfg.update in ("kv", "k"):
                 yield keys[layer], self.k1[layer]
-            if cfg.target in ("kv", "v"):
+            if cfg.update in ("kv", "v"):
                 yield values[layer], self.v1[layer]
 
     def step(self) -> TunedContext:
@@ -491,8 +491,8 @@ class GradientTuner:
             k1, v1 = self._encode()
         self.k1, self.v1 = k1, v1
         cfg = self.config
-        self.keys = [k.clone().requires_grad_(i in self.layers and cfg.target in ("kv", "k")) for i, k in enumerate(k1)]
-        self.values = [v.clone().requires_grad_(i in self.layers and cfg.target in ("kv", "v"))
+        self.keys = [k.clone().requires_grad_(i in self.layers and cfg.update in ("kv", "k")) for i, k in enumerate(k1)]
+        self.values = [v.clone().requires_grad_(i in self.layers and cfg.update in ("kv", "v"))
                        for i, v in enumerate(v1)]
         self.params = [t for t in self.keys + self.values if t.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)

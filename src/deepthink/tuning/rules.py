@@ -49,3 +49,45 @@ def momentum(state: list[torch.Tensor], new: list[torch.Tensor], buf: list[torch
     grads = [n - s for s, n in zip(state, new)]                                          # g = K_t - K~
     buf = grads if buf is None else [g + config.momentum * m for g, m in zip(grads, buf)]  # m = g + beta m
     return [s + config.step_size * m for s, m in zip(state, buf)], buf                 # K~ + eta m
+
+
+def _layer_norm(t: torch.Tensor) -> torch.Tensor:
+    """||t|| over a whole layer (every head, position and channel), in float32, as a 0-d tensor."""
+    return t.float().norm()
+
+
+@register_rule("normalized", help="momentum direction, relative length: m = g + beta m, and per layer "
+                                  "K~_l += eta ||K~_l|| m_l / ||m_l|| (no move where m_l = 0)")
+def normalized(state: list[torch.Tensor], new: list[torch.Tensor], buf: list[torch.Tensor] | None, config):
+    """Every layer moves by the same relative amount: ||dK~_l|| = eta ||K~_l|| whatever the scale of g.
+
+    m is the momentum rule's buffer (m = g on the first update, then m = g + beta m, with g = K_t - K~);
+    only its direction is used: dK~_l = eta * ||K~_l|| * m_l / ||m_l||, norms over the whole layer tensor
+    `[1, kv_heads, L, head_dim]`. A layer whose m_l is exactly 0 (e.g. values under target='rotation',
+    where V_t = V~) does not move. So one eta means the same relative step in every layer and every model.
+    """
+    grads = [n - s for s, n in zip(state, new)]                                          # g = K_t - K~
+    buf = grads if buf is None else [g + config.momentum * m for g, m in zip(grads, buf)]  # m = g + beta m
+    out = []
+    for s, m in zip(state, buf):
+        m_norm = _layer_norm(m)
+        if float(m_norm) == 0.0:
+            out.append(s)
+            continue
+        scale = config.step_size * _layer_norm(s) / m_norm                                 # eta ||K~|| / ||m||
+        out.append((s.float() + scale * m.float()).to(s.dtype))
+    return out, buf
+
+
+@register_rule("nesterov", help="Nesterov momentum on the same pseudo-gradient: m = g + beta m, "
+                                "K~ += eta (g + beta m) (beta = 0: the momentum rule)")
+def nesterov(state: list[torch.Tensor], new: list[torch.Tensor], buf: list[torch.Tensor] | None, config):
+    """The look-ahead form of momentum (as torch.optim.SGD(nesterov=True) writes it, on ascent direction g):
+
+        g = K_t - K~,   m = g (first update) or g + beta m,   K~ = K~ + eta (g + beta m)
+
+    On the first update the step is eta (1 + beta) g. With beta = 0 it is the momentum rule exactly.
+    """
+    grads = [n - s for s, n in zip(state, new)]                                          # g = K_t - K~
+    buf = grads if buf is None else [g + config.momentum * m for g, m in zip(grads, buf)]  # m = g + beta m
+    return [s + config.step_size * (g + config.momentum * m) for s, g, m in zip(state, grads, buf)], buf

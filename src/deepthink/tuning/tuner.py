@@ -9,6 +9,8 @@ K~, V~ as its past and takes the keys/values K_t, V_t of the L new positions:
     K~ = K~ + eta * m
 
 With beta = 0 this is the ACL paper's gate, K~ = eta * K_t + (1 - eta) * K~. No weight changes.
+Other rules (TuningConfig.rule, tuning/rules.py) and targets (TuningConfig.target, tuning/targets.py:
+K_t, V_t from re-encoding, or the positional control) plug into the same step.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .. import kv
 from ..context import TunedContext
 from .config import TuningConfig
 from .rules import get_rule
+from .targets import make_target
 
 
 def _norm_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,6 +52,7 @@ class ForwardTuner:
         self.demonstrations = demonstrations
         self.input_ids = torch.tensor([ids], device=lm.device)  # (1, L)
         self.check_lengths()
+        self.target = make_target(self.config.target, lm, self.input_ids, self.config)   # K_t, V_t of a step
         self.reset()
 
     @property
@@ -104,7 +108,7 @@ class ForwardTuner:
             self.history.append({"step": 1, "dk": [0.0] * len(self.keys), "dv": [0.0] * len(self.keys)})
         elif self.stopped is None:
             cfg = self.config
-            new_k, new_v = self._encode((self.keys, self.values))
+            new_k, new_v = self.target(self.keys, self.values, self._encode)
             keys, values, mk, mv = self.keys, self.values, self._mk, self._mv
             if cfg.update in ("kv", "k"):
                 keys, mk = self.rule.fn(self.keys, new_k, self._mk, cfg)
