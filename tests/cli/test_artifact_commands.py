@@ -18,16 +18,6 @@ TUNE = ["--task", "sentiment-demo", "--seed", "0", "--shots", "1", "--steps", "3
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """tiny Llama (BOS tokenizer) saved with save_pretrained: what `--model FOLDER` loads."""
-    lm = tiny_lm("llama")
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory):
     lm = tiny_lm("llama", seed=1)
     path = tmp_path_factory.mktemp("models") / "other-llama"
@@ -37,9 +27,9 @@ def other_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ctx_dir(model_dir, tmp_path_factory):
+def ctx_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ctx") / "sentiment"
-    assert main(["tune", "--model", str(model_dir), *TUNE, "--out", str(out)]) == 0
+    assert main(["tune", "--model", str(tiny_model_dir), *TUNE, "--out", str(out)]) == 0
     return out
 
 
@@ -67,9 +57,9 @@ def jsonl(text):
 
 # ---------------------------------------------------------------- the whole path, CLI alone
 
-def test_tune_copy_then_predict_and_generate(model_dir, ctx_dir, tmp_path, capsys):
+def test_tune_copy_then_predict_and_generate(tiny_model_dir, ctx_dir, tmp_path, capsys):
     meta = json.loads((ctx_dir / "context.json").read_text())
-    assert meta["model"]["name"] == "tiny-llama" and meta["model"]["source"] == str(model_dir)
+    assert meta["model"]["name"] == tiny_model_dir.name and meta["model"]["source"] == str(tiny_model_dir)
     assert meta["origin"] == {"task": "sentiment-demo", "seed": 0, "shots": 1}
     assert meta["tuning"]["steps"] == meta["steps_done"] == 3 and meta["tuning"]["step_size"] == 0.1
     assert meta["demonstrations"].startswith("Review: ") and meta["demonstrations"].endswith("\n\n")
@@ -141,10 +131,10 @@ def test_generate_reads_the_prompt_from_stdin_and_samples(ctx_dir, capsys, monke
     assert run(capsys, *sample)[1] == run(capsys, *sample)[1]
 
 
-def test_tune_from_a_demos_file(model_dir, tmp_path, capsys):
+def test_tune_from_a_demos_file(tiny_model_dir, tmp_path, capsys):
     text = "Review: 很好看的电影 🎬\nSentiment: positive\n\nReview: dull\nSentiment: negative\n"
     (tmp_path / "demos.txt").write_text(text, encoding="utf-8")
-    code, out, err = run(capsys, "tune", "--model", model_dir, "--demos", tmp_path / "demos.txt", "--steps", 2,
+    code, out, err = run(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "demos.txt", "--steps", 2,
                          "--out", tmp_path / "txt")
     assert code == 0, err
     assert out.startswith(f"saved {tmp_path / 'txt'}: ")
@@ -153,7 +143,7 @@ def test_tune_from_a_demos_file(model_dir, tmp_path, capsys):
     assert meta["origin"] == {"task": None, "demos_file": str(tmp_path / "demos.txt")}
     # task JSONL rows, formatted with the task's template
     (tmp_path / "demos.jsonl").write_text('{"sentence": "dull", "label": 0}\n{"sentence": "witty", "label": 1}\n')
-    code, _, err = run(capsys, "tune", "--model", model_dir, "--task", "sentiment-demo",
+    code, _, err = run(capsys, "tune", "--model", tiny_model_dir, "--task", "sentiment-demo",
                        "--demos", tmp_path / "demos.jsonl", "--steps", 1, "--out", tmp_path / "jsonl")
     assert code == 0, err
     meta = json.loads((tmp_path / "jsonl" / "context.json").read_text())
@@ -162,52 +152,52 @@ def test_tune_from_a_demos_file(model_dir, tmp_path, capsys):
 
 # ---------------------------------------------------------------- §3: refusals through the CLI
 
-def test_tune_bad_inputs(model_dir, tmp_path, capsys):
+def test_tune_bad_inputs(tiny_model_dir, tmp_path, capsys):
     out = ["--out", tmp_path / "ctx"]
-    err = error(capsys, "tune", "--model", model_dir, "--task", "sst-9", *out)
+    err = error(capsys, "tune", "--model", tiny_model_dir, "--task", "sst-9", *out)
     assert "unknown task 'sst-9'; valid tasks: sst2, sst5, mr" in err
     err = error(capsys, "tune", "--model", "gpt-17", *TUNE, *out)
     assert "unknown model 'gpt-17'" in err and "smollm2-135m" in err
-    err = error(capsys, "tune", "--model", model_dir, "--task", "sst2", "--data-dir", tmp_path, *out)
+    err = error(capsys, "tune", "--model", tiny_model_dir, "--task", "sst2", "--data-dir", tmp_path, *out)
     assert "split file" in err and "sst2/eval.jsonl does not exist" in err
     (tmp_path / "empty.txt").write_text("  \n")
-    err = error(capsys, "tune", "--model", model_dir, "--demos", tmp_path / "empty.txt", *out)
+    err = error(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "empty.txt", *out)
     assert "empty.txt holds no demonstrations" in err
-    err = error(capsys, "tune", "--model", model_dir, *out)
+    err = error(capsys, "tune", "--model", tiny_model_dir, *out)
     assert "--task T" in err and "--demos FILE" in err
-    err = error(capsys, "tune", "--model", model_dir, "--demos", tmp_path / "nope.txt", *out)
+    err = error(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "nope.txt", *out)
     assert "nope.txt does not exist" in err
     (tmp_path / "d.jsonl").write_text('{"sentence": "x", "label": 0}\n')
-    assert "give --task T" in error(capsys, "tune", "--model", model_dir, "--demos", tmp_path / "d.jsonl", *out)
-    err = error(capsys, "tune", "--model", model_dir, "--demos", tmp_path / "empty.txt", "--shots", 2, *out)
+    assert "give --task T" in error(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "d.jsonl", *out)
+    err = error(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "empty.txt", "--shots", 2, *out)
     assert "--shots" in err
-    err = error(capsys, "tune", "--model", model_dir, *TUNE, "--step-size", "-1", *out)
+    err = error(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--step-size", "-1", *out)
     assert "--step-size=-1.0: must be >= 0" in err
     (tmp_path / "long.txt").write_text("Review: witty gorgeous movie.\n" * 200)   # > 2048 positions
-    err = error(capsys, "tune", "--model", model_dir, "--demos", tmp_path / "long.txt", *out)
+    err = error(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "long.txt", *out)
     assert "positions but the model supports 2048" in err
     assert not (tmp_path / "ctx").exists()
 
 
-def test_tune_output_dir_rules(model_dir, ctx_dir, tmp_path, capsys):
+def test_tune_output_dir_rules(tiny_model_dir, ctx_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    err = error(capsys, "tune", "--model", model_dir, *TUNE, "--out", tmp_path / "file" / "ctx")
+    err = error(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--out", tmp_path / "file" / "ctx")
     assert "is not writable" in err
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    err = error(capsys, "tune", "--model", model_dir, *TUNE, "--out", tmp_path / "mine", "--overwrite")
+    err = error(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--out", tmp_path / "mine", "--overwrite")
     assert "does not hold a deepthink context" in err and (tmp_path / "mine" / "notes.txt").exists()
     target = tmp_path / "ctx"
     shutil.copytree(ctx_dir, target)
-    err = error(capsys, "tune", "--model", model_dir, *TUNE, "--out", target)
+    err = error(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--out", target)
     assert "already holds a tuned context: pass --overwrite" in err
-    code, _, err = run(capsys, "tune", "--model", model_dir, *TUNE, "--steps", 2, "--out", target, "--overwrite")
+    code, _, err = run(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--steps", 2, "--out", target, "--overwrite")
     assert code == 0, err
     assert json.loads((target / "context.json").read_text())["steps_done"] == 2
 
 
-def test_tune_divergence_warns_and_saves_the_last_finite_state(model_dir, tmp_path, capsys):
-    code, out, err = run(capsys, "tune", "--model", model_dir, *TUNE, "--steps", 6, "--step-size", "1e38",
+def test_tune_divergence_warns_and_saves_the_last_finite_state(tiny_model_dir, tmp_path, capsys):
+    code, out, err = run(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--steps", 6, "--step-size", "1e38",
                          "--momentum", 0, "--out", tmp_path / "nan")
     assert code == 0
     assert "deepthink tune: warning: non-finite cache at step" in err and "recorded in the artifact" in err
@@ -216,18 +206,18 @@ def test_tune_divergence_warns_and_saves_the_last_finite_state(model_dir, tmp_pa
 
 
 @pytest.mark.parametrize("where", ["tuning", "saving"])
-def test_interrupted_tune_leaves_no_artifact(model_dir, ctx_dir, tmp_path, capsys, monkeypatch, where):
+def test_interrupted_tune_leaves_no_artifact(tiny_model_dir, ctx_dir, tmp_path, capsys, monkeypatch, where):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tuner, "tune", interrupt) if where == "tuning" else \
         monkeypatch.setattr(context, "write_synced", interrupt)
-    code, _, err = run(capsys, "tune", "--model", model_dir, *TUNE, "--out", tmp_path / "new")
+    code, _, err = run(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--out", tmp_path / "new")
     assert code == 130 and "interrupted" in err
     old = tmp_path / "old"
     shutil.copytree(ctx_dir, old)
     before = (old / "context.json").read_bytes()
-    code, _, _ = run(capsys, "tune", "--model", model_dir, *TUNE, "--out", old, "--overwrite")
+    code, _, _ = run(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--out", old, "--overwrite")
     assert code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]          # no new folder, no temporary leftovers
     assert (old / "context.json").read_bytes() == before                  # the earlier context is untouched
@@ -238,7 +228,7 @@ def test_predict_and_generate_refusals(ctx_dir, other_model_dir, tmp_path, capsy
     (tmp_path / "q.txt").write_text("Review: witty\n")
     q = ["--input", tmp_path / "q.txt"]
     err = error(capsys, "predict", "--context", ctx_dir, "--model", other_model_dir, "--choices", "a,b", *q)
-    assert "made for model 'tiny-llama'" in err and "fingerprint" in err
+    assert "made for model 'tiny-llama" in err and "fingerprint" in err
     err = error(capsys, "predict", "--context", ctx_dir, "--dtype", "bfloat16", "--choices", "a,b", *q)
     assert "tuned in float32, but the model is loaded in bfloat16: load it with --dtype float32" in err
     err = error(capsys, "generate", "--context", tmp_path / "nowhere", "--prompt", "x")
@@ -264,9 +254,9 @@ def test_predict_and_generate_refusals(ctx_dir, other_model_dir, tmp_path, capsy
                                            "--input", tmp_path / "label.jsonl")
 
 
-def test_predict_needs_task_or_choices_for_a_demos_file_context(model_dir, tmp_path, capsys):
+def test_predict_needs_task_or_choices_for_a_demos_file_context(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "d.txt").write_text("Review: dull\nSentiment: negative\n\n")
-    assert run(capsys, "tune", "--model", model_dir, "--demos", tmp_path / "d.txt", "--steps", 1,
+    assert run(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "d.txt", "--steps", 1,
                "--out", tmp_path / "c")[0] == 0
     (tmp_path / "q.txt").write_text("Review: witty\n")
     err = error(capsys, "predict", "--context", tmp_path / "c", "--input", tmp_path / "q.txt")

@@ -68,18 +68,9 @@ def test_needs_the_demonstrations_as_items():
         make_method("grad_kv", {"steps": 2}).prepare(setup(demos=()))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    lm = tiny_lm("llama")
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
-def test_tune_cli_saves_a_gradient_tuned_context(model_dir, tmp_path, capsys):
+def test_tune_cli_saves_a_gradient_tuned_context(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ctx"
-    argv = ["tune", "--model", str(model_dir), "--task", "sentiment-demo", "--seed", "0", "--shots", "2",
+    argv = ["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--seed", "0", "--shots", "2",
             "--method", "grad_kv", "--steps", "3", "--lr", "0.01", "--update", "v", "--checkpointing",
             "--out", str(out)]
     assert main(argv) == 0
@@ -97,14 +88,14 @@ def test_tune_cli_saves_a_gradient_tuned_context(model_dir, tmp_path, capsys):
     assert [r["logprob"] for r in rows] == approx([a["logprob"] for a in api], abs=1e-5)
 
 
-def test_tune_cli_refuses_mixed_options(model_dir, tmp_path, capsys):
-    base = ["tune", "--model", str(model_dir), "--task", "sentiment-demo", "--out", str(tmp_path / "x")]
+def test_tune_cli_refuses_mixed_options(tiny_model_dir, tmp_path, capsys):
+    base = ["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--out", str(tmp_path / "x")]
     assert main([*base, "--lr", "0.01"]) == 2
     assert "--lr set(s) gradient KV tuning: add --method grad_kv" in capsys.readouterr().err
     assert main([*base, "--method", "grad_kv", "--step-size", "0.1"]) == 2
     assert "--step-size set(s) forward tuning" in capsys.readouterr().err
     demos = tmp_path / "demos.txt"
     demos.write_text(TEXT)
-    assert main(["tune", "--model", str(model_dir), "--demos", str(demos), "--method", "grad_kv",
+    assert main(["tune", "--model", str(tiny_model_dir), "--demos", str(demos), "--method", "grad_kv",
                  "--out", str(tmp_path / "y")]) == 2
     assert "needs each demonstration's query and answer" in capsys.readouterr().err
