@@ -167,10 +167,13 @@ def plot(units: list[dict], out: Path) -> list[Path]:
             n_layers = len(hist[0][0]["dk"])
             cmap = plt.get_cmap("viridis")
             for axis, key in ((axk, "dk"), (axv, "dv")):
+                positive = True
                 for layer in range(n_layers):
                     ys = [statistics.fmean(h[t][key][layer] for h in hist) for t in range(1, n_steps)]
+                    positive &= all(y > 0 for y in ys)
                     axis.plot(range(2, n_steps + 1), ys, color=cmap(layer / max(1, n_layers - 1)), lw=1)
-                axis.set(xlabel="step T", yscale="log" if n_steps > 2 else "linear",
+                # a log scale where every norm is positive (V does not move under some controls: linear then)
+                axis.set(xlabel="step T", yscale="log" if n_steps > 2 and positive else "linear",
                          title=f"{label(longest)}: per-layer ‖Δ{key[1].upper()}‖ (mean over seeds; dark = first layer)")
         fig.tight_layout()
         path = out / f"{safe_name(model)}__{safe_name(task)}.png"
