@@ -25,32 +25,20 @@ Each rule returns (T, info): info["selection_curve"] is its objective per T; som
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
 
+from ..registry import Entry, Registry
 from ..scoring import Scores
 from ..tuning.config import TuningConfig
 from .base import Setup, Workspace
 
 
-@dataclass(frozen=True)
-class Selection:
-    name: str
-    fn: Callable      # fn(method, setup, contexts, tuning: TuningConfig) -> (T, info)
-    help: str
-
-
-SELECTIONS: dict[str, Selection] = {}
+Selection = Entry   # fn(method, setup, contexts, tuning: TuningConfig) -> (T, info)
+SELECTIONS = Registry("selection rule")
 
 
 def register_selection(name: str, help: str):
     """Decorator: make `fn(method, setup, contexts, tuning) -> (T, info)` a dt_dev selection rule."""
-    def deco(fn):
-        if name in SELECTIONS and SELECTIONS[name].fn is not fn:
-            raise ValueError(f"selection rule {name!r} is already registered ({SELECTIONS[name].fn.__module__})")
-        SELECTIONS[name] = Selection(name, fn, help)
-        return fn
-    return deco
+    return SELECTIONS.register(name, help)
 
 
 def argmax_first(curve: list[float]) -> int:

@@ -11,36 +11,22 @@ Register one with `@register_rule("name", help=...)`; `TuningConfig(rule="name")
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
-
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    fn: Callable
-    help: str
+from ..registry import Entry, Registry
 
 
-RULES: dict[str, Rule] = {}
+Rule = Entry
+RULES = Registry("update rule")
 
 
 def register_rule(name: str, help: str):
     """Decorator: make `fn(state, new, rule_state, config)` selectable as TuningConfig(rule=name)."""
-    def deco(fn):
-        if name in RULES and RULES[name].fn is not fn:
-            raise ValueError(f"update rule {name!r} is already registered ({RULES[name].fn.__module__})")
-        RULES[name] = Rule(name, fn, help)
-        return fn
-    return deco
+    return RULES.register(name, help)
 
 
 def get_rule(name: str) -> Rule:
-    if name not in RULES:
-        raise ValueError(f"unknown update rule {name!r}; valid: {', '.join(sorted(RULES))}")
-    return RULES[name]
+    return RULES.get_entry(name)
 
 
 @register_rule("momentum", help="the paper's rule: g = K_t - K~, m = g + beta m, K~ += eta m "
