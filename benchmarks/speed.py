@@ -6,8 +6,9 @@
     python benchmarks/speed.py --model gemma3-270m
     python benchmarks/speed.py --device cuda --random-init llama2-7b   # a 7B shape with random weights
 
-Methods, timed on the same items, interleaved (a, b, c, d, a, b, c, d, ...), --reps times; each ratio is taken
-within a repetition and the median over repetitions is reported with its min-max spread:
+Methods, timed on the same items, interleaved (a, b, c, d, a, b, c, d, ...), --reps times; a method faster than
+--min-time is called several times back to back in each window (the count fixed from its warm-up call) and timed
+per call; each ratio is taken within a repetition and the median over repetitions is reported with its spread:
   icl        vanilla ICL: the demonstrations concatenated before every query and re-encoded each time
              (otherwise scored like deepthink: each query once, LM head only where a choice token is scored)
   reference  the original code's scorer (scoring.score_naive): one right-padded forward per choice, padded to
@@ -35,6 +36,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -192,12 +194,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str) -> float:
+def timed(fn, device: str, passes: int = 1) -> float:
+    """Seconds per call of `fn`, over `passes` calls back to back (a window long enough to average out the
+    machine's short stalls; see passes_for)."""
     sync(device)
     t = time.perf_counter()
-    fn()
+    for _ in range(passes):
+        fn()
     sync(device)
-    return time.perf_counter() - t
+    return (time.perf_counter() - t) / passes
+
+
+def passes_for(seconds: float, min_time: float) -> int:
+    """Calls per timed window so that one window lasts at least `min_time` (timeit's autorange, fixed once per
+    method and setting from its warm-up call so that every repetition does the same work)."""
+    return max(1, math.ceil(min_time / max(seconds, 1e-9)))
 
 
 def tune(lm, s: Setting, steps: int):
@@ -225,20 +236,19 @@ def time_setting(lm, s: Setting, args) -> dict:
     load_before = os.getloadavg()[0]
     ctx, tune_s, note = tune(lm, s, args.steps)
     device = str(lm.device)
-    # warm up the cheap paths (thread pools, allocator); check deepthink against the reference scorer
-    fast = run("deepthink", lm, s, ctx, args.batch_size)
-    run("floor", lm, s, ctx, args.batch_size)
+    # warm up every method once (thread pools, allocator), timing it to fix how many calls make one window
+    out = {}
+    warm = {m: timed(lambda: out.__setitem__(m, run(m, lm, s, ctx, args.batch_size)), device) for m in METHODS}
+    passes = {m: passes_for(warm[m], args.min_time) for m in METHODS}
+    fast, ref = out["deepthink"], out["reference"]          # checked against each other below
     times = {m: [] for m in METHODS}
-    ref = None
     for r in range(args.reps):
         for m in METHODS:            # a, b, c, d, a, b, c, d, ...: slow drift of the machine hits all alike
-            out = [None]
-            times[m].append(timed(lambda: out.__setitem__(0, run(m, lm, s, ctx, args.batch_size)), device))
-            if m == "reference":
-                ref = out[0]
+            times[m].append(timed(lambda: run(m, lm, s, ctx, args.batch_size), device, passes[m]))
     diff = max(abs(a - b) for ra, rb in zip(fast.logprob, ref.logprob) for a, b in zip(ra, rb))
     res = {"task": s.task, "shots": s.shots, "demos": len(s.plan.demos), "demo_tokens": s.L, "items": len(s.queries),
            "choices": s.n_choices, "pad_to": s.pad_to, "steps": args.steps, "tune_s": tune_s, "note": note,
+           "passes": passes,
            "max_abs_diff_vs_reference": diff, "context_bytes": ctx.nbytes, "methods": {}}
     for m in METHODS:
         st = stats(times[m])
@@ -407,7 +417,7 @@ def child_args(args) -> dict:
 def memory(args, lm, task: str, shots: int) -> dict:
     budget = int(args.mem_budget * 2**20)
     B = args.mem_batch
-    cap = 64 if args.quick else 1024
+    cap = 32 if args.quick else 1024
     res = {"task": task, "shots": shots, "batch": B, "budget_bytes": budget, "peaks": {}}
     for name, method, shared, searched in [("icl", "icl", None, True), ("deepthink", "deepthink", None, True),
                                            ("deepthink-expanded", "deepthink", False, False),
@@ -425,7 +435,9 @@ def memory(args, lm, task: str, shots: int) -> dict:
               + (f"; largest batch within {args.mem_budget:g} MiB: {p['search']['max_batch']}"
                  + (" (cap)" if p["search"]["capped"] else "") if searched else ""), flush=True)
     a, c = res["max_batch_icl"]["max_batch"], res["max_batch_deepthink"]["max_batch"]
-    res["max_batch_ratio"] = c / a if a else float("inf")
+    # None when icl cannot hold one row within the budget (no ratio); a lower bound when deepthink hit the cap
+    res["max_batch_ratio"] = c / a if a else None
+    res["max_batch_ratio_is_lower_bound"] = bool(a and res["max_batch_deepthink"]["capped"])
     return res
 
 
@@ -479,7 +491,7 @@ def summary(entry: dict) -> dict:
         "speedup_vs_reference": round(min(r["speedup_vs_reference"] for r in ref_rows), 3),
         "floor_ratio": round(max(r["floor_ratio"] for r in at_top), 3),
         "floor_ratio_bound": _bound_of_worst(at_top),
-        "max_batch_ratio": None if not mem else round(mem["max_batch_ratio"], 3),
+        "max_batch_ratio": None if not mem or mem["max_batch_ratio"] is None else round(mem["max_batch_ratio"], 3),
         "second_load_s": None if not entry.get("load") else round(entry["load"]["load_model_s"], 2),
         "shots": top,
         "floor_ratio_by_shots": {str(k): round(max(r["floor_ratio"] for r in rows if r["shots"] == k), 3)
@@ -525,6 +537,14 @@ def setting_order(r: dict):
     return (tasks.index(r["task"]) if r["task"] in tasks else len(tasks), r["task"], r["shots"])
 
 
+def batch_ratio(mem: dict) -> str:
+    r = mem.get("max_batch_ratio")
+    if r is None or r == float("inf"):
+        return "none (icl does not fit one row within the budget)"
+    return (f">= {r:.2f} (deepthink reached the search cap)" if mem.get("max_batch_ratio_is_lower_bound")
+            else f"{r:.2f}")
+
+
 def mib(b) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
@@ -532,7 +552,9 @@ def mib(b) -> str:
 def markdown(entries: dict) -> str:
     out = ["# Speed and memory (benchmarks/speed.py)", "",
            "Regenerated by `python benchmarks/speed.py`; one section per model, device and shape. The methods run "
-           "interleaved (a, b, c, d, a, b, c, d, ...); times are medians of the repetitions, with [min-max]; each "
+           "interleaved (a, b, c, d, a, b, c, d, ...); a method faster than --min-time is called several times "
+           "back to back in each timed window (the count fixed from its warm-up call) and timed per call; times "
+           "are medians of the repetitions, with [min-max]; each "
            "ratio is computed within a repetition, and the median over repetitions is shown with [min-max]. "
            "Entries measured before this (no ratio spread) took ratios of medians with a rotating order.", ""]
     for key, e in entries.items():
@@ -604,7 +626,7 @@ def markdown(entries: dict) -> str:
                         f"({mib((pk['deepthink-expanded'] - pk['deepthink']) / mem['batch'])} MiB per query; the "
                         f"context itself is {mib(cb)} MiB, held once). Against vanilla ICL it saves "
                         f"{mib(pk['icl'] - pk['deepthink'])} MiB per batch."]
-            out += ["", f"Largest batch, deepthink / icl: {mem['max_batch_ratio']:.2f}."]
+            out += ["", f"Largest batch, deepthink / icl: {batch_ratio(mem)}."]
         if e.get("load"):
             ld = e["load"]
             out += ["", f"Second load (model cache present): load_model() {ld['load_model_s']:.2f} s in a fresh process "
@@ -625,7 +647,7 @@ def readme_table(entries: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for key, e in entries.items():
         sm, mem = summary(e), e.get("memory")
-        batch = "-" if not mem else f"{sm['max_batch_ratio']:g} ({mem['budget_bytes'] / 2**20:g} MiB)"
+        batch = "-" if not mem else f"{batch_ratio(mem).split(' (')[0]} ({mem['budget_bytes'] / 2**20:g} MiB)"
         items = sorted({r["items"] for r in e["settings"]})
         load = "-" if sm["second_load_s"] is None else f"{sm['second_load_s']} s"
         bound = "-" if sm["floor_ratio_bound"] is None else f"{sm['floor_ratio_bound']:.2f}"
@@ -653,18 +675,22 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="default %(default)s")
     p.add_argument("--quick", action="store_true", help="reduced run (under 5 minutes here): sst5 and trec at 8 "
-                                                       "demos per class, 8 items, 5 repetitions, T = 2, memory at "
-                                                       "batch 2 within 96 MiB, no reference/floor memory")
+                                                       "demos per class, 4 items, 5 repetitions of windows of at least "
+                                                       "2 s, T = 2, memory at batch 2 within 192 MiB (batch search "
+                                                       "capped at 32), no reference/floor memory")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per method and setting (default 3; "
                                                           "quick 5)")
     p.add_argument("--tasks", default=None, help="comma-separated (default sst2,sst5,trec,obqa)")
     p.add_argument("--shots", default=None, help="demonstrations per class, comma-separated (default 1,4,8)")
-    p.add_argument("--max-items", type=int, default=None, help="scored items per task (default 16; quick 8)")
+    p.add_argument("--max-items", type=int, default=None, help="scored items per task (default 16; quick 4)")
     p.add_argument("--steps", type=int, default=None, help="T, tuning steps timed (default 10; quick 2)")
     p.add_argument("--batch-size", type=int, default=16, help="scoring batch size (default %(default)s)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds a timed window lasts at least: a method faster than this is called several times "
+                        "back to back per repetition and timed per call (default 1; quick 2)")
     p.add_argument("--mem-budget", type=float, default=None,
                    help="MiB for the largest-batch search (peak RSS growth on CPU, max allocated on CUDA; "
-                        "default 512, quick 96); 0 skips all memory measurements")
+                        "default 512, quick 192); 0 skips all memory measurements")
     p.add_argument("--mem-batch", type=int, default=None,
                    help="batch whose peak memory every method reports (default: --batch-size; quick 2)")
     p.add_argument("--mem-task", default=None, help="task of the memory measurements (default sst5, else the first)")
@@ -683,10 +709,11 @@ def parse_args(argv=None):
     q = args.quick
     args.tasks = (args.tasks or ("sst5,trec" if q else "sst2,sst5,trec,obqa")).split(",")
     args.shots = [int(x) for x in (args.shots or ("8" if q else "1,4,8")).split(",")]
-    args.max_items = args.max_items or (8 if q else 16)
+    args.max_items = args.max_items or (4 if q else 16)
+    args.min_time = (2.0 if q else 1.0) if args.min_time is None else args.min_time
     args.reps = args.reps or (5 if q else 3)
     args.steps = args.steps or (2 if q else 10)
-    args.mem_budget = (96 if q else 512) if args.mem_budget is None else args.mem_budget
+    args.mem_budget = (192 if q else 512) if args.mem_budget is None else args.mem_budget
     args.mem_task = args.mem_task or ("sst5" if "sst5" in args.tasks else args.tasks[0])
     args.mem_batch = args.mem_batch or (2 if q else args.batch_size)
     if args.reps < 1 or args.batch_size < 1 or args.max_items < 1 or args.steps < 1 or min(args.shots) < 1:

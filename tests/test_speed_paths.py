@@ -234,7 +234,7 @@ def test_benchmark_runs_with_random_init(tmp_path, capsys):
     spec.loader.exec_module(speed)
     out = tmp_path / "results"
     summary = speed.main(["--model", str(folder), "--random-init", "tiny-llama", "--quick", "--tasks", "sst2",
-                          "--shots", "1", "--max-items", "3", "--reps", "1", "--batch-size", "2", "--mem-budget", "8",
+                          "--shots", "1", "--max-items", "3", "--reps", "1", "--batch-size", "2", "--mem-budget", "8", "--min-time", "0.05",
                           "--no-load", "--threads", "1", "--out", str(out)])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == summary
@@ -244,6 +244,7 @@ def test_benchmark_runs_with_random_init(tmp_path, capsys):
     stored = json.loads((out / "speed.json").read_text())
     (entry,) = stored.values()
     assert entry["settings"][0]["max_abs_diff_vs_reference"] < 1e-3
+    assert set(entry["settings"][0]["passes"]) == {"icl", "reference", "deepthink", "floor"}
     assert "| sst2 | 1 |" in (out / "speed.md").read_text()
     readme = tmp_path / "README.md"                     # the Performance table is rewritten between its markers
     readme.write_text(f"intro\n{speed.README_MARK[0]}\nold table\n{speed.README_MARK[1]}\nrest\n")
@@ -289,3 +290,34 @@ def test_attention_bound_counts_the_prefix_attention_of_every_scored_token():
     want = (floor + 36 * (2 * 32 * 200 + 2 * 32 * 500)) / floor
     assert speed.attention_bound(gemma, s) == pytest.approx(want)
     assert speed.attention_bound(gemma, SimpleNamespace(**{**vars(s), "L": 0})) == 1.0
+
+
+def _speed_module():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("speed", REPO / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    return speed
+
+
+def test_short_methods_are_timed_over_windows_of_several_calls():
+    """A method faster than --min-time is called back to back until the window is long enough, and the time is
+    per call; the call count is a pure function of the warm-up time (so every repetition does the same work)."""
+    speed = _speed_module()
+    assert speed.passes_for(0.5, 2.0) == 4 and speed.passes_for(0.3, 1.0) == 4
+    assert speed.passes_for(3.0, 2.0) == 1 and speed.passes_for(0.0, 1.0) >= 1
+    calls = []
+    per_call = speed.timed(lambda: calls.append(1), "cpu", passes=7)
+    assert len(calls) == 7 and per_call >= 0
+
+
+def test_batch_ratio_is_never_infinite():
+    """icl that cannot hold one row gives no ratio (not inf, which is not JSON); a capped deepthink search
+    gives a lower bound, and says so."""
+    speed = _speed_module()
+    assert speed.batch_ratio({"max_batch_ratio": None}).startswith("none")
+    assert speed.batch_ratio({"max_batch_ratio": 16.0, "max_batch_ratio_is_lower_bound": True}).startswith(">= 16")
+    assert speed.batch_ratio({"max_batch_ratio": 40.0}) == "40.00"
