@@ -63,6 +63,35 @@ def test_loo_selection_uses_no_dev_items():
     assert q.info["selection_used"] == "loo" and q.info["chosen_steps"] == chosen
 
 
+def test_variants_of_one_run_share_it_and_get_what_they_would_alone():
+    """grad_kv variants that differ only in how T is chosen tune once per workspace (the run is keyed by the
+    gradient options; grad_kv_cc prepares through grad_kv, so it shares too) and answer exactly as each would
+    in a workspace of its own."""
+    from deepthink.tuning import gradient
+
+    runs = []
+    real = gradient.GradientTuner.__init__
+
+    def counting(self, *a, **k):
+        runs.append(1)
+        real(self, *a, **k)
+
+    opts = {"steps": 3, "lr": 0.02}
+    keys = [("grad_kv", opts), ("grad_kv", {**opts, "selection": "loo"}), ("grad_kv", {**opts, "lr": 0.01})]
+    s = setup()
+    import unittest.mock as mock
+    with mock.patch.object(gradient.GradientTuner, "__init__", counting):
+        together = [make_method(k, o).prepare(s) for k, o in keys]
+    assert len(runs) == 2                                       # lr 0.02 once, lr 0.01 once
+    assert together[1].curve[2] is together[0].curve[2]
+    for (k, o), p in zip(keys, together):
+        alone = make_method(k, o).prepare(setup())
+        assert p.info["chosen_steps"] == alone.info["chosen_steps"]
+        assert p.info["train_loss"] == alone.info["train_loss"]
+        assert s.workspace.score(p.scorer, DEV).logprob == approx(
+            alone.scorer.score(QUERIES, [list(CHOICES)] * len(QUERIES)).logprob, abs=1e-5)
+
+
 def test_needs_the_demonstrations_as_items():
     with pytest.raises(ValueError, match="grad_kv needs the demonstrations as items"):
         make_method("grad_kv", {"steps": 2}).prepare(setup(demos=()))

@@ -21,7 +21,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from ..context import TunedContext, zero_shot
 from ..scoring import Scores, score_grouped
@@ -47,6 +47,7 @@ class Workspace:
         self._step1: TunedContext | None = None
         self._zero_shot: TunedContext | None = None
         self._scores: dict[tuple[int, int], tuple[Any, Sequence, Scores]] = {}
+        self._memo: dict[tuple, Any] = {}
 
     def contexts(self, config: TuningConfig) -> list[TunedContext]:
         """The contexts after steps 1..config.steps of forward tuning with `config`."""
@@ -64,6 +65,13 @@ class Workspace:
                 ctx = self._step1
             ctxs.append(ctx)
         return ctxs[:config.steps]
+
+    def shared(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """`make()` once per `key` (hashable) for all methods of this workspace: e.g. a gradient tuning run that
+        grad_kv, its leave-one-out selection and its calibrated form all read."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def icl(self) -> TunedContext:
         """Plain in-context learning: the demonstrations' own cache (step 1 of any tuning run)."""

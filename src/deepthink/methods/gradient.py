@@ -55,12 +55,10 @@ class GradKV(Method):
         if not setup.demos:
             raise ValueError("grad_kv needs the demonstrations as items (Setup.demos: a task draw or a .jsonl "
                              "demos file) to know each one's query and answer; a verbatim text file has none")
-        start = time.perf_counter()
-        icl = setup.icl()
-        tuner = GradientTuner(setup.lm, setup.demonstrations, setup.demos, gradient_config(cfg), init=icl)
-        contexts = list(tuner)
-        contexts[0] = icl                 # the same object as every other method's step 1: scores are shared
-        seconds = time.perf_counter() - start
+        gcfg = gradient_config(cfg)
+        # one run per GradientConfig in a workspace: variants that differ only in selection (and the calibrated
+        # form) read the same run, its contexts and therefore its cached dev scores
+        tuner, contexts, seconds, peak = setup.workspace.shared(("grad_kv", gcfg), lambda: self._run(setup, gcfg))
         selection = cfg.selection if (cfg.selection != "dev-acc" or setup.dev) else "loo"
         dev_curve = [setup.dev_accuracy(ctx) for ctx in contexts] if setup.dev else []
         loo_curve = []
@@ -73,8 +71,18 @@ class GradKV(Method):
         best = contexts[chosen - 1]
         info = {"chosen_steps": chosen, "selection_used": selection, "dev_curve": dev_curve, "loo_curve": loo_curve,
                 "train_loss": [h["loss"] for h in tuner.history], "stopped": tuner.stopped,
-                "tuning_seconds": round(seconds, 3), "process_peak_rss_mb": _peak_rss_mb()}
+                "tuning_seconds": round(seconds, 3), "process_peak_rss_mb": peak}
         return Prepared(best, info=info, curve=contexts)
+
+    @staticmethod
+    def _run(setup: Setup, gcfg: GradientConfig) -> tuple:
+        """(tuner, contexts of steps 1..T, seconds, process peak RSS in MB after the run)."""
+        start = time.perf_counter()
+        icl = setup.icl()
+        tuner = GradientTuner(setup.lm, setup.demonstrations, setup.demos, gcfg, init=icl)
+        contexts = list(tuner)
+        contexts[0] = icl                 # the same object as every other method's step 1: scores are shared
+        return tuner, contexts, time.perf_counter() - start, _peak_rss_mb()
 
     def describe(self, info: dict) -> str:
         return (f"gradient KV tuning, lr {self.config.lr:g}, T={info['chosen_steps']} chosen by "
