@@ -675,14 +675,14 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="default %(default)s")
     p.add_argument("--quick", action="store_true", help="reduced run (under 5 minutes here): sst5 and trec at 8 "
-                                                       "demos per class, 4 items, 5 repetitions of windows of at least "
+                                                       "demos per class, 3 items, 4 repetitions of windows of at least "
                                                        "2 s, T = 2, memory at batch 2 within 192 MiB (batch search "
                                                        "capped at 32), no reference/floor memory")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per method and setting (default 3; "
-                                                          "quick 5)")
+                                                          "quick 4)")
     p.add_argument("--tasks", default=None, help="comma-separated (default sst2,sst5,trec,obqa)")
     p.add_argument("--shots", default=None, help="demonstrations per class, comma-separated (default 1,4,8)")
-    p.add_argument("--max-items", type=int, default=None, help="scored items per task (default 16; quick 4)")
+    p.add_argument("--max-items", type=int, default=None, help="scored items per task (default 16; quick 3)")
     p.add_argument("--steps", type=int, default=None, help="T, tuning steps timed (default 10; quick 2)")
     p.add_argument("--batch-size", type=int, default=16, help="scoring batch size (default %(default)s)")
     p.add_argument("--min-time", type=float, default=None,
@@ -709,9 +709,9 @@ def parse_args(argv=None):
     q = args.quick
     args.tasks = (args.tasks or ("sst5,trec" if q else "sst2,sst5,trec,obqa")).split(",")
     args.shots = [int(x) for x in (args.shots or ("8" if q else "1,4,8")).split(",")]
-    args.max_items = args.max_items or (4 if q else 16)
+    args.max_items = args.max_items or (3 if q else 16)
     args.min_time = (2.0 if q else 1.0) if args.min_time is None else args.min_time
-    args.reps = args.reps or (5 if q else 3)
+    args.reps = args.reps or (4 if q else 3)
     args.steps = args.steps or (2 if q else 10)
     args.mem_budget = (192 if q else 512) if args.mem_budget is None else args.mem_budget
     args.mem_task = args.mem_task or ("sst5" if "sst5" in args.tasks else args.tasks[0])
