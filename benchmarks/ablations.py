@@ -6,6 +6,7 @@ flatter it.
     python benchmarks/ablations.py --stage confirm           # the screen's 3 best + baselines, 3 models, seeds 3-7
     python benchmarks/ablations.py --write-only              # only rewrite ABLATIONS.md from finished units
     python benchmarks/ablations.py --stage screen --models smollm2-135m --tasks sst2 --seeds 0   # a slice
+    accelerate launch --multi_gpu --num_processes 4 benchmarks/ablations.py --stage screen   # units divided
 
 Resumable: each (model, task, seed) unit holds every method of the stage and is saved when it finishes
 under benchmarks/results/ablations/<stage>/units/; run the same command again to continue. Every run
@@ -23,11 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from deepthink.evaluation import EvalConfig
-from deepthink.evaluation import run as run_eval
+from deepthink.evaluation import EvalConfig, run_units
+from deepthink.evaluation.distributed import Processes
 from deepthink.evaluation.provenance import git_hash
 from deepthink.evaluation.report import label, load_units, replace_marked
 from deepthink.evaluation.stats import paired_bootstrap, wins_ties_losses
+from deepthink.models import set_threads
 from deepthink.io import write_atomic
 
 ROOT = Path(__file__).resolve().parent
@@ -243,29 +245,32 @@ def main(argv=None) -> int:
     p.add_argument("--write-only", action="store_true", help="only rewrite ABLATIONS.md from finished units")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    procs = Processes()           # several when started by `accelerate launch` (units divided among them)
+    set_threads(procs.threads(None))
     if not args.write_only:
         stage = STAGES[args.stage]
         methods = GRID if args.stage == "screen" else confirm_methods()
         out = RESULTS / args.stage
         before = {f.name for f in (out / "units").glob("*.json")} if (out / "units").exists() else set()
-        start, t0, lm_cache = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter(), {}
+        start, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
+        # seed-major: an interrupt leaves whole seeds
+        jobs = [(model, task, seed, stage_config(args.stage, model, task, seed, methods))
+                for seed in args.seeds or stage["seeds"] for model in args.models or stage["models"]
+                for task in args.tasks or TASKS]
         try:
-            for seed in args.seeds or stage["seeds"]:              # seed-major: an interrupt leaves whole seeds
-                for model in args.models or stage["models"]:
-                    for task in args.tasks or TASKS:
-                        run_eval([model], [task], [seed], stage_config(args.stage, model, task, seed, methods), out,
-                                 data_dir=args.data_dir, progress=not args.quiet, lm_cache=lm_cache, write=False)
+            run_units(jobs, out, data_dir=args.data_dir, progress=not args.quiet, procs=procs)
         finally:
             done = sorted({f.name for f in (out / "units").glob("*.json")} - before) if (out / "units").exists() else []
-            if done or not before:
+            if procs.is_main and (done or not before):
                 record = {"start": start, "end": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                           "command": "python benchmarks/ablations.py " + " ".join(argv or sys.argv[1:]),
                           "units": len(done), "done": [d.removesuffix(".json") for d in done],
-                          "minutes": (time.perf_counter() - t0) / 60, "git": git_hash()}
+                          "minutes": (time.perf_counter() - t0) / 60, "git": git_hash(), "processes": procs.size}
                 (out).mkdir(parents=True, exist_ok=True)
                 with open(out / "sittings.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-    print(f"wrote {write_markdown()}")
+    if procs.is_main:
+        print(f"wrote {write_markdown()}")
     return 0
 
 

@@ -7,6 +7,7 @@ of the profile are present (or with --write-only) it writes benchmarks/results/R
     python benchmarks/reproduce.py                      # default profile
     python benchmarks/reproduce.py --profile full       # bigger eval/dev sizes, adds qwen2.5-coder-0.5b
     python benchmarks/reproduce.py --models smollm2-135m --tasks sst2   # a slice of the profile
+    accelerate launch --multi_gpu --num_processes 4 benchmarks/reproduce.py   # units divided among 4 processes
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from deepthink.evaluation import EvalConfig, legacy_methods
+from deepthink.evaluation import EvalConfig, legacy_methods, run_units
 from deepthink.evaluation import report
 from deepthink.evaluation import run as run_eval
+from deepthink.evaluation.distributed import Processes
 from deepthink.evaluation.report import REFERENCE, fmt, label
+from deepthink.models import set_threads
 from deepthink.tasks import list_tasks
 
 ROOT = Path(__file__).resolve().parent
@@ -270,14 +273,15 @@ def main(argv=None) -> int:
     out_dir = RESULTS / "reproduction" / args.profile
     if args.verify:
         return 0 if verify(args.profile, args.verify, out_dir, args.data_dir) else 1
-    models: dict = {}   # loaded once, shared by all units
+    procs = Processes()   # several when started by `accelerate launch`: units divided among them
+    set_threads(procs.threads(None))
     if not args.write_only:
         # seed by seed, so that an interrupted run leaves whole seeds rather than whole tasks
-        for seed in args.seeds or prof["seeds"]:
-            for task in args.tasks or TASKS:
-                run_eval(args.models or prof["models"], [task], [seed], task_config(args.profile, task),
-                             out_dir, data_dir=args.data_dir, progress=not args.quiet, lm_cache=models,
-                             write=False)
+        jobs = [(model, task, seed, task_config(args.profile, task)) for seed in args.seeds or prof["seeds"]
+                for task in args.tasks or TASKS for model in args.models or prof["models"]]
+        run_units(jobs, out_dir, data_dir=args.data_dir, progress=not args.quiet, procs=procs)
+        if not procs.is_main:
+            return 0
         report.write_report([out_dir], out_dir)
     command = "python benchmarks/reproduce.py" + ("" if args.profile == "default" else f" --profile {args.profile}")
     path = write_markdown(args.profile, out_dir, command)

@@ -39,7 +39,7 @@ def single(model_dir, out, tasks, seeds=("0", "1")):
                  "--out", str(out)]) == 0
 
 
-def assert_same_runs(a, b):
+def assert_same_runs(a, b, report=True):
     files_a = sorted(p.name for p in (a / "units").iterdir())
     assert files_a == sorted(p.name for p in (b / "units").iterdir()) and files_a
     for name in files_a:
@@ -59,7 +59,7 @@ def assert_same_runs(a, b):
             for u in (ua, ub):
                 u.pop("wall_s"), u.pop("environment")
             assert ua == ub
-    assert (b / "results.json").exists()
+    assert (b / "results.json").exists() or not report
 
 
 def test_units_divided_among_two_processes(tiny_model_dir, tmp_path):
@@ -88,3 +88,37 @@ def test_interrupted_launch_resumes_to_the_same_files(tiny_model_dir, tmp_path):
     launch(tiny_model_dir, out, tasks, seeds)          # resume
     single(tiny_model_dir, tmp_path / "one", tasks, seeds)
     assert_same_runs(tmp_path / "one", out)
+
+
+UNITS_SCRIPT = """
+import json, sys
+from deepthink.evaluation import EvalConfig, run_units
+model, out = sys.argv[1:3]
+methods = {"icl": {}, "dt_fixed": {"steps": 2}, "dt_dev": {"steps": 2}}
+cfg = {"sentiment-demo": EvalConfig(shots=1, dev_size=4, max_eval=6, methods=methods),
+       "sst2": EvalConfig(shots=2, dev_size=4, max_eval=5, methods=methods)}      # a config per task
+jobs = [(model, t, s, cfg[t]) for s in (0, 1) for t in cfg]
+ran = run_units(jobs, out, progress=False, log=lambda *a: None)
+print("RAN " + json.dumps(sorted(map(list, ran))))
+"""
+
+
+def test_benchmark_units_with_their_own_configs_are_divided_whole(tiny_model_dir, tmp_path):
+    """run_units (what reproduce.py and ablations.py run on): under a 2-process launch each unit runs whole on
+    one process, every unit once, and the files equal a single-process run's."""
+    script = tmp_path / "units.py"
+    script.write_text(UNITS_SCRIPT)
+    one = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(script), str(tiny_model_dir), str(tmp_path / "two")]
+    two = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    ran = [json.loads(l[4:]) for l in two.stdout.splitlines() if l.startswith("RAN ")]
+    assert len(ran) == 2 and all(ran)                                  # both processes had work
+    units = [tuple(u) for r in ran for u in r]
+    assert len(units) == len(set(units)) == 4                          # each unit on exactly one process
+    assert_same_runs(tmp_path / "one", tmp_path / "two", report=False)

@@ -32,6 +32,14 @@ class Processes:
             self.rank, self.size = self.state.process_index, self.state.num_processes
             self.local_rank = self.state.local_process_index
 
+    def alone(self) -> "Processes":
+        """This process as if it were the only one, for work its caller has already divided (a whole unit per
+        process): it divides and gathers nothing, but keeps its own GPU and its share of the CPU cores."""
+        solo = Processes.__new__(Processes)
+        solo.state, solo.rank, solo.size, solo.local_rank = None, 0, 1, self.local_rank
+        solo.device, solo.threads = self.device, self.threads          # this process's placement, not rank 0's
+        return solo
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

@@ -129,9 +129,6 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
 
     Started by a launcher (`accelerate launch -m deepthink eval`), the units are divided among the
     processes (or, with fewer units than processes, each unit's eval items); see distributed.py."""
-    import torch
-
-    from ..models import load_model
     from ..tasks import get_task
 
     procs = procs or Processes(device)
@@ -155,11 +152,8 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
             if procs.is_main:
                 log(f"{model}: all {len(task_objs) * len(seeds)} units already done in {out}")
             continue
-        key = (model, str(device), dtype, quantize)
-        if key not in lm_cache:
-            with procs.main_first():          # the first load may fill the model cache: once
-                lm_cache[key] = load_model(model, device=device, dtype=getattr(torch, dtype), quantize=quantize)
-        lm = lm_cache[key]
+        with procs.main_first():              # the first load may fill the model cache: once
+            lm = cached_model(lm_cache, model, device, dtype, quantize)
         by_items = len(todo) < procs.size      # fewer units than processes: divide each unit's items
         mine = todo if by_items else todo[procs.rank::procs.size]
         for i, seed in mine:
@@ -182,6 +176,43 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
     from .report import write_report
 
     return write_report([out], out, log=log)
+
+
+def cached_model(lm_cache: dict, model: str, device: str, dtype: str = "float32", quantize: str | None = None):
+    """The model from `lm_cache`, loaded into it on first use."""
+    import torch
+
+    from ..models import load_model
+
+    key = (model, str(device), dtype, quantize)
+    if key not in lm_cache:
+        lm_cache[key] = load_model(model, device=device, dtype=getattr(torch, dtype), quantize=quantize)
+    return lm_cache[key]
+
+
+def run_units(jobs: list[tuple[str, str, int, EvalConfig]], out, data_dir=None, device="cpu", dtype="float32",
+              progress: bool = True, log=print, lm_cache: dict | None = None, quantize: str | None = None,
+              procs: Processes | None = None) -> list[tuple[str, str, int]]:
+    """Run (model, task, seed, config) units, each with its own config (benchmarks whose shots differ by task),
+    in the order given, and write each one as `run` does; no report. Started by a launcher, the units not yet
+    finished are divided round-robin among the processes, each unit run whole by one process (with fewer units
+    than processes, each unit's items are divided as in `run`). Returns the (model, task, seed) this process
+    ran; on return every process's units are written (the caller's main process may report)."""
+    procs = procs or Processes(device)
+    todo = procs.broadcast([(m, t, s) for m, t, s, cfg in jobs if not finished(Path(out), m, t, s, cfg)])
+    configs = {(m, t, s): cfg for m, t, s, cfg in jobs}
+    lm_cache = {} if lm_cache is None else lm_cache
+    by_items = len(todo) < procs.size
+    for model in dict.fromkeys(m for m, _, _ in todo):       # every process loads, the main one first
+        with procs.main_first():
+            cached_model(lm_cache, model, procs.device(device), dtype, quantize)
+    mine = todo if by_items else todo[procs.rank::procs.size]
+    for m, t, s in mine:
+        run([m], [t], [s], configs[(m, t, s)], out, data_dir=data_dir, device=device, dtype=dtype,
+            progress=progress, log=log, lm_cache=lm_cache, write=False, quantize=quantize,
+            procs=procs if by_items else procs.alone())
+    procs.barrier()
+    return mine
 
 
 def finished(out: Path, model: str, task: str, seed: int, cfg: EvalConfig) -> bool:
