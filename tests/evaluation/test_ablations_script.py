@@ -35,6 +35,15 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert "Picked from the screen alone" in text
     sittings = [json.loads(l) for l in (tmp_path / "ablations" / "screen" / "sittings.jsonl").read_text().splitlines()]
     assert sittings[0]["units"] == 2
+    # REPRODUCTION.md's paper-settings rows come from these units
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+    rep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rep)
+    section = rep.paper_settings(tmp_path / "ablations")
+    row = [l for l in section if "| sst2 | 0,1 | 6 |" in l]
+    assert len(row) == 1, section
+    assert row[0].count("|") == 11 and "T in 1..2" in "\n".join(section)
+    assert rep.paper_settings(tmp_path / "nothing") == []
     ab.main(["--stage", "confirm", "--quiet", "--data-dir", str(SHARED_DATA)])
     unit = json.loads(next((tmp_path / "ablations" / "confirm" / "units").glob("*.json")).read_text())
     assert set(unit["accuracy"]) == {"zero_shot", "icl", "icl_cc", *sel["picked"]}
