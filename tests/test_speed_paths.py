@@ -292,17 +292,6 @@ def test_attention_bound_counts_the_prefix_attention_of_every_scored_token():
     assert speed.attention_bound(gemma, SimpleNamespace(**{**vars(s), "L": 0})) == 1.0
 
 
-def _speed_module():
-    import importlib.util
-
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("speed", REPO / "benchmarks" / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
-    return speed
-
-
 def test_short_methods_are_timed_over_windows_of_several_calls():
     """A method faster than --min-time is called back to back until the window is long enough, and the time is
     per call; the call count is a pure function of the warm-up time (so every repetition does the same work)."""
