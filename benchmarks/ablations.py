@@ -205,6 +205,38 @@ def sittings(stage: str) -> list[str]:
     return out
 
 
+README = ROOT.parent / "README.md"
+README_MARK = ("<!-- ablations-summary: written by benchmarks/ablations.py -->", "<!-- /ablations-summary -->")
+
+
+def readme_summary(units: list[dict], want: int) -> str:
+    """The README's short form of the screen: per model, each method's paired difference to ICL and to the
+    better of ICL and calibrated ICL, over the finished units only (said so in the first line)."""
+    if not units:
+        return "No ablation unit has finished yet."
+    bar = better_baseline(units)
+    models = sorted({u["model"] for u in units})
+    per = {m: [u for u in units if u["model"] == m] for m in models}
+    lines = [f"Screen, {len(units)} of {want} units finished (" + "; ".join(
+                 f"{m}: " + ", ".join(f"{u['task']}/seed {u['seed']}" for u in
+                                     sorted(us, key=lambda u: (u["seed"], TASKS.index(u["task"]))))
+                 for m, us in per.items())
+             + "). Points, mean over tasks of the paired difference [95 % bootstrap interval over (seed, item)]; "
+             "bar = the better of ICL and calibrated ICL per task, chosen on eval. Full tables: "
+             "[benchmarks/results/ABLATIONS.md](benchmarks/results/ABLATIONS.md).", "",
+             "| method | " + " | ".join(f"{m}: Δ vs ICL | {m}: Δ vs bar" for m in models) + " |",
+             "|---|" + "---|---|" * len(models)]
+    for k in units[0]["accuracy"]:
+        if k in ("icl",):
+            continue
+        cells = []
+        for m in models:
+            d_icl, d_bar = compare("screen", per[m], k, REFERENCE), compare("screen", per[m], k, bar)
+            cells += [str(d_icl or "–"), str(d_bar or "–")]
+        lines.append(f"| {label(k)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_markdown() -> Path:
     screen, confirm = units_of("screen"), units_of("confirm")
     want = len(STAGES["screen"]["models"]) * len(STAGES["screen"]["seeds"]) * len(TASKS)
@@ -232,6 +264,8 @@ def write_markdown() -> Path:
         lines += ["## Confirmation", "", "Not started: the confirmation's methods are picked once the screen is "
                   "complete."]
     write_atomic(MARKDOWN, "\n".join(lines) + "\n")
+    if MARKDOWN == ROOT / "results" / "ABLATIONS.md":          # the committed results, not a test's folder
+        replace_marked(README, README_MARK, readme_summary(screen, want))
     return MARKDOWN
 
 

@@ -35,6 +35,9 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert "Picked from the screen alone" in text
     sittings = [json.loads(l) for l in (tmp_path / "ablations" / "screen" / "sittings.jsonl").read_text().splitlines()]
     assert sittings[0]["units"] == 2
+    summary = ab.readme_summary(ab.units_of("screen"), 2)          # the README's short form
+    assert summary.startswith("Screen, 2 of 2 units finished") and "| DT dev-T | " in summary
+    assert ab.readme_summary([], 2) == "No ablation unit has finished yet."
     # REPRODUCTION.md's paper-settings rows come from these units
     spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
     rep = importlib.util.module_from_spec(spec)
