@@ -121,8 +121,8 @@ def compare(stage: str, units: list[dict], key: str, other) -> object:
     return paired_bootstrap(by_task) if by_task else None
 
 
-def mean_acc(units, key):
-    vals = [u["accuracy"][key]["sum"] for u in units if key in u["accuracy"]]
+def mean_acc(units, key, score: str = "sum"):
+    vals = [u["accuracy"][key][score] for u in units if key in u["accuracy"]]
     return (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None) if vals else None
 
 
@@ -174,6 +174,20 @@ def stage_section(stage: str, units: list[dict]) -> list[str]:
             w, t_, l = wins_ties_losses([a for a, _ in pairs], [b for _, b in pairs])
             lines.append(f"| {label(k)} | " + " | ".join(cells) + f" | {d_icl or '–'} | {d_bar or '–'} | "
                          f"{w}/{t_}/{l} | {chosen_T(mu, k)} |")
+        lines.append("")
+        # calibration with multi-token choices (trec, agnews): the decision by the per-token score, beside
+        calibrated = [k for k in methods if k.endswith("_cc")]
+        pairs = [k for c in calibrated for k in (c.removesuffix("_cc"), c) if k in methods]
+        lines += ["Calibration by scoring rule: accuracy % with summed / per-token normalised scores (both "
+                  "calibrated the same way, docs/methods.md), mean over seeds.", "",
+                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for k in pairs:
+            cells = []
+            for t in tasks:
+                us = [u for u in mu if u["task"] == t]
+                a, b = mean_acc(us, k), mean_acc(us, k, "norm")
+                cells.append("–" if a is None else f"{a[0]:.1f} / {b[0]:.1f}")
+            lines.append(f"| {label(k)} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
