@@ -28,6 +28,7 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     ab.main(["--stage", "screen", "--quiet", "--data-dir", str(SHARED_DATA)])
     text = (tmp_path / "ABLATIONS.md").read_text()
     assert "## Screen (2 of 2 units)" in text and "Δ vs ICL" in text and "W/T/L" in text
+    assert [l for l in text.splitlines() if l.startswith("| ICL + CC | ") and " / " in l]     # summed / per-token
     rows = [l for l in text.splitlines() if l.startswith("| DT dev-T |")]
     assert len(rows) == 1 and "[" in rows[0]                          # a paired interval
     sel = json.loads((tmp_path / "ablations" / "confirm" / "selection.json").read_text())
