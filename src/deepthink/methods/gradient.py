@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 
 from ..tuning.gradient import GradientConfig, GradientTuner
 from .base import Method, Prepared, Setup, register_method
+from .selection import argmax_first
 
 SELECTIONS = ("dev-acc", "loo")
 
@@ -67,7 +68,7 @@ class GradKV(Method):
             scores = [c["acc"] for c in loo_curve]
         else:
             scores = [c["sum"] for c in dev_curve]
-        chosen = max(range(len(scores)), key=lambda t: (scores[t], -t)) + 1      # ties go to the smaller T
+        chosen = argmax_first(scores)                                             # ties go to the smaller T
         best = contexts[chosen - 1]
         info = {"chosen_steps": chosen, "selection_used": selection, "dev_curve": dev_curve, "loo_curve": loo_curve,
                 "train_loss": [h["loss"] for h in tuner.history], "stopped": tuner.stopped,
