@@ -537,12 +537,17 @@ def setting_order(r: dict):
     return (tasks.index(r["task"]) if r["task"] in tasks else len(tasks), r["task"], r["shots"])
 
 
-def batch_ratio(mem: dict) -> str:
+def batch_ratio(mem: dict, explain: bool = True) -> str:
+    """The largest-batch ratio as text: "none" when icl fits no row (older entries stored inf), ">= x" when
+    deepthink reached the search cap; with `explain`, the reason in brackets."""
     r = mem.get("max_batch_ratio")
     if r is None or r == float("inf"):
-        return "none (icl does not fit one row within the budget)"
-    return (f">= {r:.2f} (deepthink reached the search cap)" if mem.get("max_batch_ratio_is_lower_bound")
-            else f"{r:.2f}")
+        text, why = "none", "icl does not fit one row within the budget"
+    elif mem.get("max_batch_ratio_is_lower_bound"):
+        text, why = f">= {r:.2f}", "deepthink reached the search cap"
+    else:
+        text, why = f"{r:.2f}", ""
+    return f"{text} ({why})" if explain and why else text
 
 
 def mib(b) -> str:
@@ -647,7 +652,7 @@ def readme_table(entries: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for key, e in entries.items():
         sm, mem = summary(e), e.get("memory")
-        batch = "-" if not mem else f"{batch_ratio(mem).split(' (')[0]} ({mem['budget_bytes'] / 2**20:g} MiB)"
+        batch = "-" if not mem else f"{batch_ratio(mem, explain=False)} ({mem['budget_bytes'] / 2**20:g} MiB)"
         items = sorted({r["items"] for r in e["settings"]})
         load = "-" if sm["second_load_s"] is None else f"{sm['second_load_s']} s"
         bound = "-" if sm["floor_ratio_bound"] is None else f"{sm['floor_ratio_bound']:.2f}"
