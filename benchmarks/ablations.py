@@ -278,8 +278,7 @@ def write_markdown() -> Path:
         lines += ["## Confirmation", "", "Not started: the confirmation's methods are picked once the screen is "
                   "complete."]
     write_atomic(MARKDOWN, "\n".join(lines) + "\n")
-    if MARKDOWN == ROOT / "results" / "ABLATIONS.md":          # the committed results, not a test's folder
-        replace_marked(README, README_MARK, readme_summary(screen, want))
+    replace_marked(README, README_MARK, readme_summary(screen, want))
     return MARKDOWN
 
 

@@ -18,6 +18,9 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     model = str(tiny_model_dir)
     monkeypatch.setattr(ab, "RESULTS", tmp_path / "ablations")
     monkeypatch.setattr(ab, "MARKDOWN", tmp_path / "ABLATIONS.md")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{ab.README_MARK[0]}\nold\n{ab.README_MARK[1]}\nrest\n")
+    monkeypatch.setattr(ab, "README", readme)
     monkeypatch.setattr(ab, "TASKS", ["sst2"])
     monkeypatch.setattr(ab, "SHOTS", {"sst2": 1})
     monkeypatch.setattr(ab, "GRID", {"zero_shot": {}, "icl": {}, "icl_cc": {}, "dt_fixed": {"steps": 2},
@@ -36,7 +39,8 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert "Picked from the screen alone" in text
     sittings = [json.loads(l) for l in (tmp_path / "ablations" / "screen" / "sittings.jsonl").read_text().splitlines()]
     assert sittings[0]["units"] == 2
-    summary = ab.readme_summary(ab.units_of("screen"), 2)          # the README's short form
+    summary = ab.readme_summary(ab.units_of("screen"), 2)          # the README's short form, written there
+    assert readme.read_text() == f"intro\n{ab.README_MARK[0]}\n{summary}\n{ab.README_MARK[1]}\nrest\n"
     assert summary.startswith("Screen, 2 of 2 units finished") and "| DT dev-T | " in summary
     assert ab.readme_summary([], 2) == "No ablation unit has finished yet."
     # REPRODUCTION.md's paper-settings rows come from these units
