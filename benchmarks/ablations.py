@@ -207,6 +207,56 @@ def screen_ranking(units: list[dict]) -> list[tuple[str, float]]:
     return sorted(ranks, key=lambda kv: -kv[1])
 
 
+RULE = ("The rule, fixed before any confirmation unit ran and applied to the confirmation alone (the screen "
+        "chose what to confirm, so its own numbers would flatter the pick): a confirmed method becomes the default "
+        "if, on every model, its paired interval against ICL is above 0 and its mean difference to calibrated ICL is "
+        "at least 0; among several, the largest mean difference to calibrated ICL over models. If none qualifies, "
+        "nothing beats ICL reliably and the default is the safest rule: calibrated ICL (`icl_cc`) if its mean "
+        "difference to ICL is at least 0 on every model, else ICL.")
+
+
+def recommend(stage: str, units: list[dict], candidates: list[str]) -> tuple[str, list[str]]:
+    """The recommended default by RULE, and the evidence lines (one per method considered, per model)."""
+    models = sorted({u["model"] for u in units})
+    per = {m: [u for u in units if u["model"] == m] for m in models}
+    evidence, qualified = [], []
+    for k in candidates:
+        d_icl = [compare(stage, per[m], k, REFERENCE) for m in models]
+        d_cc = [compare(stage, per[m], k, CALIBRATED) for m in models]
+        if None in d_icl or None in d_cc:
+            continue
+        ok = all(d.above_zero for d in d_icl) and all(d.mean >= 0 for d in d_cc)
+        evidence.append(f"- `{k}`: " + "; ".join(f"{m}: {a} vs ICL, {c} vs ICL + CC" for m, a, c in
+                                                 zip(models, d_icl, d_cc)) + (" — qualifies" if ok else ""))
+        if ok:
+            qualified.append((statistics.fmean(d.mean for d in d_cc), k))
+    if qualified:
+        return max(qualified)[1], evidence
+    cc = [compare(stage, per[m], CALIBRATED, REFERENCE) for m in models]
+    evidence.append("- `icl_cc`: " + "; ".join(f"{m}: {d} vs ICL" for m, d in zip(models, cc)))
+    return (CALIBRATED if all(d is not None and d.mean >= 0 for d in cc) else REFERENCE), evidence
+
+
+def default_line(confirm: list[dict], want: int, picked: list[str]) -> str:
+    """The README's one line on the default: pending until the confirmation is complete, then its verdict."""
+    if len(confirm) < want:
+        return (f"Recommended default: pending ({len(confirm)} of {want} confirmation units); the rule that will pick "
+                "it is written in ABLATIONS.md, fixed before the confirmation ran.")
+    return (f"Recommended default (by the rule in ABLATIONS.md, from the confirmation alone): "
+            f"`{recommend('confirm', confirm, picked)[0]}`.")
+
+
+def recommendation_section(confirm: list[dict], want: int, picked: list[str]) -> list[str]:
+    lines = ["## Recommended default", "", RULE, ""]
+    if len(confirm) < want:
+        return lines + [f"Pending: {len(confirm)} of {want} confirmation units have finished."]
+    best, evidence = recommend("confirm", confirm, picked)
+    verdict = (f"**`{best}`**: it beats ICL reliably on every model and is not below calibrated ICL."
+               if best in picked else f"**`{best}`**: no confirmed method beats ICL reliably on every model "
+               "without falling below calibrated ICL, so the default is the safest rule.")
+    return lines + [verdict, "", *evidence]
+
+
 def sittings(stage: str) -> list[str]:
     path = RESULTS / stage / "sittings.jsonl"
     if not path.exists():
@@ -254,6 +304,7 @@ def readme_summary(units: list[dict], want: int) -> str:
 def write_markdown() -> Path:
     screen, confirm = units_of("screen"), units_of("confirm")
     want = len(STAGES["screen"]["models"]) * len(STAGES["screen"]["seeds"]) * len(TASKS)
+    want_confirm = len(STAGES["confirm"]["models"]) * len(STAGES["confirm"]["seeds"]) * len(TASKS)
     lines = ["# Ablations: update rules, methods and selection rules against ICL and calibrated ICL", "",
              "Produced by `python benchmarks/ablations.py` (resumable; units in `benchmarks/results/ablations/`, "
              "per-item predictions beside them). Protocol: the ACL paper's shot counts (per class: "
@@ -264,21 +315,24 @@ def write_markdown() -> Path:
              "Methods and options (`deepthink methods` explains each):", ""]
     lines += [f"- `{k}`: " + (", ".join(f"{o}={v}" for o, v in opts.items()) or "defaults") for k, opts in GRID.items()]
     lines += ["", f"## Screen ({len(screen)} of {want} units)", "", *sittings("screen"), "", *stage_section("screen", screen)]
+    sel, picked = RESULTS / "confirm" / "selection.json", []
     if len(screen) == want:
-        ranking = screen_ranking(screen)
-        sel = RESULTS / "confirm" / "selection.json"
         if not sel.exists():
+            ranking = screen_ranking(screen)
             write_atomic(sel, json.dumps({"picked": [k for k, _ in ranking[:3]], "ranking": ranking,
                                           "made": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=1))
-        picked = json.loads(sel.read_text())
-        lines += ["## Confirmation", "", f"Picked from the screen alone on {picked['made']} (mean Δ vs ICL over "
-                  "models and tasks): " + ", ".join(f"`{k}`" for k in picked["picked"]) + ".", "",
-                  *sittings("confirm"), "", *stage_section("confirm", confirm)]
+        made = json.loads(sel.read_text())
+        picked = made["picked"]
+        lines += ["## Confirmation", "", f"Picked from the screen alone on {made['made']} (mean Δ vs ICL over "
+                  "models and tasks): " + ", ".join(f"`{k}`" for k in picked) + ".", "",
+                  *sittings("confirm"), "", *stage_section("confirm", confirm), "",
+                  *recommendation_section(confirm, want_confirm, picked)]
     else:
         lines += ["## Confirmation", "", "Not started: the confirmation's methods are picked once the screen is "
-                  "complete."]
+                  "complete.", "", *recommendation_section([], want_confirm, [])]
     write_atomic(MARKDOWN, "\n".join(lines) + "\n")
-    replace_marked(README, README_MARK, readme_summary(screen, want))
+    replace_marked(README, README_MARK,
+                   readme_summary(screen, want) + "\n\n" + default_line(confirm, want_confirm, picked))
     return MARKDOWN
 
 

@@ -40,7 +40,10 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     sittings = [json.loads(l) for l in (tmp_path / "ablations" / "screen" / "sittings.jsonl").read_text().splitlines()]
     assert sittings[0]["units"] == 2
     summary = ab.readme_summary(ab.units_of("screen"), 2)          # the README's short form, written there
-    assert readme.read_text() == f"intro\n{ab.README_MARK[0]}\n{summary}\n{ab.README_MARK[1]}\nrest\n"
+    default = ab.default_line([], 1, [])
+    assert default.startswith("Recommended default: pending (0 of 1 confirmation units)")
+    assert readme.read_text() == f"intro\n{ab.README_MARK[0]}\n{summary}\n\n{default}\n{ab.README_MARK[1]}\nrest\n"
+    assert "## Recommended default" in text and ab.RULE in text
     assert summary.startswith("Screen, 2 of 2 units finished") and "| DT dev-T | " in summary
     assert ab.readme_summary([], 2) == "No ablation unit has finished yet."
     # REPRODUCTION.md's paper-settings rows come from these units
@@ -55,4 +58,60 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     ab.main(["--stage", "confirm", "--quiet", "--data-dir", str(SHARED_DATA)])
     unit = json.loads(next((tmp_path / "ablations" / "confirm" / "units").glob("*.json")).read_text())
     assert set(unit["accuracy"]) == {"zero_shot", "icl", "icl_cc", *sel["picked"]}
-    assert "## Confirmation" in (tmp_path / "ABLATIONS.md").read_text()
+    text = (tmp_path / "ABLATIONS.md").read_text()
+    assert "## Confirmation" in text and "## Recommended default" in text
+    rec = text.split("## Recommended default")[1]
+    assert "**`" in rec and "Pending" not in rec                       # the confirmation is complete: a verdict
+    assert "Recommended default (by the rule in" in readme.read_text()
+
+
+def _synthetic_confirm(ab, tmp_path, correct_by_model):
+    """Confirmation units with given per-method correctness (list of 0/1 per item), one task, one seed."""
+    units = tmp_path / "ablations" / "confirm" / "units"
+    units.mkdir(parents=True)
+    for model, by_method in correct_by_model.items():
+        n = len(next(iter(by_method.values())))
+        rows = [{"gold": 1, **{k: {"pred": int(v[i])} for k, v in by_method.items()}} for i in range(n)]
+        stem = f"{model}__sst2__seed3"
+        (units / f"{stem}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        acc = {k: {"sum": 100 * sum(v) / n, "norm": 100 * sum(v) / n} for k, v in by_method.items()}
+        (units / f"{stem}.json").write_text(json.dumps({"model": model, "task": "sst2", "seed": 3, "accuracy": acc,
+                                                        "methods": {}}))
+    return ab.units_of("confirm")
+
+
+def test_the_recommended_default_follows_the_rule_written_before_the_confirmation(tmp_path, monkeypatch):
+    ab = load_script()
+    monkeypatch.setattr(ab, "RESULTS", tmp_path / "ablations")
+    icl, cc = [1] * 100 + [0] * 100, [1] * 130 + [0] * 70
+    strong, weak = [1] * 150 + [0] * 50, [1] * 125 + [0] * 75
+    # "a" beats ICL clearly and calibrated ICL on both models; "b" beats ICL but falls below calibrated ICL
+    units = _synthetic_confirm(ab, tmp_path, {"m1": {"icl": icl, "icl_cc": cc, "a": strong, "b": weak},
+                                              "m2": {"icl": icl, "icl_cc": cc, "a": strong, "b": weak}})
+    best, evidence = ab.recommend("confirm", units, ["a", "b"])
+    assert best == "a" and len(evidence) == 2 and evidence[0].endswith("qualifies")
+    assert not evidence[1].endswith("qualifies")
+    section = ab.recommendation_section(units, 2, ["a", "b"])
+    assert "**`a`**" in "\n".join(section) and section[2] == ab.RULE
+    assert ab.recommendation_section(units, 3, ["a", "b"])[-1] == "Pending: 2 of 3 confirmation units have finished."
+
+
+def test_without_a_reliable_method_the_default_is_the_safest_rule(tmp_path, monkeypatch):
+    ab = load_script()
+    monkeypatch.setattr(ab, "RESULTS", tmp_path / "ablations")
+    icl, good, worse = [1] * 100 + [0] * 100, [1] * 150 + [0] * 50, [1] * 80 + [0] * 120
+    # "a" beats ICL on m1 only: it does not qualify; calibrated ICL is at least ICL on both -> icl_cc
+    units = _synthetic_confirm(ab, tmp_path, {"m1": {"icl": icl, "icl_cc": good, "a": good},
+                                              "m2": {"icl": icl, "icl_cc": icl, "a": worse}})
+    best, evidence = ab.recommend("confirm", units, ["a"])
+    assert best == "icl_cc" and evidence[-1].startswith("- `icl_cc`: m1: +25.0")
+    assert "no confirmed method beats ICL reliably" in "\n".join(ab.recommendation_section(units, 2, ["a"]))
+
+
+def test_calibration_below_icl_on_one_model_leaves_icl_the_default(tmp_path, monkeypatch):
+    ab = load_script()
+    monkeypatch.setattr(ab, "RESULTS", tmp_path / "ablations")
+    icl, good, worse = [1] * 100 + [0] * 100, [1] * 150 + [0] * 50, [1] * 80 + [0] * 120
+    units = _synthetic_confirm(ab, tmp_path, {"m1": {"icl": icl, "icl_cc": good, "a": icl},
+                                              "m2": {"icl": icl, "icl_cc": worse, "a": icl}})
+    assert ab.recommend("confirm", units, ["a"])[0] == "icl"
