@@ -130,14 +130,25 @@ def fmt(ms) -> str:
     return "–" if ms is None else (f"{ms[0]:.1f}" if ms[1] is None else f"{ms[0]:.1f} ± {ms[1]:.1f}")
 
 
-def better_baseline(units):
-    """(model, task) -> ICL or calibrated ICL, whichever has the higher mean accuracy there (the bar)."""
+def best_of(units, keys):
+    """(model, task) -> whichever of `keys` has the highest mean accuracy there (chosen on eval; a tie goes to
+    the earlier key; keys a unit lacks are skipped)."""
     best = {}
     for (m, t) in {(u["model"], u["task"]) for u in units}:
         us = [u for u in units if (u["model"], u["task"]) == (m, t)]
-        icl, cc = mean_acc(us, REFERENCE), mean_acc(us, CALIBRATED)
-        best[(m, t)] = CALIBRATED if cc and icl and cc[0] > icl[0] else REFERENCE
+        best[(m, t)] = max((acc[0], -i, k) for i, k in enumerate(keys) if (acc := mean_acc(us, k)))[2]
     return lambda model, task: best[(model, task)]
+
+
+def better_baseline(units):
+    """(model, task) -> ICL or calibrated ICL, whichever has the higher mean accuracy there (the bar)."""
+    return best_of(units, [REFERENCE, CALIBRATED])
+
+
+def best_baseline(units):
+    """(model, task) -> the best of ICL, calibrated ICL, zero-shot and calibrated zero-shot there: a control
+    for models that do better without the demonstrations (then a gain over ICL may only undo their harm)."""
+    return best_of(units, [REFERENCE, CALIBRATED, "zero_shot", "zero_shot_cc"])
 
 
 def chosen_T(units, key) -> str:
@@ -153,7 +164,7 @@ def stage_section(stage: str, units: list[dict]) -> list[str]:
     if not units:
         return [f"No {stage} unit has finished yet."]
     methods = [k for k in units[0]["accuracy"]]
-    bar = better_baseline(units)
+    bar, best = better_baseline(units), best_baseline(units)
     lines = []
     for model in sorted({u["model"] for u in units}):
         mu = [u for u in units if u["model"] == model]
@@ -162,17 +173,19 @@ def stage_section(stage: str, units: list[dict]) -> list[str]:
         lines += [f"### {model} ({len(mu)} units: tasks {', '.join(tasks)}; seeds {', '.join(map(str, seeds))})", "",
                   "Accuracy % (summed log-prob; mean ± std over seeds). Δ = mean over tasks of the paired difference "
                   "in points, [95 % bootstrap interval over (seed, item)]; bar = the better of ICL and calibrated "
-                  "ICL per task (chosen on eval: a deliberately high bar); W/T/L over (task, seed) against ICL.", "",
-                  "| method | " + " | ".join(tasks) + " | Δ vs ICL | Δ vs bar | W/T/L | chosen T |",
-                  "|---|" + "---|" * len(tasks) + "---|---|---|---|"]
+                  "ICL per task (chosen on eval: a deliberately high bar); best = the best baseline per task, zero-shot "
+                  "and calibrated zero-shot included (chosen on eval: a control for a model the demonstrations "
+                  "hurt); W/T/L over (task, seed) against ICL.", "",
+                  "| method | " + " | ".join(tasks) + " | Δ vs ICL | Δ vs bar | Δ vs best | W/T/L | chosen T |",
+                  "|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
         for k in methods:
             cells = [fmt(mean_acc([u for u in mu if u["task"] == t], k)) for t in tasks]
             d_icl = compare(stage, mu, k, REFERENCE) if k != REFERENCE else None
-            d_bar = compare(stage, mu, k, bar)
+            d_bar, d_best = compare(stage, mu, k, bar), compare(stage, mu, k, best)
             pairs = [(u["accuracy"][k]["sum"], u["accuracy"][REFERENCE]["sum"]) for u in mu
                      if k in u["accuracy"] and REFERENCE in u["accuracy"]]
             w, t_, l = wins_ties_losses([a for a, _ in pairs], [b for _, b in pairs])
-            lines.append(f"| {label(k)} | " + " | ".join(cells) + f" | {d_icl or '–'} | {d_bar or '–'} | "
+            lines.append(f"| {label(k)} | " + " | ".join(cells) + f" | {d_icl or '–'} | {d_bar or '–'} | {d_best or '–'} | "
                          f"{w}/{t_}/{l} | {chosen_T(mu, k)} |")
         lines.append("")
         # calibration with multi-token choices (trec, agnews): the decision by the per-token score, beside
@@ -278,7 +291,7 @@ def readme_summary(units: list[dict], want: int) -> str:
     better of ICL and calibrated ICL, over the finished units only (said so in the first line)."""
     if not units:
         return "No ablation unit has finished yet."
-    bar = better_baseline(units)
+    bar, best = better_baseline(units), best_baseline(units)
     models = sorted({u["model"] for u in units})
     per = {m: [u for u in units if u["model"] == m] for m in models}
     lines = [f"Screen, {len(units)} of {want} units finished (" + "; ".join(
@@ -286,18 +299,46 @@ def readme_summary(units: list[dict], want: int) -> str:
                                      sorted(us, key=lambda u: (u["seed"], TASKS.index(u["task"]))))
                  for m, us in per.items())
              + "). Points, mean over tasks of the paired difference [95 % bootstrap interval over (seed, item)]; "
-             "bar = the better of ICL and calibrated ICL per task, chosen on eval. Full tables: "
+             "bar = the better of ICL and calibrated ICL per task, best = the best of those and zero-shot with and "
+             "without calibration, both chosen on eval. Full tables: "
              "[benchmarks/results/ABLATIONS.md](benchmarks/results/ABLATIONS.md).", "",
-             "| method | " + " | ".join(f"{m}: Δ vs ICL | {m}: Δ vs bar" for m in models) + " |",
-             "|---|" + "---|---|" * len(models)]
+             "| method | " + " | ".join(f"{m}: Δ vs ICL | {m}: Δ vs bar | {m}: Δ vs best" for m in models) + " |",
+             "|---|" + "---|---|---|" * len(models)]
     for k in units[0]["accuracy"]:
         if k in ("icl",):
             continue
         cells = []
         for m in models:
             d_icl, d_bar = compare("screen", per[m], k, REFERENCE), compare("screen", per[m], k, bar)
-            cells += [str(d_icl or "–"), str(d_bar or "–")]
+            cells += [str(d_icl or "–"), str(d_bar or "–"), str(compare("screen", per[m], k, best) or "–")]
         lines.append(f"| {label(k)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+GRADIENT_DOC = ROOT.parent / "docs" / "gradient.md"
+GRADIENT_MARK = ("<!-- grad-kv-units: written by benchmarks/ablations.py -->", "<!-- /grad-kv-units -->")
+UNIT_COLUMNS = ["zero_shot", "icl", "icl_cc", "dt_dev", "dt_dev_cc", "grad_kv", "grad_kv@lr01", "grad_kv@loo",
+                "grad_kv_cc"]
+
+
+def unit_table(units: list[dict]) -> str:
+    """docs/gradient.md's per-unit table: accuracy % (summed log-prob) of the gradient methods and their
+    baselines in every finished screen unit, with the T each chose."""
+    if not units:
+        return "No ablation unit has finished yet."
+    cols = [k for k in UNIT_COLUMNS if k in units[0]["accuracy"]]
+    lines = [f"{len(units)} screen units finished. Accuracy % (summed log-prob), T chosen without eval labels in "
+             "brackets.", "", "| model | task/seed | " + " | ".join(label(k) for k in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for u in sorted(units, key=lambda u: (u["model"], TASKS.index(u["task"]), u["seed"])):
+        cells = []
+        for k in cols:
+            if k not in u["accuracy"]:
+                cells.append("–")
+                continue
+            t = u["methods"].get(k, {}).get("chosen_steps")
+            cells.append(f"{u['accuracy'][k]['sum']:.1f}" + (f" (T={t})" if t is not None else ""))
+        lines.append(f"| {u['model']} | {u['task']}/{u['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -333,6 +374,7 @@ def write_markdown() -> Path:
     write_atomic(MARKDOWN, "\n".join(lines) + "\n")
     replace_marked(README, README_MARK,
                    readme_summary(screen, want) + "\n\n" + default_line(confirm, want_confirm, picked))
+    replace_marked(GRADIENT_DOC, GRADIENT_MARK, unit_table(screen))
     return MARKDOWN
 
 

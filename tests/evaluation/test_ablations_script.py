@@ -21,6 +21,9 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{ab.README_MARK[0]}\nold\n{ab.README_MARK[1]}\nrest\n")
     monkeypatch.setattr(ab, "README", readme)
+    doc = tmp_path / "gradient.md"
+    doc.write_text(f"{ab.GRADIENT_MARK[0]}\n{ab.GRADIENT_MARK[1]}\n")
+    monkeypatch.setattr(ab, "GRADIENT_DOC", doc)
     monkeypatch.setattr(ab, "TASKS", ["sst2"])
     monkeypatch.setattr(ab, "SHOTS", {"sst2": 1})
     monkeypatch.setattr(ab, "GRID", {"zero_shot": {}, "icl": {}, "icl_cc": {}, "dt_fixed": {"steps": 2},
@@ -44,6 +47,9 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert default.startswith("Recommended default: pending (0 of 1 confirmation units)")
     assert readme.read_text() == f"intro\n{ab.README_MARK[0]}\n{summary}\n\n{default}\n{ab.README_MARK[1]}\nrest\n"
     assert "## Recommended default" in text and ab.RULE in text
+    assert "Δ vs best" in text and "Δ vs best" in summary
+    per_unit = [l for l in doc.read_text().splitlines() if l.startswith("| tiny-llama")]
+    assert len(per_unit) == 2 and per_unit[0].split(" | ")[1] == "sst2/0"     # one row per unit, T beside
     assert summary.startswith("Screen, 2 of 2 units finished") and "| DT dev-T | " in summary
     assert ab.readme_summary([], 2) == "No ablation unit has finished yet."
     # REPRODUCTION.md's paper-settings rows come from these units
@@ -88,6 +94,8 @@ def test_the_recommended_default_follows_the_rule_written_before_the_confirmatio
     # "a" beats ICL clearly and calibrated ICL on both models; "b" beats ICL but falls below calibrated ICL
     units = _synthetic_confirm(ab, tmp_path, {"m1": {"icl": icl, "icl_cc": cc, "a": strong, "b": weak},
                                               "m2": {"icl": icl, "icl_cc": cc, "a": strong, "b": weak}})
+    assert ab.best_of(units, ["icl", "icl_cc", "zero_shot"])("m1", "sst2") == "icl_cc"   # missing keys skipped
+    assert ab.best_of(units, ["a", "icl_cc"])("m2", "sst2") == "a"
     best, evidence = ab.recommend("confirm", units, ["a", "b"])
     assert best == "a" and len(evidence) == 2 and evidence[0].endswith("qualifies")
     assert not evidence[1].endswith("qualifies")
