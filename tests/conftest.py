@@ -14,6 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER_TASKS = ["sst2", "sst5", "mr", "agnews", "trec", "copa", "hellaswag", "obqa", "qasc", "winogrande"]
 SHARED_DATA = Path(os.environ.get("DEEPTHINK_DATA_DIR", REPO.parent / "shared" / "data"))
 
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py imported as a module (the scripts are not a package), a fresh copy per call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 CORPUS = [
     "Review: a gorgeous, witty, seductive movie.\nSentiment: positive\n\n",
     "Review: the plot is nothing but boilerplate clichés.\nSentiment: negative\n\n",

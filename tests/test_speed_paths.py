@@ -221,17 +221,12 @@ def test_model_cache_rehashes_only_files_that_changed(tmp_path, monkeypatch):
 def test_benchmark_runs_with_random_init(tmp_path, capsys):
     """benchmarks/speed.py end to end on a random tiny shape (the path used for 7B shapes without weights):
     all four methods, the memory probes in child processes, the files and the final JSON line."""
-    import importlib.util
     import json
-
-    from conftest import REPO
 
     folder = tmp_path / "tok"
     tiny_lm("llama").tokenizer.save_pretrained(folder)
     tiny_lm("llama").config.save_pretrained(folder)
-    spec = importlib.util.spec_from_file_location("speed", REPO / "benchmarks" / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = _speed_module()
     out = tmp_path / "results"
     summary = speed.main(["--model", str(folder), "--random-init", "tiny-llama", "--quick", "--tasks", "sst2",
                           "--shots", "1", "--max-items", "3", "--reps", "1", "--batch-size", "2", "--mem-budget", "8", "--min-time", "0.05",
@@ -265,14 +260,9 @@ def test_long_contexts_score_their_choices_in_bounded_chunks(monkeypatch):
 
 
 def _speed_module():
-    import importlib.util
+    from conftest import load_benchmark
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("speed", REPO / "benchmarks" / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
-    return speed
+    return load_benchmark("speed")
 
 
 def test_attention_bound_counts_the_prefix_attention_of_every_scored_token():

@@ -1,20 +1,12 @@
 """benchmarks/ablations.py end to end on a tiny model: units, the screen tables with paired intervals,
 the confirmation's pick made from the screen alone, sittings recorded."""
-import importlib.util
 import json
 
-from conftest import REPO, SHARED_DATA
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("ablations", REPO / "benchmarks" / "ablations.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import SHARED_DATA, load_benchmark
 
 
 def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
-    ab = load_script()
+    ab = load_benchmark("ablations")
     model = str(tiny_model_dir)
     monkeypatch.setattr(ab, "RESULTS", tmp_path / "ablations")
     monkeypatch.setattr(ab, "MARKDOWN", tmp_path / "ABLATIONS.md")
@@ -53,9 +45,7 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert summary.startswith("Screen, 2 of 2 units finished") and "| DT dev-T | " in summary
     assert ab.readme_summary([], 2) == "No ablation unit has finished yet."
     # REPRODUCTION.md's paper-settings rows come from these units
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
-    rep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rep)
+    rep = load_benchmark("reproduce")
     section = rep.paper_settings(tmp_path / "ablations")
     row = [l for l in section if "| sst2 | 0,1 | 6 |" in l]
     assert len(row) == 1, section
@@ -71,8 +61,17 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert "Recommended default (by the rule in" in readme.read_text()
 
 
-def _synthetic_confirm(ab, tmp_path, correct_by_model):
-    """Confirmation units with given per-method correctness (list of 0/1 per item), one task, one seed."""
+def _correct(right: int, n: int = 200) -> list[int]:
+    return [1] * right + [0] * (n - right)
+
+
+ICL, CC, GOOD, WEAK, WORSE = _correct(100), _correct(130), _correct(150), _correct(125), _correct(80)
+
+
+def _synthetic_confirm(tmp_path, monkeypatch, correct_by_model):
+    """The script, and confirmation units with given per-method correctness (0/1 per item), one task, one seed."""
+    ab = load_benchmark("ablations")
+    monkeypatch.setattr(ab, "RESULTS", tmp_path / "ablations")
     units = tmp_path / "ablations" / "confirm" / "units"
     units.mkdir(parents=True)
     for model, by_method in correct_by_model.items():
@@ -83,17 +82,13 @@ def _synthetic_confirm(ab, tmp_path, correct_by_model):
         acc = {k: {"sum": 100 * sum(v) / n, "norm": 100 * sum(v) / n} for k, v in by_method.items()}
         (units / f"{stem}.json").write_text(json.dumps({"model": model, "task": "sst2", "seed": 3, "accuracy": acc,
                                                         "methods": {}}))
-    return ab.units_of("confirm")
+    return ab, ab.units_of("confirm")
 
 
 def test_the_recommended_default_follows_the_rule_written_before_the_confirmation(tmp_path, monkeypatch):
-    ab = load_script()
-    monkeypatch.setattr(ab, "RESULTS", tmp_path / "ablations")
-    icl, cc = [1] * 100 + [0] * 100, [1] * 130 + [0] * 70
-    strong, weak = [1] * 150 + [0] * 50, [1] * 125 + [0] * 75
     # "a" beats ICL clearly and calibrated ICL on both models; "b" beats ICL but falls below calibrated ICL
-    units = _synthetic_confirm(ab, tmp_path, {"m1": {"icl": icl, "icl_cc": cc, "a": strong, "b": weak},
-                                              "m2": {"icl": icl, "icl_cc": cc, "a": strong, "b": weak}})
+    ab, units = _synthetic_confirm(tmp_path, monkeypatch, {"m1": {"icl": ICL, "icl_cc": CC, "a": GOOD, "b": WEAK},
+                                                           "m2": {"icl": ICL, "icl_cc": CC, "a": GOOD, "b": WEAK}})
     assert ab.best_of(units, ["icl", "icl_cc", "zero_shot"])("m1", "sst2") == "icl_cc"   # missing keys skipped
     assert ab.best_of(units, ["a", "icl_cc"])("m2", "sst2") == "a"
     best, evidence = ab.recommend("confirm", units, ["a", "b"])
@@ -105,21 +100,15 @@ def test_the_recommended_default_follows_the_rule_written_before_the_confirmatio
 
 
 def test_without_a_reliable_method_the_default_is_the_safest_rule(tmp_path, monkeypatch):
-    ab = load_script()
-    monkeypatch.setattr(ab, "RESULTS", tmp_path / "ablations")
-    icl, good, worse = [1] * 100 + [0] * 100, [1] * 150 + [0] * 50, [1] * 80 + [0] * 120
     # "a" beats ICL on m1 only: it does not qualify; calibrated ICL is at least ICL on both -> icl_cc
-    units = _synthetic_confirm(ab, tmp_path, {"m1": {"icl": icl, "icl_cc": good, "a": good},
-                                              "m2": {"icl": icl, "icl_cc": icl, "a": worse}})
+    ab, units = _synthetic_confirm(tmp_path, monkeypatch, {"m1": {"icl": ICL, "icl_cc": GOOD, "a": GOOD},
+                                                           "m2": {"icl": ICL, "icl_cc": ICL, "a": WORSE}})
     best, evidence = ab.recommend("confirm", units, ["a"])
     assert best == "icl_cc" and evidence[-1].startswith("- `icl_cc`: m1: +25.0")
     assert "no confirmed method beats ICL reliably" in "\n".join(ab.recommendation_section(units, 2, ["a"]))
 
 
 def test_calibration_below_icl_on_one_model_leaves_icl_the_default(tmp_path, monkeypatch):
-    ab = load_script()
-    monkeypatch.setattr(ab, "RESULTS", tmp_path / "ablations")
-    icl, good, worse = [1] * 100 + [0] * 100, [1] * 150 + [0] * 50, [1] * 80 + [0] * 120
-    units = _synthetic_confirm(ab, tmp_path, {"m1": {"icl": icl, "icl_cc": good, "a": icl},
-                                              "m2": {"icl": icl, "icl_cc": worse, "a": icl}})
+    ab, units = _synthetic_confirm(tmp_path, monkeypatch, {"m1": {"icl": ICL, "icl_cc": GOOD, "a": ICL},
+                                                           "m2": {"icl": ICL, "icl_cc": WORSE, "a": ICL}})
     assert ab.recommend("confirm", units, ["a"])[0] == "icl"

@@ -1,22 +1,14 @@
 """benchmarks/grad_oneshot.py end to end on a tiny model: both settings score the same items, the table pairs
 them item by item against 8-shot ICL, and a pair that scored different items is refused."""
-import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("grad_oneshot", REPO / "benchmarks" / "grad_oneshot.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import SHARED_DATA, load_benchmark
 
 
 def test_one_per_class_against_paper_shots_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
-    go = load_script()
+    go = load_benchmark("grad_oneshot")
     model = str(tiny_model_dir)
     monkeypatch.setattr(go, "RESULTS", tmp_path / "grad_oneshot")
     monkeypatch.setattr(go, "MARKDOWN", tmp_path / "GRAD_ONESHOT.md")
@@ -54,7 +46,7 @@ def test_one_per_class_against_paper_shots_on_a_tiny_model(tiny_model_dir, tmp_p
 
 
 def test_the_goal_reading():
-    go = load_script()
+    go = load_benchmark("grad_oneshot")
     from deepthink.evaluation.stats import Interval
     assert go.verdict(Interval(-1.0, -1.9, -0.1)) == "met, reliably"
     assert go.verdict(Interval(-1.5, -4.0, 1.0)) == "met"

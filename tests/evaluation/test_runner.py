@@ -144,13 +144,9 @@ def test_eval_config_validation():
 def test_reproduction_markdown_from_finished_units(finished, tmp_path):
     """benchmarks/reproduce.py's REPRODUCTION.md: status of the profile, per-task sizes, a mean ± std row per
     task, the plain "does it help" lines and links to the plots."""
-    import importlib.util
+    from conftest import load_benchmark
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    reproduce = load_benchmark("reproduce")
     assert reproduce.task_config("default", "hellaswag").max_eval == 50
     assert reproduce.task_config("default", "sst2") == reproduce.PROFILES["default"]["config"]
     text = reproduce.write_markdown("default", finished, "cmd", dest=tmp_path / "R.md").read_text()
