@@ -29,6 +29,7 @@ from deepthink.evaluation.distributed import Processes
 from deepthink.evaluation.provenance import git_hash
 from deepthink.evaluation.report import label, load_units, replace_marked
 from deepthink.evaluation.stats import paired_bootstrap, wins_ties_losses
+from deepthink.methods.selection import argmax_first
 from deepthink.models import set_threads
 from deepthink.io import write_atomic
 
@@ -202,7 +203,31 @@ def stage_section(stage: str, units: list[dict]) -> list[str]:
                 cells.append("–" if a is None else f"{a[0]:.1f} / {b[0]:.1f}")
             lines.append(f"| {label(k)} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += oracle_section(mu)
     return lines
+
+
+def oracle_section(units: list[dict]) -> list[str]:
+    """The labelled upper bound from the curve units: per method, eval accuracy at the T it chose without eval
+    labels against the best T on eval (never a reported result: T chosen on the test items)."""
+    rows = []
+    for u in sorted(units, key=lambda u: (u["model"], u["task"], u["seed"])):
+        for k, info in u["methods"].items():
+            points = (info.get("eval_curve") or {}).get("points")
+            if not points:
+                continue
+            ys = [p["sum"] for p in points]
+            best = argmax_first(ys)
+            got = u["accuracy"][k]["sum"]
+            rows.append(f"| {u['model']} {u['task']}/{u['seed']} | {label(k)} | {info.get('chosen_steps', '–')} | "
+                        f"{got:.1f} | {best} | {ys[best - 1]:.1f} | {ys[best - 1] - got:+.1f} |")
+    if not rows:
+        return []
+    return ["#### Oracle: an upper bound, labelled (T chosen on eval)", "",
+            "Eval accuracy at every step was scored on the curve unit(s) only. The accuracy at the T each method "
+            "chose without eval labels, against the best T on eval; the oracle feeds no number above.", "",
+            "| unit | method | chosen T | accuracy | oracle T | oracle accuracy | gap |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def screen_ranking(units: list[dict]) -> list[tuple[str, float]]:

@@ -23,8 +23,14 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
                                      "icl_repeat@r2": {"times": 2}, "dt_ensemble": {"steps": 2}})
     monkeypatch.setattr(ab, "STAGES", {"screen": dict(models=[model], seeds=[0, 1], max_eval=6, dev_size=4),
                                        "confirm": dict(models=[model], seeds=[3], max_eval=6, dev_size=4)})
+    monkeypatch.setattr(ab, "CURVE_UNITS", {("screen", model, "sst2", 0)})
     ab.main(["--stage", "screen", "--quiet", "--data-dir", str(SHARED_DATA)])
     text = (tmp_path / "ABLATIONS.md").read_text()
+    oracle = text.split("#### Oracle: an upper bound, labelled (T chosen on eval)")[1].split("\n\n")[2].splitlines()
+    dt_dev = [l for l in oracle if "| DT dev-T |" in l]
+    assert len(dt_dev) == 1 and dt_dev[0].startswith("| tiny-llama") and "/0 |" in dt_dev[0]   # the curve unit only
+    cells = [c.strip() for c in dt_dev[0].split("|")[1:-1]]
+    assert float(cells[5]) >= float(cells[3]) and abs(float(cells[6]) - (float(cells[5]) - float(cells[3]))) < 0.11
     assert "## Screen (2 of 2 units)" in text and "Δ vs ICL" in text and "W/T/L" in text
     assert [l for l in text.splitlines() if l.startswith("| ICL + CC | ") and " / " in l]     # summed / per-token
     rows = [l for l in text.splitlines() if l.startswith("| DT dev-T |")]
