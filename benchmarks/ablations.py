@@ -204,7 +204,43 @@ def stage_section(stage: str, units: list[dict]) -> list[str]:
             lines.append(f"| {label(k)} | " + " | ".join(cells) + " |")
         lines.append("")
         lines += oracle_section(mu)
-    return lines
+    return lines + goals_section(stage, units)
+
+
+def goals_section(stage: str, units: list[dict]) -> list[str]:
+    """The issues' goals, checked per method on this stage's units. Issue 11: >= 3 points over the bar with the
+    95 % interval above 0 on at least two of the three models, and no (model, task) mean more than 1 point below
+    ICL. Issue 10 (grad KV): >= 3 points over the bar with the interval above 0 on every model."""
+    models = sorted({u["model"] for u in units})
+    if not units:
+        return []
+    bar = better_baseline(units)
+    want = len(STAGES[stage]["models"])
+    lines = [f"#### Goals ({stage}: {len(models)} of {want} models" + ("" if len(models) == want and len(units) == want
+             * len(STAGES[stage]["seeds"]) * len(TASKS) else ", provisional until the stage is complete") + ")", "",
+             "Issue 11: ≥ 3 points over the bar with the interval above 0 on at least two of the three models, and "
+             "no (model, task) mean more than 1 point below ICL. Issue 10 (grad KV): ≥ 3 points over the bar with the "
+             "interval above 0 on each of the three models.", "",
+             "| method | " + " | ".join(f"{m}: Δ vs bar" for m in models) + " | models ≥ 3, interval > 0 | "
+             "worst (model, task) vs ICL | issue 11 | issue 10 |", "|---|" + "---|" * len(models) + "---|---|---|---|"]
+    for k in units[0]["accuracy"]:
+        if k in BASELINES or k == "zero_shot_cc":
+            continue
+        ivs = [compare(stage, [u for u in units if u["model"] == m], k, bar) for m in models]
+        meets = sum(1 for iv in ivs if iv is not None and iv.mean >= 3 and iv.above_zero)
+        gaps = []
+        for m in models:
+            for t in TASKS:
+                us = [u for u in units if (u["model"], u["task"]) == (m, t)]
+                a, b = mean_acc(us, k), mean_acc(us, REFERENCE)
+                if a and b:
+                    gaps.append((a[0] - b[0], f"{m} {t}"))
+        worst = min(gaps) if gaps else None
+        g11 = "yes" if meets >= 2 and worst is not None and worst[0] >= -1 else "no"
+        g10 = ("yes" if meets == want and len(models) == want else "no") if k.startswith("grad_kv") else ""
+        lines.append(f"| {label(k)} | " + " | ".join(str(iv or "–") for iv in ivs) + f" | {meets} of {len(models)} | "
+                     + (f"{worst[0]:+.1f} ({worst[1]})" if worst else "–") + f" | {g11} | {g10} |")
+    return lines + [""]
 
 
 def oracle_section(units: list[dict]) -> list[str]:

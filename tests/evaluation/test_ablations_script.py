@@ -27,6 +27,9 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     ab.main(["--stage", "screen", "--quiet", "--data-dir", str(SHARED_DATA)])
     text = (tmp_path / "ABLATIONS.md").read_text()
     oracle = text.split("#### Oracle: an upper bound, labelled (T chosen on eval)")[1].split("\n\n")[2].splitlines()
+    goals = text.split("#### Goals (screen: 1 of 1 models)")[1].split("\n\n")[2].splitlines()
+    row = [l for l in goals if l.startswith("| DT dev-T |")][0].split(" | ")
+    assert row[2] in ("0 of 1", "1 of 1") and row[4] in ("yes", "no") and row[5] == " |"   # issue 10: grad KV only
     dt_dev = [l for l in oracle if "| DT dev-T |" in l]
     assert len(dt_dev) == 1 and dt_dev[0].startswith("| tiny-llama") and "/0 |" in dt_dev[0]   # the curve unit only
     cells = [c.strip() for c in dt_dev[0].split("|")[1:-1]]
@@ -34,7 +37,7 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert "## Screen (2 of 2 units)" in text and "Δ vs ICL" in text and "W/T/L" in text
     assert [l for l in text.splitlines() if l.startswith("| ICL + CC | ") and " / " in l]     # summed / per-token
     rows = [l for l in text.splitlines() if l.startswith("| DT dev-T |")]
-    assert len(rows) == 1 and "[" in rows[0]                          # a paired interval
+    assert len(rows) == 2 and "[" in rows[0] and "±" in rows[0]      # the table with a paired interval; the goals
     sel = json.loads((tmp_path / "ablations" / "confirm" / "selection.json").read_text())
     assert len(sel["picked"]) == 3 and not set(sel["picked"]) & {"zero_shot", "icl", "icl_cc"}
     assert "Picked from the screen alone" in text
