@@ -32,7 +32,9 @@ def test_one_per_class_against_paper_shots_on_a_tiny_model(tiny_model_dir, tmp_p
     assert iv.mean == pytest.approx(100 * sum(diffs) / len(diffs))
     text = (tmp_path / "GRAD_ONESHOT.md").read_text()
     rows = [l for l in text.splitlines() if l.startswith(f"| {one_units[0]['model']} | sst2 | 3,4 |")]
-    assert len(rows) == 3 and "[" in rows[2] and rows[2].split("|")[-2].strip() in ("met", "met, reliably", "not met")
+    assert len(rows) == 3 and "[" in rows[2] and rows[2].split("|")[-3].strip() in ("met", "met, reliably", "not met")
+    assert rows[2].split("|")[-2].strip() == str(go.paired(one_units, "grad_kv", one_units, "icl_cc"))   # same unit
+    assert rows[1].split("|")[-2].strip() == ""                                      # ICL + CC against itself: blank
     assert "Finished: 2 of 2 one-per-class units, 2 of 2 8-shot units." in text
     sitting = json.loads((tmp_path / "grad_oneshot" / "sittings.jsonl").read_text())
     assert sitting["units"] == 4 and sitting["done"] == sorted(sitting["done"])
