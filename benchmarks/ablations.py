@@ -27,7 +27,7 @@ from pathlib import Path
 from deepthink.evaluation import EvalConfig, run_units
 from deepthink.evaluation.distributed import Processes
 from deepthink.evaluation.provenance import git_hash
-from deepthink.evaluation.report import label, load_units, replace_marked
+from deepthink.evaluation.report import label, load_units, replace_marked, unit_correct
 from deepthink.evaluation.stats import paired_bootstrap, wins_ties_losses
 from deepthink.methods.selection import argmax_first
 from deepthink.models import set_threads
@@ -108,13 +108,7 @@ def units_of(stage: str) -> list[dict]:
     return load_units([d]) if list((d / "units").glob("*.json")) else []
 
 
-def correct(stage: str, unit: dict, key: str) -> list[int]:
-    path = RESULTS / stage / "units" / (Path(unit["_file"]).stem + ".predictions.jsonl")
-    rows = [json.loads(l) for l in path.read_text().splitlines()]
-    return [int(r[key]["pred"] == r["gold"]) for r in rows]
-
-
-def compare(stage: str, units: list[dict], key: str, other) -> object:
+def compare(units: list[dict], key: str, other) -> object:
     """Paired interval of `key` minus `other` over the units' tasks; `other` is a method key, or a function
     (model, task) -> method key (e.g. the better of ICL and calibrated ICL for that task)."""
     by_task: dict[str, list[int]] = {}
@@ -122,8 +116,8 @@ def compare(stage: str, units: list[dict], key: str, other) -> object:
         ref = other(u["model"], u["task"]) if callable(other) else other
         if key not in u["accuracy"] or ref not in u["accuracy"]:
             continue
-        a, b = correct(stage, u, key), correct(stage, u, ref)
-        by_task.setdefault(u["task"], []).extend(x - y for x, y in zip(a, b))
+        a, b = unit_correct(u)[key], unit_correct(u)[ref]
+        by_task.setdefault(u["task"], []).extend(a[i] - b[i] for i in a)
     return paired_bootstrap(by_task) if by_task else None
 
 
@@ -186,8 +180,8 @@ def stage_section(stage: str, units: list[dict]) -> list[str]:
                   "|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
         for k in methods:
             cells = [fmt(mean_acc([u for u in mu if u["task"] == t], k)) for t in tasks]
-            d_icl = compare(stage, mu, k, REFERENCE) if k != REFERENCE else None
-            d_bar, d_best = compare(stage, mu, k, bar), compare(stage, mu, k, best)
+            d_icl = compare(mu, k, REFERENCE) if k != REFERENCE else None
+            d_bar, d_best = compare(mu, k, bar), compare(mu, k, best)
             pairs = [(u["accuracy"][k]["sum"], u["accuracy"][REFERENCE]["sum"]) for u in mu
                      if k in u["accuracy"] and REFERENCE in u["accuracy"]]
             w, t_, l = wins_ties_losses([a for a, _ in pairs], [b for _, b in pairs])
@@ -231,7 +225,7 @@ def goals_section(stage: str, units: list[dict]) -> list[str]:
     for k in units[0]["accuracy"]:
         if k in BASELINES or k == "zero_shot_cc":
             continue
-        ivs = [compare(stage, [u for u in units if u["model"] == m], k, bar) for m in models]
+        ivs = [compare([u for u in units if u["model"] == m], k, bar) for m in models]
         meets = sum(1 for iv in ivs if iv is not None and iv.mean >= 3 and iv.above_zero)
         gaps = []
         for m in models:
@@ -278,7 +272,7 @@ def screen_ranking(units: list[dict]) -> list[tuple[str, float]]:
     for k in units[0]["accuracy"]:
         if k in BASELINES or k in ("zero_shot", "zero_shot_cc"):
             continue
-        ivs = [compare("screen", [u for u in units if u["model"] == m], k, REFERENCE)
+        ivs = [compare([u for u in units if u["model"] == m], k, REFERENCE)
                for m in sorted({u["model"] for u in units})]
         ivs = [iv for iv in ivs if iv is not None]
         if ivs:
@@ -294,14 +288,14 @@ RULE = ("The rule, fixed before any confirmation unit ran and applied to the con
         "difference to ICL is at least 0 on every model, else ICL.")
 
 
-def recommend(stage: str, units: list[dict], candidates: list[str]) -> tuple[str, list[str]]:
+def recommend(units: list[dict], candidates: list[str]) -> tuple[str, list[str]]:
     """The recommended default by RULE, and the evidence lines (one per method considered, per model)."""
     models = sorted({u["model"] for u in units})
     per = {m: [u for u in units if u["model"] == m] for m in models}
     evidence, qualified = [], []
     for k in candidates:
-        d_icl = [compare(stage, per[m], k, REFERENCE) for m in models]
-        d_cc = [compare(stage, per[m], k, CALIBRATED) for m in models]
+        d_icl = [compare(per[m], k, REFERENCE) for m in models]
+        d_cc = [compare(per[m], k, CALIBRATED) for m in models]
         if None in d_icl or None in d_cc:
             continue
         ok = all(d.above_zero for d in d_icl) and all(d.mean >= 0 for d in d_cc)
@@ -311,7 +305,7 @@ def recommend(stage: str, units: list[dict], candidates: list[str]) -> tuple[str
             qualified.append((statistics.fmean(d.mean for d in d_cc), k))
     if qualified:
         return max(qualified)[1], evidence
-    cc = [compare(stage, per[m], CALIBRATED, REFERENCE) for m in models]
+    cc = [compare(per[m], CALIBRATED, REFERENCE) for m in models]
     evidence.append("- `icl_cc`: " + "; ".join(f"{m}: {d} vs ICL" for m, d in zip(models, cc)))
     return (CALIBRATED if all(d is not None and d.mean >= 0 for d in cc) else REFERENCE), evidence
 
@@ -322,14 +316,14 @@ def default_line(confirm: list[dict], want: int, picked: list[str]) -> str:
         return (f"Recommended default: pending ({len(confirm)} of {want} confirmation units); the rule that will pick "
                 "it is written in ABLATIONS.md, fixed before the confirmation ran.")
     return (f"Recommended default (by the rule in ABLATIONS.md, from the confirmation alone): "
-            f"`{recommend('confirm', confirm, picked)[0]}`.")
+            f"`{recommend(confirm, picked)[0]}`.")
 
 
 def recommendation_section(confirm: list[dict], want: int, picked: list[str]) -> list[str]:
     lines = ["## Recommended default", "", RULE, ""]
     if len(confirm) < want:
         return lines + [f"Pending: {len(confirm)} of {want} confirmation units have finished."]
-    best, evidence = recommend("confirm", confirm, picked)
+    best, evidence = recommend(confirm, picked)
     verdict = (f"**`{best}`**: it beats ICL reliably on every model and is not below calibrated ICL."
                if best in picked else f"**`{best}`**: no confirmed method beats ICL reliably on every model "
                "without falling below calibrated ICL, so the default is the safest rule.")
@@ -375,8 +369,8 @@ def readme_summary(units: list[dict], want: int) -> str:
             continue
         cells = []
         for m in models:
-            d_icl, d_bar = compare("screen", per[m], k, REFERENCE), compare("screen", per[m], k, bar)
-            cells += [str(d_icl or "–"), str(d_bar or "–"), str(compare("screen", per[m], k, best) or "–")]
+            d_icl, d_bar = compare(per[m], k, REFERENCE), compare(per[m], k, bar)
+            cells += [str(d_icl or "–"), str(d_bar or "–"), str(compare(per[m], k, best) or "–")]
         lines.append(f"| {label(k)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

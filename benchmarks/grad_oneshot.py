@@ -17,7 +17,7 @@ from pathlib import Path
 from deepthink.evaluation import EvalConfig, run_units
 from deepthink.evaluation.distributed import Processes
 from deepthink.evaluation.provenance import git_hash
-from deepthink.evaluation.report import label, load_units
+from deepthink.evaluation.report import label, load_units, unit_correct
 from deepthink.evaluation.stats import paired_bootstrap
 from deepthink.io import write_atomic
 from deepthink.models import set_threads
@@ -53,13 +53,6 @@ def jobs_of(setting: str, models, tasks, seeds) -> list:
     return [(m, t, s, cfg) for s in seeds for m in models for t in tasks]
 
 
-def predictions(unit: dict, key: str) -> dict[int, int]:
-    """{eval row index: 1 if `key` got it right} from the unit's per-item predictions."""
-    path = Path(unit["_file"]).with_suffix(".predictions.jsonl")
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {r["index"]: int(r[key]["pred"] == r["gold"]) for r in rows}
-
-
 def paired(units_a: list[dict], key_a: str, units_b: list[dict], key_b: str):
     """Paired interval of (setting a, key_a) minus (setting b, key_b) over the (model, task, seed) both hold,
     items matched by their eval row; the two settings must have scored the same items."""
@@ -69,7 +62,7 @@ def paired(units_a: list[dict], key_a: str, units_b: list[dict], key_b: str):
         v = by.get((u["model"], u["task"], u["seed"]))
         if v is None or key_a not in u["accuracy"] or key_b not in v["accuracy"]:
             continue
-        a, b = predictions(u, key_a), predictions(v, key_b)
+        a, b = unit_correct(u)[key_a], unit_correct(v)[key_b]
         if a.keys() != b.keys():
             raise ValueError(f"{u['_file']} and {v['_file']} scored different items: not comparable")
         diffs.setdefault(u["task"], []).extend(a[i] - b[i] for i in sorted(a))

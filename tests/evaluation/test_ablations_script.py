@@ -85,7 +85,7 @@ def _synthetic_confirm(tmp_path, monkeypatch, correct_by_model):
     units.mkdir(parents=True)
     for model, by_method in correct_by_model.items():
         n = len(next(iter(by_method.values())))
-        rows = [{"gold": 1, **{k: {"pred": int(v[i])} for k, v in by_method.items()}} for i in range(n)]
+        rows = [{"index": i, "gold": 1, **{k: {"pred": int(v[i])} for k, v in by_method.items()}} for i in range(n)]
         stem = f"{model}__sst2__seed3"
         (units / f"{stem}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         acc = {k: {"sum": 100 * sum(v) / n, "norm": 100 * sum(v) / n} for k, v in by_method.items()}
@@ -100,7 +100,7 @@ def test_the_recommended_default_follows_the_rule_written_before_the_confirmatio
                                                            "m2": {"icl": ICL, "icl_cc": CC, "a": GOOD, "b": WEAK}})
     assert ab.best_of(units, ["icl", "icl_cc", "zero_shot"])("m1", "sst2") == "icl_cc"   # missing keys skipped
     assert ab.best_of(units, ["a", "icl_cc"])("m2", "sst2") == "a"
-    best, evidence = ab.recommend("confirm", units, ["a", "b"])
+    best, evidence = ab.recommend(units, ["a", "b"])
     assert best == "a" and len(evidence) == 2 and evidence[0].endswith("qualifies")
     assert not evidence[1].endswith("qualifies")
     section = ab.recommendation_section(units, 2, ["a", "b"])
@@ -112,7 +112,7 @@ def test_without_a_reliable_method_the_default_is_the_safest_rule(tmp_path, monk
     # "a" beats ICL on m1 only: it does not qualify; calibrated ICL is at least ICL on both -> icl_cc
     ab, units = _synthetic_confirm(tmp_path, monkeypatch, {"m1": {"icl": ICL, "icl_cc": GOOD, "a": GOOD},
                                                            "m2": {"icl": ICL, "icl_cc": ICL, "a": WORSE}})
-    best, evidence = ab.recommend("confirm", units, ["a"])
+    best, evidence = ab.recommend(units, ["a"])
     assert best == "icl_cc" and evidence[-1].startswith("- `icl_cc`: m1: +25.0")
     assert "no confirmed method beats ICL reliably" in "\n".join(ab.recommendation_section(units, 2, ["a"]))
 
@@ -120,4 +120,4 @@ def test_without_a_reliable_method_the_default_is_the_safest_rule(tmp_path, monk
 def test_calibration_below_icl_on_one_model_leaves_icl_the_default(tmp_path, monkeypatch):
     ab, units = _synthetic_confirm(tmp_path, monkeypatch, {"m1": {"icl": ICL, "icl_cc": GOOD, "a": ICL},
                                                            "m2": {"icl": ICL, "icl_cc": WORSE, "a": ICL}})
-    assert ab.recommend("confirm", units, ["a"])[0] == "icl"
+    assert ab.recommend(units, ["a"])[0] == "icl"

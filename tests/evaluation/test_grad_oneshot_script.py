@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import SHARED_DATA, load_benchmark
+from deepthink.evaluation.report import unit_correct
 
 
 def test_one_per_class_against_paper_shots_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
@@ -23,12 +24,12 @@ def test_one_per_class_against_paper_shots_on_a_tiny_model(tiny_model_dir, tmp_p
     one_units, paper_units = go.units("one"), go.units("paper")
     assert len(one_units) == len(paper_units) == 2
     for u, v in zip(sorted(one_units, key=lambda u: u["seed"]), sorted(paper_units, key=lambda u: u["seed"])):
-        assert go.predictions(u, "icl").keys() == go.predictions(v, "icl").keys()      # the same scored items
+        assert unit_correct(u)["icl"].keys() == unit_correct(v)["icl"].keys()      # the same scored items
         assert u["config"]["shots"] == 1 and v["config"]["shots"] == 2
     # the interval is the paired one over the 12 (seed, item) pairs
     iv = go.paired(one_units, "grad_kv", paper_units, "icl")
     diffs = [a - b for u in one_units for v in paper_units if v["seed"] == u["seed"]
-             for a, b in zip(go.predictions(u, "grad_kv").values(), go.predictions(v, "icl").values())]
+             for a, b in zip(unit_correct(u)["grad_kv"].values(), unit_correct(v)["icl"].values())]
     assert iv.mean == pytest.approx(100 * sum(diffs) / len(diffs))
     text = (tmp_path / "GRAD_ONESHOT.md").read_text()
     rows = [l for l in text.splitlines() if l.startswith(f"| {one_units[0]['model']} | sst2 | 3,4 |")]

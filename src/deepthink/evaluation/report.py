@@ -6,6 +6,7 @@ reference method (ICL by default).
 """
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -22,6 +23,26 @@ def label(name: str) -> str:
     """A method's column label (its registry label, "@VARIANT" added; the bare name for a method not
     registered in this process)."""
     return variant_label(name)
+
+
+def unit_correct(unit: dict) -> dict[str, dict[int, int]]:
+    """Per method, {eval row index: 1 if its prediction (summed log-prob) was right, else 0}, from the unit's
+    per-item predictions beside unit["_file"]; each file is parsed once while it is unchanged (reports pair
+    every method with several others, unit by unit)."""
+    path = Path(unit["_file"]).with_suffix(".predictions.jsonl")
+    st = path.stat()
+    return _correct(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _correct(path: str, mtime_ns: int, size: int) -> dict[str, dict[int, int]]:
+    out: dict[str, dict[int, int]] = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        for method, v in row.items():
+            if isinstance(v, dict) and "pred" in v:
+                out.setdefault(method, {})[row["index"]] = int(v["pred"] == row["gold"])
+    return out
 
 
 def upgrade_unit(u: dict) -> dict:
