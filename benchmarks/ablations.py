@@ -26,7 +26,7 @@ from pathlib import Path
 
 from deepthink.evaluation import EvalConfig, run_units
 from deepthink.evaluation.distributed import Processes
-from deepthink.evaluation.provenance import git_hash
+from deepthink.evaluation.provenance import Sitting, sitting_lines
 from deepthink.evaluation.report import label, load_units, replace_marked, unit_correct
 from deepthink.evaluation.stats import paired_bootstrap, wins_ties_losses
 from deepthink.methods.selection import argmax_first
@@ -330,18 +330,6 @@ def recommendation_section(confirm: list[dict], want: int, picked: list[str]) ->
     return lines + [verdict, "", *evidence]
 
 
-def sittings(stage: str) -> list[str]:
-    path = RESULTS / stage / "sittings.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        s = json.loads(line)
-        out.append(f"- {s['start']} – {s['end']}: {s['command']} — {s['units']} unit(s) finished "
-                   f"({', '.join(s['done']) or 'none'}), {s['minutes']:.1f} min, git {s['git']}")
-    return out
-
-
 README = ROOT.parent / "README.md"
 README_MARK = ("<!-- ablations-summary: written by benchmarks/ablations.py -->", "<!-- /ablations-summary -->")
 
@@ -415,7 +403,8 @@ def write_markdown() -> Path:
              "and feed no number below.", "", SHRUNK, "",
              "Methods and options (`deepthink methods` explains each):", ""]
     lines += [f"- `{k}`: " + (", ".join(f"{o}={v}" for o, v in opts.items()) or "defaults") for k, opts in GRID.items()]
-    lines += ["", f"## Screen ({len(screen)} of {want} units)", "", *sittings("screen"), "", *stage_section("screen", screen)]
+    lines += ["", f"## Screen ({len(screen)} of {want} units)", "", *sitting_lines(RESULTS / "screen" / "sittings.jsonl"),
+              "", *stage_section("screen", screen)]
     sel, picked = RESULTS / "confirm" / "selection.json", []
     if len(screen) == want:
         if not sel.exists():
@@ -426,7 +415,7 @@ def write_markdown() -> Path:
         picked = made["picked"]
         lines += ["## Confirmation", "", f"Picked from the screen alone on {made['made']} (mean Δ vs ICL over "
                   "models and tasks): " + ", ".join(f"`{k}`" for k in picked) + ".", "",
-                  *sittings("confirm"), "", *stage_section("confirm", confirm), "",
+                  *sitting_lines(RESULTS / "confirm" / "sittings.jsonl"), "", *stage_section("confirm", confirm), "",
                   *recommendation_section(confirm, want_confirm, picked)]
     else:
         lines += ["## Confirmation", "", "Not started: the confirmation's methods are picked once the screen is "
@@ -455,7 +444,7 @@ def main(argv=None) -> int:
         methods = GRID if args.stage == "screen" else confirm_methods()
         out = RESULTS / args.stage
         before = {f.name for f in (out / "units").glob("*.json")} if (out / "units").exists() else set()
-        start, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
+        sitting = Sitting("python benchmarks/ablations.py " + " ".join(argv or sys.argv[1:]))
         # seed-major: an interrupt leaves whole seeds
         jobs = [(model, task, seed, stage_config(args.stage, model, task, seed, methods))
                 for seed in args.seeds or stage["seeds"] for model in args.models or stage["models"]
@@ -465,13 +454,7 @@ def main(argv=None) -> int:
         finally:
             done = sorted({f.name for f in (out / "units").glob("*.json")} - before) if (out / "units").exists() else []
             if procs.is_main and (done or not before):
-                record = {"start": start, "end": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                          "command": "python benchmarks/ablations.py " + " ".join(argv or sys.argv[1:]),
-                          "units": len(done), "done": [d.removesuffix(".json") for d in done],
-                          "minutes": (time.perf_counter() - t0) / 60, "git": git_hash(), "processes": procs.size}
-                (out).mkdir(parents=True, exist_ok=True)
-                with open(out / "sittings.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                sitting.record(out / "sittings.jsonl", [d.removesuffix(".json") for d in done], procs.size)
     if procs.is_main:
         print(f"wrote {write_markdown()}")
     return 0

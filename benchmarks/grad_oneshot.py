@@ -9,14 +9,12 @@ PROTOCOL below says what runs and how the goal is read.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 from deepthink.evaluation import EvalConfig, run_units
 from deepthink.evaluation.distributed import Processes
-from deepthink.evaluation.provenance import git_hash
+from deepthink.evaluation.provenance import Sitting, sitting_lines
 from deepthink.evaluation.report import label, load_units, unit_correct
 from deepthink.evaluation.stats import paired_bootstrap
 from deepthink.io import write_atomic
@@ -94,14 +92,8 @@ def markdown() -> str:
              "`benchmarks/results/grad_oneshot/`). " + PROTOCOL, "",
              f"Finished: {len(got['one'])} of {want} one-per-class units, {len(got['paper'])} of {want} 8-shot "
              "units.", ""]
-    sittings = RESULTS / "sittings.jsonl"
-    if sittings.exists():
-        for line in sittings.read_text().splitlines():
-            s = json.loads(line)
-            lines.append(f"- {s['start']} – {s['end']}: {s['command']} — {s['units']} unit(s) "
-                         f"({', '.join(s['done']) or 'none'}), "
-                         f"{s['minutes']:.1f} min, git {s['git']}")
-        lines.append("")
+    if sits := sitting_lines(RESULTS / "sittings.jsonl"):
+        lines += [*sits, ""]
     lines += ["Points: accuracy % (summed log-prob, mean over the seeds finished); Δ = paired difference over (seed, "
               "item) [95 % bootstrap interval]; goal = within 2 points of 8-shot ICL. The last column compares with "
               "calibrated ICL on the same one demonstration per class: where 8-shot ICL is weak (a model the "
@@ -144,7 +136,7 @@ def main(argv=None) -> int:
     procs = Processes()
     set_threads(procs.threads(None))
     if not args.write_only:
-        start, t0, lm_cache = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter(), {}
+        sitting, lm_cache = Sitting("python benchmarks/grad_oneshot.py " + " ".join(argv or sys.argv[1:])), {}
         before = finished_files()
         try:
             for setting in SETTINGS:     # the same models loaded once for both settings
@@ -152,14 +144,7 @@ def main(argv=None) -> int:
                           data_dir=args.data_dir, progress=not args.quiet, procs=procs, lm_cache=lm_cache)
         finally:
             if procs.is_main:
-                done = sorted(finished_files() - before)
-                RESULTS.mkdir(parents=True, exist_ok=True)
-                record = {"start": start, "end": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                          "command": "python benchmarks/grad_oneshot.py " + " ".join(argv or sys.argv[1:]),
-                          "units": len(done), "done": done, "minutes": (time.perf_counter() - t0) / 60, "git": git_hash(),
-                          "processes": procs.size}
-                with open(RESULTS / "sittings.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                sitting.record(RESULTS / "sittings.jsonl", sorted(finished_files() - before), procs.size)
     if procs.is_main:
         write_atomic(MARKDOWN, markdown())
         print(f"wrote {MARKDOWN}")

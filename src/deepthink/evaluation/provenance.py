@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 from ..version import __version__
@@ -36,3 +38,34 @@ def environment() -> dict:
     return {"deepthink": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "git": git_hash(),
             "threads": torch.get_num_threads()}
+
+
+class Sitting:
+    """One run of a resumable benchmark, for its ``sittings.jsonl`` log: when it started and ended, the command,
+    the units it finished, its minutes and the git of the code it ran. Start it before the units run."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.start, self._t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
+
+    def record(self, log: Path, done: list[str], processes: int = 1) -> dict:
+        """Append this sitting, with the units it finished (``done``), as one line of ``log``."""
+        entry = {"start": self.start, "end": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "command": self.command, "units": len(done), "done": sorted(done),
+                 "minutes": (time.perf_counter() - self._t0) / 60, "git": git_hash(), "processes": processes}
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        return entry
+
+
+def sitting_lines(log: Path) -> list[str]:
+    """A Markdown bullet per sitting of ``log`` (none when it does not exist yet)."""
+    if not log.exists():
+        return []
+    out = []
+    for line in log.read_text().splitlines():
+        s = json.loads(line)
+        out.append(f"- {s['start']} – {s['end']}: {s['command']} — {s['units']} unit(s) finished "
+                   f"({', '.join(s['done']) or 'none'}), {s['minutes']:.1f} min, git {s['git']}")
+    return out
