@@ -27,7 +27,7 @@ from pathlib import Path
 from deepthink.evaluation import EvalConfig, run_units
 from deepthink.evaluation.distributed import Processes
 from deepthink.evaluation.provenance import Sitting, sitting_lines
-from deepthink.evaluation.report import label, load_units, replace_marked, unit_correct
+from deepthink.evaluation.report import fmt, label, load_units, replace_marked, unit_correct
 from deepthink.evaluation.stats import paired_bootstrap, wins_ties_losses
 from deepthink.methods.selection import argmax_first
 from deepthink.models import set_threads
@@ -124,10 +124,6 @@ def compare(units: list[dict], key: str, other) -> object:
 def mean_acc(units, key, score: str = "sum"):
     vals = [u["accuracy"][key][score] for u in units if key in u["accuracy"]]
     return (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None) if vals else None
-
-
-def fmt(ms) -> str:
-    return "–" if ms is None else (f"{ms[0]:.1f}" if ms[1] is None else f"{ms[0]:.1f} ± {ms[1]:.1f}")
 
 
 def best_of(units, keys):
@@ -390,6 +386,51 @@ def unit_table(units: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PAPER_SHOTS_MARK = ("<!-- paper-shots: written by benchmarks/ablations.py -->", "<!-- /paper-shots -->")
+# REPRODUCTION.md's rows at the paper's shot counts: the paper's settings, the bar and gradient tuning beside them
+PAPER_SHOTS = ["zero_shot", "icl", "icl_cc", "dt_fixed", "dt_dev", "grad_kv", "grad_kv@lr01"]
+PAPER_SHOTS_DELTA = ["dt_dev", "grad_kv"]
+
+
+def paper_shots_section(stages: dict[str, list[dict]]) -> str:
+    """REPRODUCTION.md's section on the paper's shot counts, every model, from the finished units of each stage
+    (a stage runs only the methods it ran: "–" for the others); the two differences to ICL are paired."""
+    if not any(stages.values()):
+        return ""
+    o = {k: GRID[k] for k in ("dt_fixed", "dt_dev", "grad_kv", "grad_kv@lr01") if k in GRID}
+    said = []
+    if "dt_fixed" in o:
+        said.append(f"DT fixed-T: T = {o['dt_fixed'].get('steps')}, momentum {o['dt_fixed'].get('momentum')} (the ACL "
+                    "paper's no-dev setting).")
+    if "dt_dev" in o:
+        said.append(f"DT dev-T: T in 1..{o['dt_dev'].get('steps')}, momentum {o['dt_dev'].get('momentum')}, step size "
+                    f"{o['dt_dev'].get('step_size')}, chosen by dev accuracy (ties to the smaller T); T = 1 is ICL.")
+    said += [f"{label(k)}: Adam at lr {o[k].get('lr')}, steps 0..{o[k].get('steps')} chosen by dev accuracy "
+             "(docs/gradient.md)." for k in ("grad_kv", "grad_kv@lr01") if k in o]
+    lines = ["## The paper's shot counts, all models (from benchmarks/ablations.py)", "",
+             "The ACL paper's settings (demonstrations per class: " + ", ".join(f"{t} {k}" for t, k in SHOTS.items())
+             + "), from the ablation benchmark's units, each stage on its own (its sizes, seeds and "
+             "every other method in [ABLATIONS.md](ABLATIONS.md)). " + " ".join(said) + " ICL + CC is calibrated ICL, "
+             "the bar of issues 10 and 11. Accuracy %, summed log-prob, mean ± std over seeds; Δ = paired difference "
+             "to ICL [95 % bootstrap interval over (seed, item)].", "",
+             "| model | task | stage | seeds | n eval | " + " | ".join(label(k) for k in PAPER_SHOTS) + " | "
+             + " | ".join(f"{label(k)} T" for k in PAPER_SHOTS_DELTA) + " | "
+             + " | ".join(f"Δ {label(k)} − ICL" for k in PAPER_SHOTS_DELTA) + " |",
+             "|---|---|---|---|---|" + "---|" * (len(PAPER_SHOTS) + 2 * len(PAPER_SHOTS_DELTA))]
+    for stage, units in stages.items():
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for u in units:
+            groups.setdefault((u["model"], u["task"]), []).append(u)
+        for (model, task), us in sorted(groups.items(), key=lambda g: (g[0][0], TASKS.index(g[0][1]))):
+            us = sorted(us, key=lambda u: u["seed"])
+            chosen = [",".join(str(u["methods"][k].get("chosen_steps")) for u in us if k in u["methods"]) or "–"
+                      for k in PAPER_SHOTS_DELTA]
+            lines.append(f"| {model} | {task} | {stage} | {','.join(str(u['seed']) for u in us)} | {us[0]['n_eval']} | "
+                         + " | ".join(fmt(mean_acc(us, k)) for k in PAPER_SHOTS) + " | " + " | ".join(chosen) + " | "
+                         + " | ".join(str(compare(us, k, REFERENCE) or "–") for k in PAPER_SHOTS_DELTA) + " |")
+    return "\n".join(lines)
+
+
 def write_markdown() -> Path:
     screen, confirm = units_of("screen"), units_of("confirm")
     want = len(STAGES["screen"]["models"]) * len(STAGES["screen"]["seeds"]) * len(TASKS)
@@ -424,6 +465,8 @@ def write_markdown() -> Path:
     replace_marked(README, README_MARK,
                    readme_summary(screen, want) + "\n\n" + default_line(confirm, want_confirm, picked))
     replace_marked(GRADIENT_DOC, GRADIENT_MARK, unit_table(screen))
+    replace_marked(MARKDOWN.with_name("REPRODUCTION.md"), PAPER_SHOTS_MARK,
+                   paper_shots_section({"screen": screen, "confirm": confirm}))
     return MARKDOWN
 
 

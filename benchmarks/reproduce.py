@@ -183,7 +183,10 @@ def write_markdown(profile: str, out_dir: Path, command: str, dest: Path = RESUL
         lines += ["", "None of the paper's model families can be installed here (../shared/MODELS.md), and the "
                   "paper publishes no per-task table for COPA, HellaSwag, OBQA, QASC or WinoGrande, so no row "
                   "above is a like-for-like comparison."]
-    lines += paper_settings()
+    # the paper's shot counts on every model: a section benchmarks/ablations.py writes from its units and keeps
+    # current; kept as it stands when this profile's part is rewritten
+    kept = report.read_marked(dest, PAPER_SHOTS_MARK)
+    lines += ["", PAPER_SHOTS_MARK[0], *([kept] if kept else []), PAPER_SHOTS_MARK[1]]
     notes = sorted({n if n.startswith(u["task"] + ":") else f"{u['task']}: {n}" for u in units for n in u["notes"]})
     if notes:
         lines += ["", "## Deviations from the reference, as recorded by the runs", ""] + [f"- {n}" for n in notes]
@@ -198,34 +201,8 @@ def write_markdown(profile: str, out_dir: Path, command: str, dest: Path = RESUL
     return dest
 
 
-ABLATIONS = RESULTS / "ablations"
-PAPER_SETTING = ["zero_shot", "icl", "dt_fixed", "dt_dev"]
-
-
-def paper_settings(root: Path = ABLATIONS) -> list[str]:
-    """The paper's shot counts on every model the ablation benchmark ran (its screen and confirmation units):
-    zero-shot, ICL, DT at a fixed T and DT with T chosen on dev, beside the rows above."""
-    dirs = [root / s for s in ("screen", "confirm") if list((root / s / "units").glob("*.json"))]
-    if not dirs:
-        return []
-    units = report.load_units(dirs)
-    rows = [r for r in report.summarize(units, "sum") if all(k in r for k in PAPER_SETTING)]
-    methods = units[0]["config"]["methods"]
-    lines = ["", "## The paper's shot counts, all models (from benchmarks/ablations.py)", "",
-             "The ACL paper's settings (sst2 8, sst5 10, trec 12, mr 8, agnews 8 demonstrations), from the ablation "
-             "benchmark's units (screen and confirmation; per-stage sizes, seeds and every other method in "
-             "[ABLATIONS.md](ABLATIONS.md)). " + protocol({"methods": {k: methods[k] for k in ("dt_fixed", "dt_dev")}})
-             + " Accuracy %, summed log-prob, mean ± std over seeds.", "",
-             "| model | task | seeds | n eval | " + " | ".join(label(k) for k in PAPER_SETTING)
-             + " | dev-chosen T | DT dev-T − ICL |", "|---|---|---|---|" + "---|" * (len(PAPER_SETTING) + 2)]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['task']} | {','.join(map(str, r['seeds']))} | {r['n_eval']} | "
-                     + " | ".join(fmt(r[k]) for k in PAPER_SETTING)
-                     + f" | {','.join(map(str, r['chosen_steps'].get('dt_dev', [])))} | {report.difference(r, 'dt_dev')} |")
-    return lines
-
-
 README_MARK = ("<!-- reproduction-summary -->", "<!-- /reproduction-summary -->")
+PAPER_SHOTS_MARK = ("<!-- paper-shots: written by benchmarks/ablations.py -->", "<!-- /paper-shots -->")
 
 
 def readme_summary(profile: str, out_dir: Path) -> str:

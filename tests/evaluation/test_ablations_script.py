@@ -16,6 +16,10 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     doc = tmp_path / "gradient.md"
     doc.write_text(f"{ab.GRADIENT_MARK[0]}\n{ab.GRADIENT_MARK[1]}\n")
     monkeypatch.setattr(ab, "GRADIENT_DOC", doc)
+    rep = load_benchmark("reproduce")
+    assert rep.PAPER_SHOTS_MARK == ab.PAPER_SHOTS_MARK            # reproduce.py keeps the section ablations.py writes
+    reproduction = tmp_path / "REPRODUCTION.md"                   # beside MARKDOWN, as in benchmarks/results
+    reproduction.write_text(f"top\n{ab.PAPER_SHOTS_MARK[0]}\n{ab.PAPER_SHOTS_MARK[1]}\n")
     monkeypatch.setattr(ab, "TASKS", ["sst2"])
     monkeypatch.setattr(ab, "SHOTS", {"sst2": 1})
     monkeypatch.setattr(ab, "GRID", {"zero_shot": {}, "icl": {}, "icl_cc": {}, "dt_fixed": {"steps": 2},
@@ -53,13 +57,15 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert len(per_unit) == 2 and per_unit[0].split(" | ")[1] == "sst2/0"     # one row per unit, T beside
     assert summary.startswith("Screen, 2 of 2 units finished") and "| DT dev-T | " in summary
     assert ab.readme_summary([], 2) == "No ablation unit has finished yet."
-    # REPRODUCTION.md's paper-settings rows come from these units
-    rep = load_benchmark("reproduce")
-    section = rep.paper_settings(tmp_path / "ablations")
-    row = [l for l in section if "| sst2 | 0,1 | 6 |" in l]
+    # REPRODUCTION.md's paper-settings rows come from these units, grad KV's columns "–" where a stage lacks it
+    section = reproduction.read_text().split(ab.PAPER_SHOTS_MARK[0])[1]
+    row = [l for l in section.splitlines() if "| sst2 | screen | 0,1 | 6 |" in l]
     assert len(row) == 1, section
-    assert row[0].count("|") == 11 and "T in 1..2" in "\n".join(section)
-    assert rep.paper_settings(tmp_path / "nothing") == []
+    cells = [c.strip() for c in row[0].split("|")[1:-1]]
+    assert len(cells) == 5 + len(ab.PAPER_SHOTS) + 4 and cells[10:12] == ["–", "–"] and cells[13] == "–"
+    assert [int(t) in (1, 2) for t in cells[12].split(",")] == [True, True]     # dt_dev's T, per seed
+    assert cells[14].startswith(("+", "-")) and "[" in cells[14] and "T in 1..2" in section
+    assert ab.paper_shots_section({"screen": [], "confirm": []}) == ""
     ab.main(["--stage", "confirm", "--quiet", "--data-dir", str(SHARED_DATA)])
     unit = json.loads(next((tmp_path / "ablations" / "confirm" / "units").glob("*.json")).read_text())
     assert set(unit["accuracy"]) == {"zero_shot", "icl", "icl_cc", *sel["picked"]}
@@ -68,6 +74,7 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     rec = text.split("## Recommended default")[1]
     assert "**`" in rec and "Pending" not in rec                       # the confirmation is complete: a verdict
     assert "Recommended default (by the rule in" in readme.read_text()
+    assert "| sst2 | confirm | 3 | 6 |" in reproduction.read_text()     # the confirmation's rows beside the screen's
 
 
 def _correct(right: int, n: int = 200) -> list[int]:

@@ -149,7 +149,11 @@ def test_reproduction_markdown_from_finished_units(finished, tmp_path):
     reproduce = load_benchmark("reproduce")
     assert reproduce.task_config("default", "hellaswag").max_eval == 50
     assert reproduce.task_config("default", "sst2") == reproduce.PROFILES["default"]["config"]
-    text = reproduce.write_markdown("default", finished, "cmd", dest=tmp_path / "R.md").read_text()
+    dest = tmp_path / "R.md"                    # the ablation benchmark's section is kept as it stands
+    dest.write_text(f"old\n{reproduce.PAPER_SHOTS_MARK[0]}\n## written by ablations.py\n{reproduce.PAPER_SHOTS_MARK[1]}\n")
+    text = reproduce.write_markdown("default", finished, "cmd", dest=dest).read_text()
+    assert f"{reproduce.PAPER_SHOTS_MARK[0]}\n## written by ablations.py\n{reproduce.PAPER_SHOTS_MARK[1]}" in text
+    assert not text.startswith("old")
     assert "**Status: 0 of 30 units of the profile finished.**" in text      # the tiny model is not in the profile
     assert "hellaswag alone uses max eval 50, dev size 16" in text
     rows = [l for l in text.splitlines() if l.startswith("| ") and "| sst2 | 2 | 8 |" in l]

@@ -226,6 +226,16 @@ def write_report(dirs, out, log=print) -> dict:
     return results
 
 
+def read_marked(path: Path, marks: tuple[str, str]) -> str | None:
+    """What stands between the two marker lines of a text file (None when the file or a marker is missing)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    start, end = marks
+    if start not in text or end not in text:
+        return None
+    return text.split(start, 1)[1].split(end, 1)[0].strip("\n")
+
+
 def replace_marked(path: Path, marks: tuple[str, str], body: str) -> bool:
     """Put `body` between the two marker lines of a text file (a README's generated table); False, touching
     nothing, when the file or either marker is missing."""
