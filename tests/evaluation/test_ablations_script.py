@@ -68,7 +68,7 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert ab.paper_shots_section({"screen": [], "confirm": []}) == ""
     ab.main(["--stage", "confirm", "--quiet", "--data-dir", str(SHARED_DATA)])
     unit = json.loads(next((tmp_path / "ablations" / "confirm" / "units").glob("*.json")).read_text())
-    assert set(unit["accuracy"]) == {"zero_shot", "icl", "icl_cc", *sel["picked"]}
+    assert set(unit["accuracy"]) == {"zero_shot", "icl", "icl_cc", "dt_fixed", "dt_dev", *sel["picked"]}
     text = (tmp_path / "ABLATIONS.md").read_text()
     assert "## Confirmation" in text and "## Recommended default" in text
     rec = text.split("## Recommended default")[1]
