@@ -88,7 +88,7 @@ def tiny_lm(arch: str, seed: int = 0, **overrides) -> deepthink.LM:
 
     config = tiny_config(arch)
     for k, val in overrides.items():
-        setattr(config, k, val)
+        setattr(config, k, list(val) if isinstance(val, tuple) else val)   # tuples: hashable for the cache
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # random init is near-uniform; scale up so that scores and updates are far from trivial

@@ -204,5 +204,29 @@ def test_bad_inputs_are_clear_errors():
         GradientTuner(tiny_lm("llama"), ITEMS[0].demo_text + "\n\n", ITEMS[:1])
     with pytest.raises(ValueError, match="do not spell the demonstration text"):
         GradientTuner(tiny_lm("llama"), TEXT + "extra", ITEMS)
-    with pytest.raises(ValueError, match="sliding window of 40"):
-        GradientTuner(tiny_lm("mistral", sliding_window=40), TEXT, ITEMS)
+    with pytest.raises(ValueError, match="see only the last 40: .* at most 39 tokens"):
+        GradientTuner(tiny_lm("mistral", sliding_window=40), TEXT, ITEMS)     # the demonstrations alone are ~71
+
+
+WINDOWED = {"gemma3": dict(sliding_window=80), "mistral": dict(sliding_window=80), "gpt_neo": dict(window_size=80),
+            "qwen2": dict(sliding_window=80, use_sliding_window=True,
+                          layer_types=("full_attention", "sliding_attention"))}
+
+
+@pytest.mark.parametrize("arch", sorted(WINDOWED))
+def test_queries_that_cross_a_sliding_window_see_what_scoring_sees(arch):
+    """Demonstrations within the window, queries past it (as gemma3-270m's 512-token window with agnews' 8
+    demonstrations): the sliding-window layers of the masked forward see only the last 80 positions, like
+    scoring, per layer type; a hidden span still changes nothing."""
+    lm = tiny_lm(arch, **WINDOWED[arch])
+    t = GradientTuner(lm, TEXT, ITEMS, GradientConfig(lr=0.0, steps=2))
+    assert t.length < 80 and all(t.length + len(r.ids) > 80 for r in t.rows)        # every row crosses it
+    ctx = t.step()
+    t.check_mask()                               # the guard itself: unmasked equals scoring, hidden span inert
+    plain = t.logprobs([Row(None, r.ids, r.start) for r in t.rows]).tolist()
+    ref = [ctx.score([e.query], [[e.continuations[e.label]]]).logprob[0][0] for e in ITEMS]
+    assert plain == pytest.approx(ref, abs=1e-4)
+    unwindowed = tiny_lm(arch)                   # the same weights with the default 200-token window: it differs
+    far = GradientTuner(unwindowed, TEXT, ITEMS, GradientConfig(lr=0.0, steps=2))
+    far.step()
+    assert far.logprobs([Row(None, r.ids, r.start) for r in far.rows]).tolist() != pytest.approx(ref, abs=1e-4)

@@ -199,7 +199,7 @@ class _ReadOnlyPrefix(DynamicLayer):
     """A layer's prefix keys/values (B, h, L, d); `update` returns them with the new ones but stores nothing,
     so a recomputed (checkpointed) layer sees exactly what the first pass saw."""
 
-    is_sliding = False     # the caller checks that no window reaches into the prefix
+    is_sliding = False     # windows are in the attention mask (_layer_masks), from true positions
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
@@ -227,6 +227,30 @@ def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
     """(B, 1, T, S) additive mask: 0 where allowed, the dtype's lowest value elsewhere."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
         ~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _layer_masks(model, allowed: torch.Tensor, L: int, dtype):
+    """The forward's attention mask from `allowed` (R, T, L + T) (queries at positions L..L+T-1, keys at 0..L+T-1):
+    one additive mask, or, when a sliding window reaches into the prefix, the window applied where the model
+    applies it: on every layer (Mistral), per layer type ({"full_attention": ..., "sliding_attention": ...},
+    which transformers takes as given: Gemma-3, Qwen2 with windows), or by the model itself (GPT-Neo's local
+    layers mask by cache index, which equals the position here)."""
+    mask = _additive(allowed, dtype)
+    cfg = model.config.get_text_config(decoder=True)
+    window, T = kv.sliding_window(cfg), allowed.shape[1]
+    if window is None or L + T - 1 < window or cfg.model_type == "gpt_neo":
+        return mask
+    q = L + torch.arange(T, device=allowed.device)
+    k = torch.arange(L + T, device=allowed.device)
+    windowed = _additive(allowed & (q[:, None] - k[None, :] < window), dtype)
+    types = set(getattr(cfg, "layer_types", None) or [])
+    if types - {"full_attention", "sliding_attention"}:
+        raise ValueError(f"{cfg.model_type}: layer types {sorted(types)} — gradient KV tuning's leave-one-out mask "
+                         "knows full and sliding-window attention only; keep prefix + query within "
+                         f"{window} tokens, or use forward tuning")
+    if len(types) > 1:
+        return {t: windowed if "sliding" in t else mask for t in types}
+    return windowed
 
 
 @contextlib.contextmanager
@@ -262,8 +286,8 @@ def row_logprobs(model, prefix: kv.Prefix, rows: Sequence[Row], spans: list[tupl
     T = max(map(len, inputs))
     ids = torch.tensor([x + x[-1:] * (T - len(x)) for x in inputs], device=device)     # (R, T) right-padded
     dtype = model.get_input_embeddings().weight.dtype
-    mask = _additive(_allowed(L, [spans[r.demo] if r.demo is not None else None for r in rows],
-                              [len(x) for x in inputs], T, device), dtype)           # (R, 1, T, L + T)
+    mask = _layer_masks(model, _allowed(L, [spans[r.demo] if r.demo is not None else None for r in rows],
+                                        [len(x) for x in inputs], T, device), L, dtype)   # (R, 1, T, L + T)
     cache = Cache(layers=[_ReadOnlyPrefix(k.expand(R, -1, -1, -1), v.expand(R, -1, -1, -1))
                           for k, v in zip(keys, values)])
     kwargs = {}
@@ -336,10 +360,10 @@ class GradientTuner:
             raise ValueError(f"{L} prefix + {longest} query tokens exceed the model's {limit} positions: "
                              "use fewer or shorter demonstrations")
         window = kv.sliding_window(cfg)
-        if window is not None and L + longest > window:
-            raise ValueError(f"{L} prefix + {longest} query tokens exceed the model's sliding window of {window}: "
-                             "the leave-one-out mask is one mask for every layer and cannot express the window; "
-                             f"use at most {window - longest} tokens of demonstrations")
+        if window is not None and L > window - 1:       # queries may cross the window (row_logprobs masks it)
+            raise ValueError(f"demonstrations are {L} tokens but the model's sliding-window layers see only the last "
+                             f"{window}: a demonstration could not read the whole prefix in the leave-one-out "
+                             f"objective. Use at most {window - 1} tokens of demonstrations")
 
     def reset(self) -> None:
         """Forget everything: cache, optimiser, step count, history, batch order."""
