@@ -179,3 +179,17 @@ def test_all_ten_tasks_run_end_to_end_from_the_cli(tiny_model_dir, tmp_path):
     assert sorted(u["task"] for u in units) == sorted(PAPER_TASKS)
     for u in units:
         assert set(u["accuracy"]) == set(SETTINGS) and u["n_eval"] == 3 and u["n_dev"] == 2
+
+
+@pytest.mark.parametrize("refused", ["dt_dev", "grad_kv", "grad_kv_cc"])
+def test_a_method_that_cannot_run_is_refused_before_any_method_computes(monkeypatch, refused):
+    """Demonstrations longer than a sliding window: the tuning methods say so at once, not after the methods
+    before them in the run have done their work (an ablation unit lost 24 minutes that way)."""
+    from conftest import SHARED_DATA, tiny_lm
+    from deepthink.methods.base import Workspace
+
+    lm = tiny_lm("mistral", sliding_window=40)
+    monkeypatch.setattr(Workspace, "score", lambda *a, **k: pytest.fail("a method computed before the refusal"))
+    cfg = EvalConfig(shots=2, dev_size=2, max_eval=3, methods={"zero_shot": {}, "icl": {}, refused: {"steps": 2}})
+    with pytest.raises(ValueError, match="sliding-window layers see only the last 40"):
+        runner.run_unit(lm, "sst2", 0, cfg, data_dir=SHARED_DATA, progress=False)

@@ -37,6 +37,8 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
     gold = [e.label for e in plan.eval]
     methods = cfg.make_methods()
     setup = Setup(lm, plan.demonstrations, plan.dev, cfg.batch_size, task=plan.task, demos=plan.demos)
+    for method in methods:            # every refusal before any method computes anything
+        method.check(setup)
     shard = plan.eval if procs is None or procs.size == 1 else plan.eval[procs.rank::procs.size]
     scores, curves, infos, times = {}, {}, {}, {}
     bar = _bar(progress, total=len(methods), desc=f"{lm.name} {plan.task.name} seed {seed}")

@@ -162,6 +162,11 @@ class Method:
     def prepare(self, setup: Setup) -> Prepared:
         raise NotImplementedError
 
+    def check(self, setup: Setup) -> None:
+        """Raise ValueError, saying what to fix, if this method cannot run on `setup` (e.g. demonstrations too long
+        for the model). Cheap: a run checks every method before any of them computes anything, so that a refusal
+        does not come after the other methods' work. Default: nothing to check."""
+
     def adapt(self, scorer, setup: Setup):
         """How this method reads a scorer's scores: the scorer itself here. A wrapper that changes scores (e.g.
         calibration, methods/calibration.py) overrides it; a method that chooses among scorers on training

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..tuning.config import TuningConfig
+from ..tuning.tuner import ForwardTuner
 from .base import Method, Prepared, Setup, register_method
 from .selection import SELECTIONS
 
@@ -23,6 +24,13 @@ def _run_info(ctx) -> dict:
     return {"stopped": ctx.stopped, "norms": ctx.history}
 
 
+class Tuned(Method):
+    """A method that runs forward tuning with tuning_config(self.config)."""
+
+    def check(self, setup: Setup) -> None:
+        ForwardTuner(setup.lm, setup.demonstrations, tuning_config(self.config))     # its length checks; runs nothing
+
+
 @dataclass(frozen=True)
 class FixedT(TuningConfig):
     steps: int = field(default=5, metadata={"help": "T, forward passes over the demonstrations; 1 = plain ICL"})
@@ -30,7 +38,7 @@ class FixedT(TuningConfig):
 
 
 @register_method
-class DeepThinkingFixed(Method):
+class DeepThinkingFixed(Tuned):
     name, label = "dt_fixed", "DT fixed-T"
     Config = FixedT
 
@@ -64,7 +72,7 @@ class DevT(TuningConfig):
 
 
 @register_method
-class DeepThinkingDev(Method):
+class DeepThinkingDev(Tuned):
     name, label = "dt_dev", "DT dev-T"
     Config = DevT
 

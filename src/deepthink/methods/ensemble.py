@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..scoring import Scores
-from .base import Method, Prepared, Setup, register_method
-from .deep_thinking import FixedT, tuning_config
+from .base import Prepared, Setup, register_method
+from .deep_thinking import FixedT, Tuned, tuning_config
 
 
 class EnsembleScorer:
@@ -42,7 +42,7 @@ class EnsembleT(FixedT):
 
 
 @register_method
-class DeepThinkingEnsemble(Method):
+class DeepThinkingEnsemble(Tuned):
     """Deep-Thinking's steps 1..T as an ensemble (mean log-probability per choice)."""
 
     name, label = "dt_ensemble", "DT step ensemble"

@@ -51,11 +51,19 @@ class GradKV(Method):
     name, label = "grad_kv", "grad KV"
     Config = GradKVConfig
 
-    def prepare(self, setup: Setup) -> Prepared:
-        cfg = self.config
+    @staticmethod
+    def _need_items(setup: Setup) -> None:
         if not setup.demos:
             raise ValueError("grad_kv needs the demonstrations as items (Setup.demos: a task draw or a .jsonl "
                              "demos file) to know each one's query and answer; a verbatim text file has none")
+
+    def check(self, setup: Setup) -> None:
+        self._need_items(setup)
+        GradientTuner(setup.lm, setup.demonstrations, setup.demos, gradient_config(self.config))  # lengths; no forward
+
+    def prepare(self, setup: Setup) -> Prepared:
+        cfg = self.config
+        self._need_items(setup)
         gcfg = gradient_config(cfg)
         # one run per GradientConfig in a workspace: variants that differ only in selection (and the calibrated
         # form) read the same run, its contexts and therefore its cached dev scores
