@@ -26,7 +26,7 @@ from pathlib import Path
 
 from deepthink.evaluation import EvalConfig, run_units
 from deepthink.evaluation.distributed import Processes
-from deepthink.evaluation.provenance import Sitting, sitting_lines
+from deepthink.evaluation.provenance import Sitting, sitting_lines, stopped_by
 from deepthink.evaluation.report import fmt, label, load_units, replace_marked, unit_correct
 from deepthink.evaluation.stats import paired_bootstrap, wins_ties_losses
 from deepthink.methods.selection import argmax_first
@@ -501,12 +501,16 @@ def main(argv=None) -> int:
         jobs = [(model, task, seed, stage_config(args.stage, model, task, seed, methods))
                 for seed in args.seeds or stage["seeds"] for model in args.models or stage["models"]
                 for task in args.tasks or TASKS]
+        error = None
         try:
             run_units(jobs, out, data_dir=args.data_dir, progress=not args.quiet, procs=procs)
+        except BaseException as e:    # recorded (a failed sitting costs time too), then raised
+            error = stopped_by(e)
+            raise
         finally:
             done = sorted({f.name for f in (out / "units").glob("*.json")} - before) if (out / "units").exists() else []
-            if procs.is_main and (done or not before):
-                sitting.record(out / "sittings.jsonl", [d.removesuffix(".json") for d in done], procs.size)
+            if procs.is_main and (done or error or not before):
+                sitting.record(out / "sittings.jsonl", [d.removesuffix(".json") for d in done], procs.size, error)
     if procs.is_main:
         print(f"wrote {write_markdown()}")
     return 0

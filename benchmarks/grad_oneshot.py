@@ -14,7 +14,7 @@ from pathlib import Path
 
 from deepthink.evaluation import EvalConfig, run_units
 from deepthink.evaluation.distributed import Processes
-from deepthink.evaluation.provenance import Sitting, sitting_lines
+from deepthink.evaluation.provenance import Sitting, sitting_lines, stopped_by
 from deepthink.evaluation.report import label, load_units, unit_correct
 from deepthink.evaluation.stats import paired_bootstrap
 from deepthink.io import write_atomic
@@ -137,14 +137,17 @@ def main(argv=None) -> int:
     set_threads(procs.threads(None))
     if not args.write_only:
         sitting, lm_cache = Sitting("python benchmarks/grad_oneshot.py " + " ".join(argv or sys.argv[1:])), {}
-        before = finished_files()
+        before, error = finished_files(), None
         try:
             for setting in SETTINGS:     # the same models loaded once for both settings
                 run_units(jobs_of(setting, args.models, args.tasks, args.seeds), RESULTS / setting,
                           data_dir=args.data_dir, progress=not args.quiet, procs=procs, lm_cache=lm_cache)
+        except BaseException as e:    # recorded (a failed sitting costs time too), then raised
+            error = stopped_by(e)
+            raise
         finally:
             if procs.is_main:
-                sitting.record(RESULTS / "sittings.jsonl", sorted(finished_files() - before), procs.size)
+                sitting.record(RESULTS / "sittings.jsonl", sorted(finished_files() - before), procs.size, error)
     if procs.is_main:
         write_atomic(MARKDOWN, markdown())
         print(f"wrote {MARKDOWN}")

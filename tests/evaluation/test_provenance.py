@@ -1,7 +1,9 @@
 """The provenance a result carries: the git of the code that ran, and the sittings log of resumable benchmarks."""
 import json
 
-from deepthink.evaluation.provenance import Sitting, git_hash, sitting_lines
+import pytest
+
+from deepthink.evaluation.provenance import Sitting, git_hash, sitting_lines, stopped_by
 
 
 def test_git_hash_names_this_checkout():
@@ -20,3 +22,30 @@ def test_sittings_are_appended_and_listed_in_order(tmp_path):
     lines = sitting_lines(log)
     assert len(lines) == 2 and "2 unit(s) finished (a__seed0, b__seed0)" in lines[0]
     assert "0 unit(s) finished (none)" in lines[1] and lines[0].startswith(f"- {first['start']} – {first['end']}:")
+
+
+def test_a_failed_sitting_says_what_stopped_it(tmp_path):
+    log = tmp_path / "sittings.jsonl"
+    err = stopped_by(ValueError("463 prefix + 78 query tokens exceed the window\nsecond line"))
+    assert err == "ValueError: 463 prefix + 78 query tokens exceed the window"
+    assert stopped_by(KeyboardInterrupt()) == "KeyboardInterrupt"
+    Sitting("python bench.py").record(log, [], error=err)
+    assert json.loads(log.read_text())["error"] == err
+    assert sitting_lines(log)[0].endswith(f"; stopped by {err}")
+
+
+def test_ablations_records_a_sitting_that_failed(tmp_path, monkeypatch):
+    from conftest import load_benchmark
+
+    ab = load_benchmark("ablations")
+    monkeypatch.setattr(ab, "RESULTS", tmp_path / "ablations")
+    (tmp_path / "ablations" / "screen" / "units").mkdir(parents=True)
+    (tmp_path / "ablations" / "screen" / "units" / "earlier.json").write_text("{}")   # a resumed stage
+
+    def fail(*a, **k):
+        raise ValueError("the demonstrations do not fit")
+    monkeypatch.setattr(ab, "run_units", fail)
+    with pytest.raises(ValueError, match="do not fit"):
+        ab.main(["--stage", "screen", "--quiet"])
+    entry = json.loads((tmp_path / "ablations" / "screen" / "sittings.jsonl").read_text())
+    assert entry["units"] == 0 and entry["error"] == "ValueError: the demonstrations do not fit"

@@ -40,6 +40,12 @@ def environment() -> dict:
             "threads": torch.get_num_threads()}
 
 
+def stopped_by(e: BaseException) -> str:
+    """What stopped a sitting, for its record: the exception's type and first line."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return type(e).__name__ + (f": {first}" if first else "")
+
+
 class Sitting:
     """One run of a resumable benchmark, for its ``sittings.jsonl`` log: when it started and ended, the command,
     the units it finished, its minutes and the git of the code it ran. Start it before the units run."""
@@ -48,11 +54,14 @@ class Sitting:
         self.command = command
         self.start, self._t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
 
-    def record(self, log: Path, done: list[str], processes: int = 1) -> dict:
-        """Append this sitting, with the units it finished (``done``), as one line of ``log``."""
+    def record(self, log: Path, done: list[str], processes: int = 1, error: str | None = None) -> dict:
+        """Append this sitting, with the units it finished (``done``) and what stopped it (``error``, if anything
+        did), as one line of ``log``."""
         entry = {"start": self.start, "end": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  "command": self.command, "units": len(done), "done": sorted(done),
                  "minutes": (time.perf_counter() - self._t0) / 60, "git": git_hash(), "processes": processes}
+        if error:
+            entry["error"] = error
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -67,5 +76,6 @@ def sitting_lines(log: Path) -> list[str]:
     for line in log.read_text().splitlines():
         s = json.loads(line)
         out.append(f"- {s['start']} – {s['end']}: {s['command']} — {s['units']} unit(s) finished "
-                   f"({', '.join(s['done']) or 'none'}), {s['minutes']:.1f} min, git {s['git']}")
+                   f"({', '.join(s['done']) or 'none'}), {s['minutes']:.1f} min, git {s['git']}"
+                   + (f"; stopped by {s['error']}" if s.get("error") else ""))
     return out
