@@ -193,3 +193,14 @@ def test_a_method_that_cannot_run_is_refused_before_any_method_computes(monkeypa
     cfg = EvalConfig(shots=2, dev_size=2, max_eval=3, methods={"zero_shot": {}, "icl": {}, refused: {"steps": 2}})
     with pytest.raises(ValueError, match="sliding-window layers see only the last 40"):
         runner.run_unit(lm, "sst2", 0, cfg, data_dir=SHARED_DATA, progress=False)
+
+
+def test_repeated_demonstrations_past_the_positions_are_refused_first(monkeypatch):
+    from conftest import SHARED_DATA, tiny_lm
+    from deepthink.methods.base import Workspace
+
+    lm = tiny_lm("gpt2")                        # 256 positions; two sst2 demonstrations x 5 need more
+    monkeypatch.setattr(Workspace, "score", lambda *a, **k: pytest.fail("a method computed before the refusal"))
+    cfg = EvalConfig(shots=1, dev_size=2, max_eval=3, methods={"icl": {}, "icl_repeat": {"times": 5}})
+    with pytest.raises(ValueError, match="model supports 256"):
+        runner.run_unit(lm, "sst2", 0, cfg, data_dir=SHARED_DATA, progress=False)

@@ -31,6 +31,9 @@ class ICLRepeat(Method):
     name, label = "icl_repeat", "ICL x r"
     Config = RepeatConfig
 
+    def check(self, setup: Setup) -> None:
+        ForwardTuner(setup.lm, setup.demonstrations * self.config.times, TuningConfig(steps=1))   # fits the positions
+
     def prepare(self, setup: Setup) -> Prepared:
         if self.config.times == 1:
             ctx = setup.icl()
