@@ -185,7 +185,7 @@ def test_architectures_that_cannot_take_the_mask_are_refused():
         list(tuner("bloom", steps=2))
 
 
-def test_bad_inputs_are_clear_errors():
+def test_bad_inputs_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="lr"):
         GradientConfig(lr=-1)
     with pytest.raises(ValueError, match="update"):
@@ -206,6 +206,10 @@ def test_bad_inputs_are_clear_errors():
         GradientTuner(tiny_lm("llama"), TEXT + "extra", ITEMS)
     with pytest.raises(ValueError, match="see only the last 40: .* at most 39 tokens"):
         GradientTuner(tiny_lm("mistral", sliding_window=40), TEXT, ITEMS)     # the demonstrations alone are ~71
+    lm = tiny_lm("gemma3", sliding_window=80)                 # a layer type the mask does not know (as a future
+    monkeypatch.setattr(lm.config, "layer_types", ["sliding_attention", "chunked_attention"])   # architecture's)
+    with pytest.raises(ValueError, match="layer types .*chunked_attention.* full and sliding-window attention only"):
+        GradientTuner(lm, TEXT, ITEMS)            # refused when built, before any step: the queries cross the window
 
 
 WINDOWED = {"gemma3": dict(sliding_window=80), "mistral": dict(sliding_window=80), "gpt_neo": dict(window_size=80),

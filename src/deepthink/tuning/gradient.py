@@ -243,11 +243,7 @@ def _layer_masks(model, allowed: torch.Tensor, L: int, dtype):
     q = L + torch.arange(T, device=allowed.device)
     k = torch.arange(L + T, device=allowed.device)
     windowed = _additive(allowed & (q[:, None] - k[None, :] < window), dtype)
-    types = set(getattr(cfg, "layer_types", None) or [])
-    if types - {"full_attention", "sliding_attention"}:
-        raise ValueError(f"{cfg.model_type}: layer types {sorted(types)} — gradient KV tuning's leave-one-out mask "
-                         "knows full and sliding-window attention only; keep prefix + query within "
-                         f"{window} tokens, or use forward tuning")
+    types = set(getattr(cfg, "layer_types", None) or [])       # only known types get here (check_lengths)
     if len(types) > 1:
         return {t: windowed if "sliding" in t else mask for t in types}
     return windowed
@@ -360,10 +356,19 @@ class GradientTuner:
             raise ValueError(f"{L} prefix + {longest} query tokens exceed the model's {limit} positions: "
                              "use fewer or shorter demonstrations")
         window = kv.sliding_window(cfg)
-        if window is not None and L > window - 1:       # queries may cross the window (row_logprobs masks it)
+        if window is None:
+            return
+        if L > window - 1:                              # queries may cross the window (_layer_masks masks it)
             raise ValueError(f"demonstrations are {L} tokens but the model's sliding-window layers see only the last "
                              f"{window}: a demonstration could not read the whole prefix in the leave-one-out "
                              f"objective. Use at most {window - 1} tokens of demonstrations")
+        text = cfg.get_text_config(decoder=True)
+        types = set(getattr(text, "layer_types", None) or [])
+        if L + longest > window and text.model_type != "gpt_neo" and types - {"full_attention", "sliding_attention"}:
+            raise ValueError(f"{text.model_type}: layer types {sorted(types)} — gradient KV tuning's leave-one-out "
+                             "mask knows full and sliding-window attention only, and these queries cross the "
+                             f"{window}-token window; keep prefix + query within {window} tokens, or use forward "
+                             "tuning")
 
     def reset(self) -> None:
         """Forget everything: cache, optimiser, step count, history, batch order."""
