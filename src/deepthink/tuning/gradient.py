@@ -229,6 +229,12 @@ def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
         ~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def _window_in_mask(cfg, window: int | None, span: int) -> bool:
+    """Whether the leave-one-out mask must apply the sliding window itself: positions 0..span-1 reach past it and
+    the model does not window by itself (GPT-Neo's local layers do, by cache index)."""
+    return window is not None and span > window and cfg.model_type != "gpt_neo"
+
+
 def _layer_masks(model, allowed: torch.Tensor, L: int, dtype):
     """The forward's attention mask from `allowed` (R, T, L + T) (queries at positions L..L+T-1, keys at 0..L+T-1):
     one additive mask, or, when a sliding window reaches into the prefix, the window applied where the model
@@ -238,7 +244,7 @@ def _layer_masks(model, allowed: torch.Tensor, L: int, dtype):
     mask = _additive(allowed, dtype)
     cfg = model.config.get_text_config(decoder=True)
     window, T = kv.sliding_window(cfg), allowed.shape[1]
-    if window is None or L + T - 1 < window or cfg.model_type == "gpt_neo":
+    if not _window_in_mask(cfg, window, L + T):
         return mask
     q = L + torch.arange(T, device=allowed.device)
     k = torch.arange(L + T, device=allowed.device)
@@ -364,7 +370,7 @@ class GradientTuner:
                              f"objective. Use at most {window - 1} tokens of demonstrations")
         text = cfg.get_text_config(decoder=True)
         types = set(getattr(text, "layer_types", None) or [])
-        if L + longest > window and text.model_type != "gpt_neo" and types - {"full_attention", "sliding_attention"}:
+        if _window_in_mask(text, window, L + longest) and types - {"full_attention", "sliding_attention"}:
             raise ValueError(f"{text.model_type}: layer types {sorted(types)} — gradient KV tuning's leave-one-out "
                              "mask knows full and sliding-window attention only, and these queries cross the "
                              f"{window}-token window; keep prefix + query within {window} tokens, or use forward "
