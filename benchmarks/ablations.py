@@ -511,6 +511,7 @@ def main(argv=None) -> int:
             done = sorted({f.name for f in (out / "units").glob("*.json")} - before) if (out / "units").exists() else []
             if procs.is_main and (done or error or not before):
                 sitting.record(out / "sittings.jsonl", [d.removesuffix(".json") for d in done], procs.size, error)
+        procs.close()                 # every process exits cleanly, whatever its share of the units
     if procs.is_main:
         print(f"wrote {write_markdown()}")
     return 0

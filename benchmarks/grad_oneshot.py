@@ -148,6 +148,7 @@ def main(argv=None) -> int:
         finally:
             if procs.is_main:
                 sitting.record(RESULTS / "sittings.jsonl", sorted(finished_files() - before), procs.size, error)
+        procs.close()                 # every process exits cleanly, whatever its share of the units
     if procs.is_main:
         write_atomic(MARKDOWN, markdown())
         print(f"wrote {MARKDOWN}")

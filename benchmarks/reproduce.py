@@ -285,6 +285,7 @@ def main(argv=None) -> int:
         jobs = [(model, task, seed, task_config(args.profile, task)) for seed in args.seeds or prof["seeds"]
                 for task in args.tasks or TASKS for model in args.models or prof["models"]]
         run_units(jobs, out_dir, data_dir=args.data_dir, progress=not args.quiet, procs=procs)
+        procs.close()                 # every process exits cleanly; the report needs no other process
         if not procs.is_main:
             return 0
         report.write_report([out_dir], out_dir)

@@ -1,12 +1,12 @@
 """Data-parallel evaluation: 2 CPU processes (gloo) started by accelerate give the single-process files."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from deepthink.cli import main
@@ -21,17 +21,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model_dir, out, tasks, seeds=("0", "1"), background=False):
+def launch(model_dir, out, tasks, seeds=("0", "1"), background=None):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), "-m", "deepthink", "eval", "--model", str(model_dir),
            "--task", *tasks, *ARGS, "--seeds", *seeds, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if background:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    if background:                             # a log file: a pipe nobody reads could block the processes
+        return subprocess.Popen(cmd, env=env, stdout=background, stderr=subprocess.STDOUT)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+def kill_all(proc):
+    """SIGKILL the launcher and every process it started. torch's elastic agent starts each worker in a session
+    of its own, so a killpg of the launcher's group would leave the workers running (and finishing the units)."""
+    launcher = psutil.Process(proc.pid)
+    workers = launcher.children(recursive=True)
+    for p in [launcher, *workers]:             # the launcher first: it must not see a worker die and restart it
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, alive
 
 
 def single(model_dir, out, tasks, seeds=("0", "1")):
@@ -77,28 +92,32 @@ def test_items_divided_when_units_are_fewer_than_processes(tiny_model_dir, tmp_p
 def test_interrupted_launch_resumes_to_the_same_files(tiny_model_dir, tmp_path):
     tasks, seeds = ["sentiment-demo", "sst2", "mr"], ("0", "1", "2")
     out = tmp_path / "two"
-    proc = launch(tiny_model_dir, out, tasks, seeds, background=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list((out / "units").glob("*seed?.json")):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)                # every process, mid-run
-    proc.wait()
+    with open(tmp_path / "first.log", "w") as log:
+        proc = launch(tiny_model_dir, out, tasks, seeds, background=log)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not list((out / "units").glob("*seed?.json")):
+            time.sleep(0.05)
+        kill_all(proc)                                 # every process, mid-run
     partial = list((out / "units").glob("*seed?.json"))
-    assert 1 <= len(partial) < 9                       # interrupted after some units, before the last
+    assert 1 <= len(partial) < 9, (tmp_path / "first.log").read_text()[-3000:]  # after some units, before the last
     launch(tiny_model_dir, out, tasks, seeds)          # resume
     single(tiny_model_dir, tmp_path / "one", tasks, seeds)
     assert_same_runs(tmp_path / "one", out)
+    again = launch(tiny_model_dir, out, tasks, seeds)  # nothing left: every process exits cleanly
+    assert "all 9 units already done" in again.stdout + again.stderr
 
 
 UNITS_SCRIPT = """
 import json, sys
 from deepthink.evaluation import EvalConfig, run_units
+from deepthink.evaluation.distributed import Processes
 model, out = sys.argv[1:3]
 methods = {"icl": {}, "dt_fixed": {"steps": 2}, "dt_dev": {"steps": 2}}
 cfg = {"sentiment-demo": EvalConfig(shots=1, dev_size=4, max_eval=6, methods=methods),
        "sst2": EvalConfig(shots=2, dev_size=4, max_eval=5, methods=methods)}      # a config per task
 jobs = [(model, t, s, cfg[t]) for s in (0, 1) for t in cfg]
-ran = run_units(jobs, out, progress=False, log=lambda *a: None)
+with Processes() as procs:      # leaves the process group cleanly at the end
+    ran = run_units(jobs, out, progress=False, log=lambda *a: None, procs=procs)
 print("RAN " + json.dumps(sorted(map(list, ran))))
 """
 
@@ -122,3 +141,7 @@ def test_benchmark_units_with_their_own_configs_are_divided_whole(tiny_model_dir
     units = [tuple(u) for r in ran for u in r]
     assert len(units) == len(set(units)) == 4                          # each unit on exactly one process
     assert_same_runs(tmp_path / "one", tmp_path / "two", report=False)
+    again = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=600)                                # nothing left: both exit cleanly
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert [l for l in again.stdout.splitlines() if l.startswith("RAN ")] == ["RAN []"] * 2

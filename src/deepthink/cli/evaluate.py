@@ -129,10 +129,10 @@ def run(args) -> int:
     from ..evaluation.distributed import Processes
     from ..models import set_threads
 
-    procs = Processes(args.device)             # one process, or one of those a launcher started
-    set_threads(procs.threads(args.threads))
-    cfg = EvalConfig(shots=args.shots, dev_size=args.dev_size, max_eval=args.max_eval, curve=args.curve,
-                     batch_size=args.batch_size, methods=method_options(args))
-    run_eval(args.model, args.task, args.seeds, cfg, args.out, data_dir=args.data_dir, device=args.device,
-             dtype=args.dtype, progress=not args.quiet, quantize=args.quantize, procs=procs)
+    with Processes(args.device) as procs:       # one process, or one of those a launcher started
+        set_threads(procs.threads(args.threads))
+        cfg = EvalConfig(shots=args.shots, dev_size=args.dev_size, max_eval=args.max_eval, curve=args.curve,
+                         batch_size=args.batch_size, methods=method_options(args))
+        run_eval(args.model, args.task, args.seeds, cfg, args.out, data_dir=args.data_dir, device=args.device,
+                 dtype=args.dtype, progress=not args.quiet, quantize=args.quantize, procs=procs)
     return 0

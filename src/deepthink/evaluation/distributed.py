@@ -58,6 +58,23 @@ class Processes:
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
         return max(1, physical_cores() // per_machine)
 
+    def close(self) -> None:
+        """Leave the process group once every process has got here, so that each exits cleanly whatever its share
+        of the work (none, in a resumed run whose units are all written); nothing when not launched. Only for the
+        normal path: after an error in one process the others would wait here for ever, and the launcher ends
+        them instead."""
+        if self.state is not None:
+            self.barrier()
+            self.state.destroy_process_group()
+            self.state = None
+
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        if error_type is None:
+            self.close()
+
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
