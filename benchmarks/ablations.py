@@ -98,7 +98,8 @@ SHRUNK = ("Sizes shrunk from the issue's protocol, for cost alone (seeds and cur
 def stage_config(stage: str, model: str, task: str, seed: int, methods: dict) -> EvalConfig:
     s = STAGES[stage]
     return EvalConfig(shots=SHOTS[task], dev_size=s["dev_size"], max_eval=s["max_eval"],
-                      curve=(stage, model, task, seed) in CURVE_UNITS, batch_size=16, methods=methods)
+                      curve=(stage, model, task, seed) in CURVE_UNITS, batch_size=16, methods=methods,
+                      fit_shots=True)   # the issue: where a model's window refuses them, the largest count that fits
 
 
 def confirm_methods() -> dict:
@@ -438,6 +439,18 @@ def paper_shots_section(stages: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def fitted(units: list[dict]) -> str:
+    """Which units drew fewer shots than asked because a method refused the demonstrations as too long."""
+    few = [u for u in units if u["demonstrations"].get("shots", SHOTS[u["task"]]) < SHOTS[u["task"]]]
+    said = "; ".join(f"{u['model']} {u['task']} seed {u['seed']}: {u['demonstrations']['shots']} per class "
+                     f"({u['demonstrations']['tokens']} tokens; " + next(n for n in u["notes"] if "fitted" in n) + ")"
+                     for u in sorted(few, key=lambda u: (u["model"], TASKS.index(u["task"]), u["seed"])))
+    return ("Where a method refuses a unit's demonstrations as too long for the model (forward tuning needs them "
+            "within gemma3-270m's 512-token sliding window), the unit uses the largest shot count every method "
+            "accepts, drawn by the same seeded rule (`fit_shots`); the length alone decides. Units so fitted: "
+            + (said or "none") + ".")
+
+
 def write_markdown() -> Path:
     screen, confirm = units_of("screen"), units_of("confirm")
     want = len(STAGES["screen"]["models"]) * len(STAGES["screen"]["seeds"]) * len(TASKS)
@@ -448,7 +461,7 @@ def write_markdown() -> Path:
              + ", ".join(f"{t} {k}" for t, k in SHOTS.items()) + "); dev items drawn from the training data, "
              "disjoint from the demonstrations; every T and option chosen without eval labels. Per-step eval "
              f"curves (units " + ", ".join("/".join(map(str, u)) for u in sorted(CURVE_UNITS)) + ") are an oracle, labelled so, "
-             "and feed no number below.", "", SHRUNK, "",
+             "and feed no number below.", "", SHRUNK, "", fitted(screen + confirm), "",
              "Methods and options (`deepthink methods` explains each):", ""]
     lines += [f"- `{k}`: " + (", ".join(f"{o}={v}" for o, v in opts.items()) or "defaults") for k, opts in GRID.items()]
     lines += ["", f"## Screen ({len(screen)} of {want} units)", "", *sitting_lines(RESULTS / "screen" / "sittings.jsonl"),

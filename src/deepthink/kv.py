@@ -14,6 +14,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 Prefix = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
+class DemonstrationsTooLong(ValueError):
+    """The demonstrations exceed a length limit of the model (its positions, or the sliding window a method needs
+    them within); fewer or shorter demonstrations would fit."""
+
+
 def build_cache(model, keys: list[torch.Tensor] = (), values: list[torch.Tensor] = (), batch: int = 1) -> DynamicCache:
     """A fresh DynamicCache holding the given prefix (expanded to `batch` rows; empty when no prefix).
 

@@ -204,3 +204,65 @@ def test_repeated_demonstrations_past_the_positions_are_refused_first(monkeypatc
     cfg = EvalConfig(shots=1, dev_size=2, max_eval=3, methods={"icl": {}, "icl_repeat": {"times": 5}})
     with pytest.raises(ValueError, match="model supports 256"):
         runner.run_unit(lm, "sst2", 0, cfg, data_dir=SHARED_DATA, progress=False)
+
+
+def fit_setting():
+    """A tiny sliding-window model whose window takes sst2/seed 0's one-per-class demonstrations for forward
+    tuning but not its two-per-class ones."""
+    from conftest import SHARED_DATA, tiny_lm
+    from deepthink.data import make_plan
+
+    tok = tiny_lm("mistral").tokenizer
+    one, two = (len(tok(make_plan("sst2", 0, shots=k, data_dir=SHARED_DATA).demonstrations).input_ids) for k in (1, 2))
+    assert one + 2 < two + 1
+    return tiny_lm("mistral", sliding_window=one + 2), SHARED_DATA
+
+
+def test_fit_shots_draws_the_largest_count_every_method_accepts(tmp_path):
+    """Two per class are refused by forward tuning: without fit_shots the run stops with a message that names
+    the unit and the flag; with it the unit is exactly the one-per-class unit, and says so."""
+    from deepthink.kv import DemonstrationsTooLong
+
+    lm, data = fit_setting()
+    methods = {"icl": {}, "dt_fixed": {"steps": 2}}
+    with pytest.raises(DemonstrationsTooLong, match=r"tiny-mistral sst2 seed 0, 2 shots: .*--fit-shots"):
+        runner.run_unit(lm, "sst2", 0, EvalConfig(shots=2, dev_size=2, max_eval=4, methods=methods), data_dir=data,
+                        progress=False)
+    unit, preds = runner.run_unit(lm, "sst2", 0, EvalConfig(shots=2, dev_size=2, max_eval=4, methods=methods,
+                                                            fit_shots=True), data_dir=data, progress=False)
+    one, one_preds = runner.run_unit(lm, "sst2", 0, EvalConfig(shots=1, dev_size=2, max_eval=4, methods=methods),
+                                     data_dir=data, progress=False)
+    assert unit["demonstrations"]["shots"] == 1 and one["demonstrations"]["shots"] == 1
+    (note,) = [n for n in unit["notes"] if "fitted" in n]
+    assert note.startswith("shots fitted to the model: shots=2 refused by dt_fixed (demonstrations are ")
+    assert note.endswith("; shots=1 used") and not [n for n in one["notes"] if "fitted" in n]
+    assert unit["accuracy"] == one["accuracy"] and preds == one_preds
+    assert unit["demonstrations"]["text"] == one["demonstrations"]["text"]
+
+
+def test_fit_shots_resumes_units_made_without_it_only_when_they_used_every_shot(tmp_path):
+    """fit_shots changes nothing for a unit whose demonstrations fitted, so such a unit counts as finished
+    under either setting; a unit that had to draw fewer does not count for a run that would have stopped."""
+    lm, data = fit_setting()
+    methods = {"icl": {}, "dt_fixed": {"steps": 2}}
+    cache = {(lm.name, "cpu", "float32", None): lm}
+    fits, fitted = EvalConfig(shots=1, dev_size=2, max_eval=3, methods=methods), \
+        EvalConfig(shots=2, dev_size=2, max_eval=3, methods=methods, fit_shots=True)
+    for cfg, out in ((fits, tmp_path / "a"), (fitted, tmp_path / "b")):
+        runner.run([lm.name], ["sst2"], [0], cfg, out, data_dir=data, progress=False, log=lambda *a: None,
+                   lm_cache=cache, write=False)
+    assert runner.finished(tmp_path / "a", lm.name, "sst2", 0, EvalConfig(**{**fits.to_dict(), "fit_shots": True}))
+    assert runner.finished(tmp_path / "b", lm.name, "sst2", 0, fitted)
+    with pytest.raises(ValueError, match="other settings.*fit_shots"):
+        runner.finished(tmp_path / "b", lm.name, "sst2", 0, EvalConfig(**{**fitted.to_dict(), "fit_shots": False}))
+
+
+def test_fit_shots_flag_reaches_the_units(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["eval", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--seeds", "0", "--shots", "1",
+                     "--dev-size", "2", "--max-eval", "3", "--methods", "icl", "--quiet", "--fit-shots",
+                     "--out", str(out)]) == 0
+    (unit,) = (json.loads(p.read_text()) for p in (out / "units").glob("*seed0.json"))
+    assert unit["config"]["fit_shots"] is True and unit["demonstrations"]["shots"] == 1
+    with pytest.raises(ValueError, match="fit_shots must be True or False"):
+        EvalConfig(fit_shots="yes")

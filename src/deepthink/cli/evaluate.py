@@ -41,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds: demonstrations, dev and subsets")
     p.add_argument("--shots", type=int, default=1, help="demonstrations per class (stratified tasks) or in "
                    "total (others)")
+    p.add_argument("--fit-shots", action="store_true", help="where a method refuses a unit's demonstrations as too "
+                   "long for the model, use the largest smaller shot count every method accepts (recorded in the "
+                   "unit) instead of stopping")
     m = p.add_argument_group("methods")
     m.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                    help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)}; `deepthink methods` lists all); "
@@ -132,7 +135,7 @@ def run(args) -> int:
     with Processes(args.device) as procs:       # one process, or one of those a launcher started
         set_threads(procs.threads(args.threads))
         cfg = EvalConfig(shots=args.shots, dev_size=args.dev_size, max_eval=args.max_eval, curve=args.curve,
-                         batch_size=args.batch_size, methods=method_options(args))
+                         batch_size=args.batch_size, methods=method_options(args), fit_shots=args.fit_shots)
         run_eval(args.model, args.task, args.seeds, cfg, args.out, data_dir=args.data_dir, device=args.device,
                  dtype=args.dtype, progress=not args.quiet, quantize=args.quantize, procs=procs)
     return 0

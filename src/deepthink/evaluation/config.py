@@ -16,7 +16,11 @@ def default_methods() -> dict:
 class EvalConfig:
     """Run-level sizes plus the methods to compare, {key: {option: value}} (every option is filled in
     from the method's config dataclass on construction, so a unit records exactly what ran). A key is a
-    registered method name, or NAME@VARIANT to run several variants of one method side by side."""
+    registered method name, or NAME@VARIANT to run several variants of one method side by side.
+
+    fit_shots: where a method refuses a unit's demonstrations as too long for the model (its positions or sliding
+    window), draw the largest smaller shot count that every method accepts, instead of stopping; the unit records
+    the count it used and why (`demonstrations.shots`, `notes`)."""
 
     shots: int = 1
     dev_size: int = 128
@@ -24,6 +28,7 @@ class EvalConfig:
     curve: bool = False
     batch_size: int = 16
     methods: dict = field(default_factory=default_methods)
+    fit_shots: bool = False
 
     def __post_init__(self):
         for name in ("shots", "dev_size", "batch_size"):
@@ -33,6 +38,8 @@ class EvalConfig:
         if self.max_eval is not None and (isinstance(self.max_eval, bool) or not isinstance(self.max_eval, int)
                                           or self.max_eval < 1):
             raise ValueError(f"--max-eval must be an integer >= 1, got {self.max_eval!r}")
+        if not isinstance(self.fit_shots, bool):
+            raise ValueError(f"fit_shots must be True or False, got {self.fit_shots!r}")
         if not isinstance(self.methods, dict) or not self.methods:
             raise ValueError("give at least one method (deepthink methods lists them)")
         full = {name: make_method(name, opts).options() for name, opts in self.methods.items()}
@@ -55,15 +62,16 @@ def legacy_methods(steps: int = 15, step_size: float = 0.01, momentum: float = 0
             "dt_dev": {"steps": steps, "momentum": momentum, **common}}
 
 
-RUN_FIELDS = ("shots", "dev_size", "max_eval", "curve", "batch_size")
+RUN_FIELDS = ("shots", "dev_size", "max_eval", "curve", "batch_size", "fit_shots")
 
 
 def upgrade_config(d: dict) -> dict:
     """A unit's saved config in today's layout (units written before methods existed hold the four
     original methods' flags at the top level; options added to a method since, e.g. `target` or
-    `guard_level`, take their defaults, which reproduce what ran before they existed)."""
+    `guard_level`, take their defaults, which reproduce what ran before they existed; so does `fit_shots`)."""
     if "methods" in d:
-        return {**d, "methods": {key: _with_defaults(key, opts) for key, opts in d["methods"].items()}}
+        return {"fit_shots": False, **d,
+                "methods": {key: _with_defaults(key, opts) for key, opts in d["methods"].items()}}
     legacy = {k: v for k, v in d.items() if k not in RUN_FIELDS}
     return EvalConfig(**{k: d[k] for k in RUN_FIELDS if k in d}, methods=legacy_methods(**legacy)).to_dict()
 

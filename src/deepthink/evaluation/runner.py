@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..io import safe_name, write_atomic
+from ..kv import DemonstrationsTooLong
 from ..methods import Setup, accuracies
 from ..scoring import Scores
 from .config import ORACLE, EvalConfig, upgrade_config
@@ -30,15 +31,10 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
 
     With `procs` (several launched processes working on this one unit), each process scores every
     procs.size-th eval item and the scores are gathered, so every process returns the whole unit."""
-    from ..data import make_plan
-
     t_start = time.perf_counter()
-    plan = make_plan(task, seed, shots=cfg.shots, dev_size=cfg.dev_size, max_eval=cfg.max_eval, data_dir=data_dir)
-    gold = [e.label for e in plan.eval]
     methods = cfg.make_methods()
-    setup = Setup(lm, plan.demonstrations, plan.dev, cfg.batch_size, task=plan.task, demos=plan.demos)
-    for method in methods:            # every refusal before any method computes anything
-        method.check(setup)
+    plan, setup = _fitting_plan(lm, task, seed, cfg, methods, data_dir)
+    gold = [e.label for e in plan.eval]
     shard = plan.eval if procs is None or procs.size == 1 else plan.eval[procs.rank::procs.size]
     scores, curves, infos, times = {}, {}, {}, {}
     bar = _bar(progress, total=len(methods), desc=f"{lm.name} {plan.task.name} seed {seed}")
@@ -65,7 +61,7 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
         "n_eval": len(plan.eval), "n_dev": len(plan.dev),
         "demonstrations": {"text": plan.demonstrations,
                            "items": [{"split": e.split, "index": e.index} for e in plan.demos],
-                           "tokens": len(tok(plan.demonstrations).input_ids)},
+                           "tokens": len(tok(plan.demonstrations).input_ids), "shots": plan.shots},
         "eval_indices": [e.index for e in plan.eval],
         "dev_indices": [e.index for e in plan.dev],
         "tokens": {"eval_query": sum(len(tok(e.query, add_special_tokens=False).input_ids) for e in plan.eval)},
@@ -84,6 +80,32 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
                       "pred_norm": by_norm[m][i]}
         preds.append(row)
     return unit, preds
+
+
+def _fitting_plan(lm, task, seed: int, cfg: EvalConfig, methods: list, data_dir=None):
+    """The unit's plan and Setup, once every method has accepted them (every refusal comes before any method
+    computes anything). With cfg.fit_shots, demonstrations too long for the model are drawn again with one fewer
+    shot until every method accepts them; the plan's notes say what was refused."""
+    from ..data import make_plan
+
+    refused = []
+    for shots in range(cfg.shots, 0, -1):
+        plan = make_plan(task, seed, shots=shots, dev_size=cfg.dev_size, max_eval=cfg.max_eval, data_dir=data_dir)
+        setup = Setup(lm, plan.demonstrations, plan.dev, cfg.batch_size, task=plan.task, demos=plan.demos)
+        try:
+            for method in methods:
+                method.check(setup)
+        except DemonstrationsTooLong as e:
+            if not cfg.fit_shots:
+                raise DemonstrationsTooLong(f"{lm.name} {plan.task.name} seed {seed}, {shots} shots: {e} (or let "
+                                            "each unit use the largest shot count that fits: --fit-shots)") from None
+            refused.append(f"shots={shots} refused by {method.key} ({e})")
+            continue
+        if refused:
+            plan.notes.append(f"shots fitted to the model: {'; '.join(refused)}; shots={shots} used")
+        return plan, setup
+    raise DemonstrationsTooLong(f"{lm.name} {plan.task.name} seed {seed}: even 1 shot is too long for the model: "
+                                f"{refused[-1]}")
 
 
 def _gather(procs, scores: dict, curves: dict) -> tuple[dict, dict]:
@@ -227,6 +249,9 @@ def finished(out: Path, model: str, task: str, seed: int, cfg: EvalConfig) -> bo
     except ValueError:
         return False  # a damaged unit is re-run
     saved, now = upgrade_config(unit.get("config", {})), cfg.to_dict()
+    if saved["fit_shots"] != now["fit_shots"] and unit.get("demonstrations", {}).get("shots", saved["shots"]) \
+            == saved["shots"]:
+        saved["fit_shots"] = now["fit_shots"]    # made with every shot asked for: the same unit either way
     if saved != now:
         diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         raise ValueError(f"{path} was made with other settings {diff} (saved, now): use a new --out "

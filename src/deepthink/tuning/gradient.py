@@ -359,15 +359,16 @@ class GradientTuner:
         longest = max(len(r.ids) for r in self.choice_rows)
         limit = kv.max_positions(cfg)
         if limit is not None and L + longest > limit:
-            raise ValueError(f"{L} prefix + {longest} query tokens exceed the model's {limit} positions: "
-                             "use fewer or shorter demonstrations")
+            raise kv.DemonstrationsTooLong(f"{L} prefix + {longest} query tokens exceed the model's {limit} "
+                                           "positions: use fewer or shorter demonstrations")
         window = kv.sliding_window(cfg)
         if window is None:
             return
         if L > window - 1:                              # queries may cross the window (_layer_masks masks it)
-            raise ValueError(f"demonstrations are {L} tokens but the model's sliding-window layers see only the last "
-                             f"{window}: a demonstration could not read the whole prefix in the leave-one-out "
-                             f"objective. Use at most {window - 1} tokens of demonstrations")
+            raise kv.DemonstrationsTooLong(
+                f"demonstrations are {L} tokens but the model's sliding-window layers see only the last {window}: a "
+                "demonstration could not read the whole prefix in the leave-one-out objective. Use at most "
+                f"{window - 1} tokens of demonstrations")
         text = cfg.get_text_config(decoder=True)
         types = set(getattr(text, "layer_types", None) or [])
         if _window_in_mask(text, window, L + longest) and types - {"full_attention", "sliding_attention"}:

@@ -64,12 +64,12 @@ class ForwardTuner:
         limit = kv.max_positions(cfg)
         need = 2 * L if self.config.steps > 1 and self.config.positions == "shifted" else L
         if limit is not None and need > limit:
-            raise ValueError(
+            raise kv.DemonstrationsTooLong(
                 f"demonstrations are {L} tokens; {'re-encoding them at positions L..2L-1 needs' if need > L else 'they need'} "
                 f"{need} positions but the model supports {limit}: use fewer or shorter demonstrations")
         window = kv.sliding_window(cfg)
         if window is not None and self.config.steps > 1 and L > window - 1:
-            raise ValueError(
+            raise kv.DemonstrationsTooLong(
                 f"demonstrations are {L} tokens but the model's sliding-window layers see only the last {window}: "
                 f"the re-encoded copy could not attend to the whole cache. Use at most {window - 1} tokens of demonstrations")
         if self.config.positions == "aligned" and not kv.supports_position_ids(self.lm.model):
