@@ -39,6 +39,7 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     cells = [c.strip() for c in dt_dev[0].split("|")[1:-1]]
     assert float(cells[5]) >= float(cells[3]) and abs(float(cells[6]) - (float(cells[5]) - float(cells[3]))) < 0.11
     assert "## Screen (2 of 2 units)" in text and "Δ vs ICL" in text and "W/T/L" in text
+    assert "Units so fitted: none." in text and all(u["config"]["fit_shots"] for u in ab.units_of("screen"))
     assert [l for l in text.splitlines() if l.startswith("| ICL + CC | ") and " / " in l]     # summed / per-token
     rows = [l for l in text.splitlines() if l.startswith("| DT dev-T |")]
     assert len(rows) == 2 and "[" in rows[0] and "±" in rows[0]      # the table with a paired interval; the goals
