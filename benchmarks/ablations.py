@@ -420,8 +420,8 @@ def paper_shots_section(stages: dict[str, list[dict]]) -> str:
              + "), from the ablation benchmark's units, each stage on its own (its sizes, seeds and "
              "every other method in [ABLATIONS.md](ABLATIONS.md)). " + " ".join(said) + " ICL + CC is calibrated ICL, "
              "the bar of issues 10 and 11. Accuracy %, summed log-prob, mean ± std over seeds; Δ = paired difference "
-             "to ICL [95 % bootstrap interval over (seed, item)].", "",
-             "| model | task | stage | seeds | n eval | " + " | ".join(label(k) for k in PAPER_SHOTS) + " | "
+             "to ICL [95 % bootstrap interval over (seed, item)]. " + fitted([u for us in stages.values() for u in us]),
+             "", "| model | task | stage | seeds | n eval | " + " | ".join(label(k) for k in PAPER_SHOTS) + " | "
              + " | ".join(f"{label(k)} T" for k in PAPER_SHOTS_DELTA) + " | "
              + " | ".join(f"Δ {label(k)} − ICL" for k in PAPER_SHOTS_DELTA) + " |",
              "|---|---|---|---|---|" + "---|" * (len(PAPER_SHOTS) + 2 * len(PAPER_SHOTS_DELTA))]
@@ -441,7 +441,7 @@ def paper_shots_section(stages: dict[str, list[dict]]) -> str:
 
 def fitted(units: list[dict]) -> str:
     """Which units drew fewer shots than asked because a method refused the demonstrations as too long."""
-    few = [u for u in units if u["demonstrations"].get("shots", SHOTS[u["task"]]) < SHOTS[u["task"]]]
+    few = [u for u in units if u.get("demonstrations", {}).get("shots", SHOTS[u["task"]]) < SHOTS[u["task"]]]
     said = "; ".join(f"{u['model']} {u['task']} seed {u['seed']}: {u['demonstrations']['shots']} per class "
                      f"({u['demonstrations']['tokens']} tokens; " + next(n for n in u["notes"] if "fitted" in n) + ")"
                      for u in sorted(few, key=lambda u: (u["model"], TASKS.index(u["task"]), u["seed"])))

@@ -66,6 +66,7 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert len(cells) == 5 + len(ab.PAPER_SHOTS) + 4 and cells[10:12] == ["–", "–"] and cells[13] == "–"
     assert [int(t) in (1, 2) for t in cells[12].split(",")] == [True, True]     # dt_dev's T, per seed
     assert cells[14].startswith(("+", "-")) and "[" in cells[14] and "T in 1..2" in section
+    assert "Units so fitted: none." in section                          # shots below the paper's are stated
     assert ab.paper_shots_section({"screen": [], "confirm": []}) == ""
     ab.main(["--stage", "confirm", "--quiet", "--data-dir", str(SHARED_DATA)])
     unit = json.loads(next((tmp_path / "ablations" / "confirm" / "units").glob("*.json")).read_text())
