@@ -28,6 +28,7 @@ from deepthink.evaluation import EvalConfig, run_units
 from deepthink.evaluation.distributed import Processes
 from deepthink.evaluation.provenance import Sitting, sitting_lines, stopped_by
 from deepthink.evaluation.report import fmt, label, load_units, replace_marked, unit_correct
+from deepthink.evaluation.runner import FITTED
 from deepthink.evaluation.stats import paired_bootstrap, wins_ties_losses
 from deepthink.methods.selection import argmax_first
 from deepthink.models import set_threads
@@ -443,7 +444,7 @@ def fitted(units: list[dict]) -> str:
     """Which units drew fewer shots than asked because a method refused the demonstrations as too long."""
     few = [u for u in units if u.get("demonstrations", {}).get("shots", SHOTS[u["task"]]) < SHOTS[u["task"]]]
     said = "; ".join(f"{u['model']} {u['task']} seed {u['seed']}: {u['demonstrations']['shots']} per class "
-                     f"({u['demonstrations']['tokens']} tokens; " + next(n for n in u["notes"] if "fitted" in n) + ")"
+                     f"({u['demonstrations']['tokens']} tokens; " + next(n for n in u["notes"] if n.startswith(FITTED)) + ")"
                      for u in sorted(few, key=lambda u: (u["model"], TASKS.index(u["task"]), u["seed"])))
     return ("Where a method refuses a unit's demonstrations as too long for the model (forward tuning needs them "
             "within gemma3-270m's 512-token sliding window), the unit uses the largest shot count every method "

@@ -22,14 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model_dir, out, tasks, seeds=("0", "1"), background=None):
+def launch(model_dir, out, tasks, seeds=("0", "1"), log=None):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), "-m", "deepthink", "eval", "--model", str(model_dir),
            "--task", *tasks, *ARGS, "--seeds", *seeds, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if background:                             # a log file: a pipe nobody reads could block the processes
-        return subprocess.Popen(cmd, env=env, stdout=background, stderr=subprocess.STDOUT)
+    if log:                                    # in the background, into a file: an unread pipe could block it
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -94,7 +94,7 @@ def test_interrupted_launch_resumes_to_the_same_files(tiny_model_dir, tmp_path):
     tasks, seeds = ["sentiment-demo", "sst2", "mr"], ("0", "1", "2")
     out = tmp_path / "two"
     with open(tmp_path / "first.log", "w") as log:
-        proc = launch(tiny_model_dir, out, tasks, seeds, background=log)
+        proc = launch(tiny_model_dir, out, tasks, seeds, log=log)
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not list((out / "units").glob("*seed?.json")):
             time.sleep(0.05)

@@ -82,6 +82,9 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
     return unit, preds
 
 
+FITTED = "shots fitted to the model:"     # how a unit's note on fewer shots than asked begins
+
+
 def _fitting_plan(lm, task, seed: int, cfg: EvalConfig, methods: list, data_dir=None):
     """The unit's plan and Setup, once every method has accepted them (every refusal comes before any method
     computes anything). With cfg.fit_shots, demonstrations too long for the model are drawn again with one fewer
@@ -102,7 +105,7 @@ def _fitting_plan(lm, task, seed: int, cfg: EvalConfig, methods: list, data_dir=
             refused.append(f"shots={shots} refused by {method.key} ({e})")
             continue
         if refused:
-            plan.notes.append(f"shots fitted to the model: {'; '.join(refused)}; shots={shots} used")
+            plan.notes.append(f"{FITTED} {'; '.join(refused)}; shots={shots} used")
         return plan, setup
     raise DemonstrationsTooLong(f"{lm.name} {plan.task.name} seed {seed}: even 1 shot is too long for the model: "
                                 f"{refused[-1]}")
