@@ -225,7 +225,7 @@ def test_fit_shots_draws_the_largest_count_every_method_accepts(tmp_path):
 
     lm, data = fit_setting()
     methods = {"icl": {}, "dt_fixed": {"steps": 2}}
-    with pytest.raises(DemonstrationsTooLong, match=r"tiny-mistral sst2 seed 0, 2 shots: .*--fit-shots"):
+    with pytest.raises(DemonstrationsTooLong, match=r"tiny-mistral sst2 seed 0, 2 shots: .*fit_shots=True.*--fit-shots"):
         runner.run_unit(lm, "sst2", 0, EvalConfig(shots=2, dev_size=2, max_eval=4, methods=methods), data_dir=data,
                         progress=False)
     unit, preds = runner.run_unit(lm, "sst2", 0, EvalConfig(shots=2, dev_size=2, max_eval=4, methods=methods,
