@@ -101,8 +101,8 @@ def _fitting_plan(lm, task, seed: int, cfg: EvalConfig, methods: list, data_dir=
         except DemonstrationsTooLong as e:
             if not cfg.fit_shots:
                 raise DemonstrationsTooLong(f"{lm.name} {plan.task.name} seed {seed}, {shots} shots: {e} (or let "
-                                            "each unit use the largest shot count that fits: EvalConfig(fit_shots=True), "
-                                            "or --fit-shots on the command line)") from None
+                                            "each unit use the largest shot count that fits: "
+                                            "EvalConfig(fit_shots=True), or --fit-shots on the command line)") from None
             refused.append(f"shots={shots} refused by {method.key} ({e})")
             continue
         if refused:
