@@ -227,11 +227,12 @@ def goals_section(stage: str, units: list[dict]) -> list[str]:
              "interval above 0 on each of the three models.", "",
              "| method | " + " | ".join(f"{m}: Δ vs bar" for m in models) + " | models ≥ 3, interval > 0 | "
              "worst (model, task) vs ICL | issue 11 | issue 10 |", "|---|" + "---|" * len(models) + "---|---|---|---|"]
+    checks = []
     for k in units[0]["accuracy"]:
         if k in BASELINES or k == "zero_shot_cc":
             continue
         ivs = [compare([u for u in units if u["model"] == m], k, bar) for m in models]
-        meets = sum(1 for iv in ivs if iv is not None and iv.mean >= 3 and iv.above_zero)
+        meets = sum(1 for iv in ivs if passes(iv))
         gaps = []
         for m in models:
             for t in TASKS:
@@ -242,9 +243,79 @@ def goals_section(stage: str, units: list[dict]) -> list[str]:
         worst = min(gaps) if gaps else None
         g11 = "yes" if meets >= 2 and worst is not None and worst[0] >= -1 else "no"
         g10 = ("yes" if meets == want and len(models) == want else "no") if k.startswith("grad_kv") else ""
+        checks.append((k, ivs, meets, worst, g11, g10))
         lines.append(f"| {label(k)} | " + " | ".join(str(iv or "–") for iv in ivs) + f" | {meets} of {len(models)} | "
                      + (f"{worst[0]:+.1f} ({worst[1]})" if worst else "–") + f" | {g11} | {g10} |")
-    return lines + [""]
+    return lines + [""] + closest_section(units, models, want, checks, provisional="provisional" in lines[0])
+
+
+def passes(iv) -> bool:
+    """One model's part of both goals: >= 3 points over the bar with the 95 % interval above 0."""
+    return iv is not None and iv.mean >= 3 and iv.above_zero
+
+
+def shortfall(models: list[str], ivs: list) -> str:
+    """Why a method misses the per-model test, model by model: its mean below 3 or its interval reaching 0."""
+    why = []
+    for m, iv in zip(models, ivs):
+        if iv is None:
+            why.append(f"{m}: no units")
+        elif not passes(iv):
+            why.append(f"{m}: {iv}" + (" (below 3)" if iv.mean < 3 else " (interval reaches 0)"))
+    return "; ".join(why)
+
+
+def closest_section(units: list[dict], models: list[str], want: int, checks: list[tuple], provisional: bool
+                    ) -> list[str]:
+    """Per goal: the methods that meet it, or the one that came closest and why each method fails, then where the
+    closest method's difference to the bar comes from, task by task (Δ vs bar beside the bar's accuracy).
+    `checks`: (method, per-model interval vs bar, models passing, worst (model, task) vs ICL, issue 11, issue 10)."""
+    def nth_best(ivs, n):                # the n-th largest per-model mean (a missing model counts as -inf)
+        means = sorted((iv.mean if iv else float("-inf") for iv in ivs), reverse=True)
+        return means[n - 1] if len(means) >= n else float("-inf")
+
+    goals = [("Issue 11", checks, 2, lambda c: (c[2], nth_best(c[1], 2), c[3][0] if c[3] else float("-inf")), 4),
+             ("Issue 10", [c for c in checks if c[5]], want, lambda c: (c[2], nth_best(c[1], len(models))), 5)]
+    lines, shown = [], []
+    for name, cands, need, rank, col in goals:
+        if not cands:
+            continue
+        met = [c for c in cands if c[col] == "yes"]
+        if met:
+            lines.append(f"- {name}: met{' so far' if provisional else ''} by " + ", ".join(f"`{c[0]}`" for c in met)
+                         + ".")
+            continue
+        def why(c):
+            out = shortfall(models, c[1]) if c[2] < need else ""
+            if c[2] < need and len(models) < want:
+                out += ("; " if out else "") + f"{want - len(models)} model(s) without units yet"
+            if col == 4 and c[3] and c[3][0] < -1:
+                out += ("; " if out else "") + f"{c[3][0]:+.1f} below ICL on {c[3][1]} (more than 1)"
+            return out
+
+        best = max(cands, key=rank)
+        lines.append(f"- {name}: not met{' so far' if provisional else ''}. Closest: `{best[0]}`, ≥ 3 with the "
+                     f"interval above 0 on {best[2]} of {len(models)} models (needs {need}); short on {why(best)}.")
+        lines += [f"  - `{c[0]}`: {why(c)}." for c in sorted(cands, key=rank, reverse=True) if c is not best]
+        if best[0] not in shown:
+            shown.append(best[0])
+    if not lines:
+        return []
+    bar = better_baseline(units)
+    out = ["Against the goals (the interval is the paired 95 % interval against the bar):", "", *lines]
+    for k in shown:
+        out += ["", f"Where `{k}`'s difference to the bar comes from: per model and task, its mean accuracy minus the "
+                "bar's, and (in brackets) the bar's own accuracy and which baseline it is. A method that only gains "
+                "where the bar is low repairs prompts the model reads badly.", "",
+                "| model | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+        for m in models:
+            cells = []
+            for t in TASKS:
+                us = [u for u in units if (u["model"], u["task"]) == (m, t)]
+                a, b = (mean_acc(us, k), mean_acc(us, bar(m, t))) if us else (None, None)
+                cells.append(f"{a[0] - b[0]:+.1f} ({b[0]:.1f} {label(bar(m, t))})" if a and b else "–")
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def oracle_section(units: list[dict]) -> list[str]:

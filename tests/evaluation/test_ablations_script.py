@@ -130,3 +130,26 @@ def test_calibration_below_icl_on_one_model_leaves_icl_the_default(tmp_path, mon
     ab, units = _synthetic_confirm(tmp_path, monkeypatch, {"m1": {"icl": ICL, "icl_cc": GOOD, "a": ICL},
                                                            "m2": {"icl": ICL, "icl_cc": WORSE, "a": ICL}})
     assert ab.recommend(units, ["a"])[0] == "icl"
+
+
+def test_the_goals_name_the_closest_method_and_why_each_one_fails(tmp_path, monkeypatch):
+    # grad KV clears the bar (calibrated ICL, 65.0) on m1 only; Deep-Thinking loses 10 points to ICL on m1
+    ab, units = _synthetic_confirm(tmp_path, monkeypatch, {
+        "m1": {"icl": ICL, "icl_cc": CC, "grad_kv": GOOD, "dt_dev": WORSE},
+        "m2": {"icl": ICL, "icl_cc": CC, "grad_kv": WEAK, "dt_dev": ICL}})
+    text = "\n".join(ab.goals_section("confirm", units))
+    verdicts = text.split("Against the goals")[1]
+    assert "- Issue 11: not met so far. Closest: `grad_kv`, ≥ 3 with the interval above 0 on 1 of 2 models " \
+           "(needs 2); short on m2: -2.5 [" in verdicts
+    dt = [l for l in verdicts.splitlines() if l.startswith("  - `dt_dev`")][0]
+    assert "m1: -25.0 [" in dt and "-10.0 below ICL on m1 sst2 (more than 1)" in dt
+    assert "- Issue 10: not met so far. Closest: `grad_kv`, ≥ 3 with the interval above 0 on 1 of 2 models " \
+           "(needs 3)" in verdicts and "1 model(s) without units yet" in verdicts
+    rows = [l for l in verdicts.splitlines() if l.startswith("| m1 |") or l.startswith("| m2 |")]  # per task
+    assert rows[0].startswith("| m1 | +10.0 (65.0 ICL + CC) | – |") and rows[1].startswith("| m2 | -2.5 (65.0")
+
+
+def test_a_goal_met_is_said_so(tmp_path, monkeypatch):
+    ab, units = _synthetic_confirm(tmp_path, monkeypatch, {m: {"icl": ICL, "icl_cc": CC, "grad_kv": GOOD}
+                                                           for m in ("m1", "m2")})
+    assert "- Issue 11: met so far by `grad_kv`." in ab.goals_section("confirm", units)
