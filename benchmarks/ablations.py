@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from deepthink.evaluation import EvalConfig, run_units
 from deepthink.evaluation.distributed import Processes
@@ -243,10 +244,21 @@ def goals_section(stage: str, units: list[dict]) -> list[str]:
         worst = min(gaps) if gaps else None
         g11 = "yes" if meets >= 2 and worst is not None and worst[0] >= -1 else "no"
         g10 = ("yes" if meets == want and len(models) == want else "no") if k.startswith("grad_kv") else ""
-        checks.append((k, ivs, meets, worst, g11, g10))
+        checks.append(GoalCheck(k, ivs, meets, worst, g11, g10))
         lines.append(f"| {label(k)} | " + " | ".join(str(iv or "–") for iv in ivs) + f" | {meets} of {len(models)} | "
                      + (f"{worst[0]:+.1f} ({worst[1]})" if worst else "–") + f" | {g11} | {g10} |")
     return lines + [""] + closest_section(units, models, want, checks, provisional="provisional" in lines[0])
+
+
+class GoalCheck(NamedTuple):
+    """One method against the goals: its interval vs the bar per model, how many models pass, its worst (model,
+    task) mean vs ICL as (points, "model task"), and the verdicts ("yes"/"no"; issue 10's "" for non-grad-KV)."""
+    method: str
+    ivs: list
+    meets: int
+    worst: tuple | None
+    issue11: str
+    issue10: str
 
 
 def passes(iv) -> bool:
@@ -265,40 +277,43 @@ def shortfall(models: list[str], ivs: list) -> str:
     return "; ".join(why)
 
 
-def closest_section(units: list[dict], models: list[str], want: int, checks: list[tuple], provisional: bool
+def closest_section(units: list[dict], models: list[str], want: int, checks: list[GoalCheck], provisional: bool
                     ) -> list[str]:
     """Per goal: the methods that meet it, or the one that came closest and why each method fails, then where the
-    closest method's difference to the bar comes from, task by task (Δ vs bar beside the bar's accuracy).
-    `checks`: (method, per-model interval vs bar, models passing, worst (model, task) vs ICL, issue 11, issue 10)."""
+    closest method's difference to the bar comes from, task by task (Δ vs bar beside the bar's accuracy)."""
     def nth_best(ivs, n):                # the n-th largest per-model mean (a missing model counts as -inf)
         means = sorted((iv.mean if iv else float("-inf") for iv in ivs), reverse=True)
         return means[n - 1] if len(means) >= n else float("-inf")
 
-    goals = [("Issue 11", checks, 2, lambda c: (c[2], nth_best(c[1], 2), c[3][0] if c[3] else float("-inf")), 4),
-             ("Issue 10", [c for c in checks if c[5]], want, lambda c: (c[2], nth_best(c[1], len(models))), 5)]
+    # per goal: its candidates, the models it needs, how "close" ranks them, and the verdict field
+    goals = [("Issue 11", checks, 2, "issue11",
+              lambda c: (c.meets, nth_best(c.ivs, 2), c.worst[0] if c.worst else float("-inf"))),
+             ("Issue 10", [c for c in checks if c.issue10], want, "issue10",
+              lambda c: (c.meets, nth_best(c.ivs, len(models))))]
     lines, shown = [], []
-    for name, cands, need, rank, col in goals:
+    for name, cands, need, verdict, rank in goals:
         if not cands:
             continue
-        met = [c for c in cands if c[col] == "yes"]
+        met = [c for c in cands if getattr(c, verdict) == "yes"]
         if met:
-            lines.append(f"- {name}: met{' so far' if provisional else ''} by " + ", ".join(f"`{c[0]}`" for c in met)
-                         + ".")
+            lines.append(f"- {name}: met{' so far' if provisional else ''} by "
+                         + ", ".join(f"`{c.method}`" for c in met) + ".")
             continue
-        def why(c):
-            out = shortfall(models, c[1]) if c[2] < need else ""
-            if c[2] < need and len(models) < want:
+
+        def why(c: GoalCheck) -> str:
+            out = shortfall(models, c.ivs) if c.meets < need else ""
+            if c.meets < need and len(models) < want:
                 out += ("; " if out else "") + f"{want - len(models)} model(s) without units yet"
-            if col == 4 and c[3] and c[3][0] < -1:
-                out += ("; " if out else "") + f"{c[3][0]:+.1f} below ICL on {c[3][1]} (more than 1)"
+            if verdict == "issue11" and c.worst and c.worst[0] < -1:
+                out += ("; " if out else "") + f"{c.worst[0]:+.1f} below ICL on {c.worst[1]} (more than 1)"
             return out
 
         best = max(cands, key=rank)
-        lines.append(f"- {name}: not met{' so far' if provisional else ''}. Closest: `{best[0]}`, ≥ 3 with the "
-                     f"interval above 0 on {best[2]} of {len(models)} models (needs {need}); short on {why(best)}.")
-        lines += [f"  - `{c[0]}`: {why(c)}." for c in sorted(cands, key=rank, reverse=True) if c is not best]
-        if best[0] not in shown:
-            shown.append(best[0])
+        lines.append(f"- {name}: not met{' so far' if provisional else ''}. Closest: `{best.method}`, ≥ 3 with the "
+                     f"interval above 0 on {best.meets} of {len(models)} models (needs {need}); short on {why(best)}.")
+        lines += [f"  - `{c.method}`: {why(c)}." for c in sorted(cands, key=rank, reverse=True) if c is not best]
+        if best.method not in shown:
+            shown.append(best.method)
     if not lines:
         return []
     bar = better_baseline(units)
