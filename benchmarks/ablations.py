@@ -221,8 +221,9 @@ def goals_section(stage: str, units: list[dict]) -> list[str]:
         return []
     bar = better_baseline(units)
     want = len(STAGES[stage]["models"])
-    lines = [f"#### Goals ({stage}: {len(models)} of {want} models" + ("" if len(models) == want and len(units) == want
-             * len(STAGES[stage]["seeds"]) * len(TASKS) else ", provisional until the stage is complete") + ")", "",
+    complete = len(models) == want and len(units) == want * len(STAGES[stage]["seeds"]) * len(TASKS)
+    lines = [f"#### Goals ({stage}: {len(models)} of {want} models"
+             + ("" if complete else ", provisional until the stage is complete") + ")", "",
              "Issue 11: ≥ 3 points over the bar with the interval above 0 on at least two of the three models, and "
              "no (model, task) mean more than 1 point below ICL. Issue 10 (grad KV): ≥ 3 points over the bar with the "
              "interval above 0 on each of the three models.", "",
@@ -247,7 +248,7 @@ def goals_section(stage: str, units: list[dict]) -> list[str]:
         checks.append(GoalCheck(k, ivs, meets, worst, g11, g10))
         lines.append(f"| {label(k)} | " + " | ".join(str(iv or "–") for iv in ivs) + f" | {meets} of {len(models)} | "
                      + (f"{worst[0]:+.1f} ({worst[1]})" if worst else "–") + f" | {g11} | {g10} |")
-    return lines + [""] + closest_section(units, models, want, checks, provisional="provisional" in lines[0])
+    return lines + [""] + closest_section(units, bar, models, want, checks, provisional=not complete)
 
 
 class GoalCheck(NamedTuple):
@@ -277,10 +278,11 @@ def shortfall(models: list[str], ivs: list) -> str:
     return "; ".join(why)
 
 
-def closest_section(units: list[dict], models: list[str], want: int, checks: list[GoalCheck], provisional: bool
-                    ) -> list[str]:
+def closest_section(units: list[dict], bar, models: list[str], want: int, checks: list[GoalCheck],
+                    provisional: bool) -> list[str]:
     """Per goal: the methods that meet it, or the one that came closest and why each method fails, then where the
-    closest method's difference to the bar comes from, task by task (Δ vs bar beside the bar's accuracy)."""
+    closest method's difference to the bar comes from, task by task (Δ vs bar beside the bar's accuracy).
+    `bar`: (model, task) -> the bar's method key, as `goals_section` chose it."""
     def nth_best(ivs, n):                # the n-th largest per-model mean (a missing model counts as -inf)
         means = sorted((iv.mean if iv else float("-inf") for iv in ivs), reverse=True)
         return means[n - 1] if len(means) >= n else float("-inf")
@@ -316,7 +318,6 @@ def closest_section(units: list[dict], models: list[str], want: int, checks: lis
             shown.append(best.method)
     if not lines:
         return []
-    bar = better_baseline(units)
     out = ["Against the goals (the interval is the paired 95 % interval against the bar):", "", *lines]
     for k in shown:
         out += ["", f"Where `{k}`'s difference to the bar comes from: per model and task, its mean accuracy minus the "
