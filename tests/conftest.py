@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import deepthink
+from deepthink import kv
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_TASKS = ["sst2", "sst5", "mr", "agnews", "trec", "copa", "hellaswag", "obqa", "qasc", "winogrande"]
@@ -156,7 +157,7 @@ def reference_tune(lm, demos, steps, eta, beta, positions):
     ids = torch.tensor([lm.tokenizer(demos).input_ids])
     L = ids.shape[1]
     with torch.no_grad():
-        c = lm.model(ids, use_cache=True).cache
+        c = kv.output_cache(lm.model(ids, use_cache=True))
         K = [layer.keys.clone() for layer in c.layers]
         V = [layer.values.clone() for layer in c.layers]
         mK = mV = None
@@ -167,7 +168,8 @@ def reference_tune(lm, demos, steps, eta, beta, positions):
                     layer.activate_past_recording()
                 layer.update(K[i], V[i])
             kw = {"position_ids": torch.arange(L)[None]} if positions == "aligned" else {}
-            out = lm.model(ids, attention_mask=torch.ones(1, 2 * L, dtype=torch.long), cache=past, **kw).cache
+            mask = torch.ones(1, 2 * L, dtype=torch.long)
+            out = kv.output_cache(lm.model(ids, attention_mask=mask, **kv.cache_kwarg(lm.model, past), **kw))
             Kt = [layer.keys[:, :, L:2 * L] for layer in out.layers]
             Vt = [layer.values[:, :, L:2 * L] for layer in out.layers]
             gK = [a - b for a, b in zip(Kt, K)]

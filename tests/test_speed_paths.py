@@ -138,7 +138,7 @@ def test_rows_with_a_padded_past_continue_at_their_own_positions(arch):
     width = max(map(len, contexts))
     ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in contexts])
     first = kv.shared_forward(lm.model, ids, ctx.prefix, use_cache=True)
-    past = kv.cache_tensors(first.cache)
+    past = kv.cache_tensors(kv.output_cache(first))
     w2 = max(map(len, conts))
     ids2 = torch.tensor([c + [c[-1]] * (w2 - len(c)) for c in conts])
     got = kv.shared_forward(lm.model, ids2, ctx.prefix, past, torch.tensor([len(c) for c in contexts]))

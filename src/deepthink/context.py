@@ -191,8 +191,9 @@ def zero_shot(lm) -> TunedContext:
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     if ids:
-        out = lm.model(torch.tensor([ids], device=lm.device), cache=kv.build_cache(lm.model), use_cache=True)
-        keys, values = kv.cache_tensors(out.cache)
+        x = torch.tensor([ids], device=lm.device)
+        out = lm.model(x, **kv.cache_kwarg(lm.model, kv.build_cache(lm.model)), use_cache=True)
+        keys, values = kv.cache_tensors(kv.output_cache(out))
     return TunedContext(lm, list(keys), list(values), ids, config=None, demonstrations="", steps_done=0)
 
 
@@ -422,8 +423,8 @@ def _generate(ctx: TunedContext, prompt: str, max_new_tokens: int = 64, temperat
     out_ids: list[int] = []
     eos = lm.tokenizer.eos_token_id
     for _ in range(max_new_tokens):
-        out = lm.model(x, cache=cache, use_cache=True, **kwargs)
-        cache = out.cache
+        out = lm.model(x, **kv.cache_kwarg(lm.model, cache), use_cache=True, **kwargs)
+        cache = kv.output_cache(out)
         logits = out.logits[0, -1].float()                                     # (V,)
         if temperature == 0:
             nxt = int(logits.argmax())

@@ -4,10 +4,14 @@ A prefix is a pair of lists `keys[l], values[l]`, each `[1, kv_heads, L, head_di
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -17,6 +21,43 @@ Prefix = tuple[list[torch.Tensor], list[torch.Tensor]]
 class DemonstrationsTooLong(ValueError):
     """The demonstrations exceed a length limit of the model (its positions, or the sliding window a method needs
     them within); fewer or shorter demonstrations would fit."""
+
+
+# transformers 5.24 renamed the forward keyword (and the output field) of the past cache from `past_key_values` to
+# `cache`. A model of an earlier 5.x swallows an unknown `cache=` into its **kwargs and runs without the past, so
+# every call passes the past under the name the model's own forward declares.
+_RENAMED = Version(transformers.__version__) >= Version("5.24.0.dev0")
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    if "cache" in params or "past_key_values" in params:
+        return "cache" if "cache" in params else "past_key_values"
+    return "cache" if _RENAMED else "past_key_values"       # a forward of **kwargs only: the library's own name
+
+
+def cache_kwarg(model, cache: Cache | None) -> dict:
+    """`model(ids, **cache_kwarg(model, cache))`: the past cache under the keyword this model's forward takes."""
+    return {_cache_keyword(type(model)): cache}
+
+
+def output_cache(out) -> Cache:
+    """The cache a forward with use_cache=True returned (`out.cache`, or `out.past_key_values` before 5.24)."""
+    for name in ("cache", "past_key_values"):
+        if out.get(name) is not None:
+            return out[name]
+    raise RuntimeError(f"{type(out).__name__} holds no cache although use_cache=True was asked for: the model's "
+                       "forward does not return one, and deepthink cannot read the demonstrations' keys and values")
+
+
+def require_sliding_support() -> None:
+    """Sliding-window layers (Gemma-3, Mistral, ...) keep their whole past only from transformers 5.24 on: before,
+    the model masks as if the cache held the last window - 1 positions and scoring past the window breaks."""
+    if not _RENAMED:
+        raise RuntimeError(f"this model has sliding-window attention layers, which deepthink supports from "
+                           f"transformers 5.24 on (installed: {transformers.__version__}); "
+                           "upgrade with: pip install -U 'transformers>=5.24,<6'")
 
 
 def build_cache(model, keys: list[torch.Tensor] = (), values: list[torch.Tensor] = (), batch: int = 1) -> DynamicCache:
@@ -29,6 +70,7 @@ def build_cache(model, keys: list[torch.Tensor] = (), values: list[torch.Tensor]
     cache = DynamicCache(config=model.config)
     for layer in cache.layers:
         if getattr(layer, "is_sliding", False):
+            require_sliding_support()
             layer.activate_past_recording()
     if not keys or keys[0].shape[-2] == 0:
         return cache
@@ -188,7 +230,7 @@ def shared_forward(model, ids: torch.Tensor, prefix: Prefix, past: Prefix | None
     """The base model on `ids` (R, T), every row after the same `prefix` (batch 1, never expanded).
 
     past: each row's own earlier keys/values (per layer (R, kv_heads, P, head_dim), right-padded), of
-    `past_lengths` (R,) real positions; the new tokens continue right after them. With use_cache, `out.cache`
+    `past_lengths` (R,) real positions; the new tokens continue right after them. With use_cache, `output_cache(out)`
     holds each row's own keys/values (past, then new), not the prefix.
     """
     R, T = ids.shape
@@ -208,7 +250,8 @@ def shared_forward(model, ids: torch.Tensor, prefix: Prefix, past: Prefix | None
     pasts = zip(*past) if past is not None else [None] * n_layers
     cache = Cache(layers=[SuffixLayer(L, use_cache, p) for p in pasts])
     with shared_attention(model):
-        return model.base_model(ids, position_ids=q_pos, cache=cache, use_cache=use_cache, deepthink_shared=shared)
+        return model.base_model(ids, position_ids=q_pos, **cache_kwarg(model.base_model, cache), use_cache=use_cache,
+                                deepthink_shared=shared)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,

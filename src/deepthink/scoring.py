@@ -169,7 +169,8 @@ def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_it
         if shared:
             out = kv.shared_forward(model, ids, prefix, use_cache=multi)
         elif L or multi:
-            out = model.base_model(ids, cache=kv.build_cache(model, keys, values, batch=len(us)), use_cache=multi)
+            cache = kv.build_cache(model, keys, values, batch=len(us))
+            out = model.base_model(ids, **kv.cache_kwarg(model.base_model, cache), use_cache=multi)
         else:
             out = model.base_model(ids, use_cache=False)
         rows = torch.arange(len(us), device=device)
@@ -182,7 +183,7 @@ def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_it
         if not multi:
             continue
         longer = [(b, us[b].item, j, toks) for b, _, j, toks in picks if len(toks) > 1]
-        own = kv.cache_tensors(out.cache)       # (B, h, T, d) shared; (B, h, L + T, d) expanded
+        own = kv.cache_tensors(kv.output_cache(out))       # (B, h, T, d) shared; (B, h, L + T, d) expanded
         if shared:
             # each row gets a copy of its context's keys/values: rows per forward are bounded so that a long
             # context (vanilla ICL puts the demonstrations there) is not copied for every choice at once
@@ -206,7 +207,7 @@ def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_it
 
                 def forward(ids, ctx=ctx):
                     cache = kv.build_cache(model, *ctx, batch=ids.shape[0])
-                    return model.base_model(ids, cache=cache, use_cache=False)
+                    return model.base_model(ids, **kv.cache_kwarg(model.base_model, cache), use_cache=False)
                 for (j, _), lp in zip(mine, _continuations(model, [t for _, t in mine], forward)):
                     logprob[u.item][j] += lp
     return Scores(logprob, n_tok)
@@ -253,7 +254,7 @@ def score_naive(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_i
                           (torch.arange(width, device=device)[None] < torch.tensor([len(r) for r in rows],
                                                                                    device=device)[:, None]).long()], 1)
         cache = kv.build_cache(model, keys, values, batch=len(rows))
-        logits = model(ids, attention_mask=mask, cache=cache, use_cache=False).logits.float()
+        logits = model(ids, attention_mask=mask, **kv.cache_kwarg(model, cache), use_cache=False).logits.float()
         logp = logits.log_softmax(-1)
         for b, (item, j, ctx, toks) in enumerate(batch):
             s, e = len(ctx), len(ctx) + len(toks)
@@ -286,8 +287,8 @@ def score_tokens(model, prefix: kv.Prefix, pairs: list[tuple[list[int], list[int
         if shared:
             hidden = kv.shared_forward(model, ids, prefix).last_hidden_state
         elif L:
-            hidden = model.base_model(ids, cache=kv.build_cache(model, keys, values, batch=len(batch)),
-                                      use_cache=False).last_hidden_state
+            cache = kv.build_cache(model, keys, values, batch=len(batch))
+            hidden = model.base_model(ids, **kv.cache_kwarg(model.base_model, cache), use_cache=False).last_hidden_state
         else:
             hidden = model.base_model(ids, use_cache=False).last_hidden_state              # (B, T, D)
         r = torch.cat([torch.full((len(pairs[i][1]),), b, device=device) for b, i in enumerate(batch)])

@@ -249,7 +249,7 @@ def test_score_tokens_equals_score():
                 from deepthink import kv
 
                 cache = kv.build_cache(lm.model, *ctx.prefix)
-                logits = lm.model(torch.tensor([c + t[:-1]]), cache=cache).logits[0, len(c) - 1:]
+                logits = lm.model(torch.tensor([c + t[:-1]]), **kv.cache_kwarg(lm.model, cache)).logits[0, len(c) - 1:]
             assert greedy == bool((logits.argmax(-1) == torch.tensor(t)).all())
         with pytest.raises(ValueError, match="at least one token"):
             ctx.score_tokens([([], [1])])

@@ -296,7 +296,8 @@ def row_logprobs(model, prefix: kv.Prefix, rows: Sequence[Row], spans: list[tupl
     if kv.supports_position_ids(model):
         kwargs["position_ids"] = (L + torch.arange(T, device=device)).expand(R, T)
     with _checkpointed(model, checkpointing):
-        hidden = model.base_model(ids, attention_mask=mask, cache=cache, use_cache=True, **kwargs).last_hidden_state
+        hidden = model.base_model(ids, attention_mask=mask, **kv.cache_kwarg(model.base_model, cache), use_cache=True,
+                                  **kwargs).last_hidden_state
     which = torch.tensor([b for b, r in enumerate(rows) for _ in range(r.start - 1, len(r.ids) - 1)], device=device)
     pos = torch.tensor([p for r in rows for p in range(r.start - 1, len(r.ids) - 1)], device=device)
     target = torch.tensor([t for r in rows for t in r.ids[r.start:]], device=device)
@@ -399,15 +400,16 @@ class GradientTuner:
         demonstration's span (its own tokens still read what precedes them)."""
         model, L = self.lm.model, self.length
         if hide is None:
-            out = model(self.input_ids, cache=kv.build_cache(model), use_cache=True)
-            return tuple(list(map(torch.clone, t)) for t in kv.cache_tensors(out.cache))
+            out = model(self.input_ids, **kv.cache_kwarg(model, kv.build_cache(model)), use_cache=True)
+            return tuple(list(map(torch.clone, t)) for t in kv.cache_tensors(kv.output_cache(out)))
         a, b = self.spans[hide]
         t = torch.arange(L, device=self.input_ids.device)
         allowed = (t[None, :] <= t[:, None]) & ~((t[None, :] >= a) & (t[None, :] < b) & (t[:, None] >= b))
         mask = _additive(allowed[None], model.get_input_embeddings().weight.dtype)          # (1, 1, L, L)
         kwargs = {"position_ids": t[None]} if kv.supports_position_ids(model) else {}     # not read from the mask
-        out = model(self.input_ids, attention_mask=mask, cache=kv.build_cache(model), use_cache=True, **kwargs)
-        return tuple(list(map(torch.clone, t)) for t in kv.cache_tensors(out.cache))
+        out = model(self.input_ids, attention_mask=mask, **kv.cache_kwarg(model, kv.build_cache(model)), use_cache=True,
+                    **kwargs)
+        return tuple(list(map(torch.clone, t)) for t in kv.cache_tensors(kv.output_cache(out)))
 
     def reencoded(self) -> list[kv.Prefix]:
         """K_{-i}, V_{-i} for every demonstration i (computed once)."""
