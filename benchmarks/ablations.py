@@ -312,7 +312,7 @@ def closest_section(units: list[dict], bar, models: list[str], want: int, checks
 
         best = max(cands, key=rank)
         lines.append(f"- {name}: not met{' so far' if provisional else ''}. Closest: `{best.method}`, ≥ 3 with the "
-                     f"interval above 0 on {best.meets} of {len(models)} models (needs {need}); short on {why(best)}.")
+                     f"interval above 0 on {best.meets} of {len(models)} models (needs {need}); what fails: {why(best)}.")
         lines += [f"  - `{c.method}`: {why(c)}." for c in sorted(cands, key=rank, reverse=True) if c is not best]
         if best.method not in shown:
             shown.append(best.method)
