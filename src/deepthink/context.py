@@ -191,9 +191,7 @@ def zero_shot(lm) -> TunedContext:
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     if ids:
-        x = torch.tensor([ids], device=lm.device)
-        out = lm.model(x, **kv.cache_kwarg(lm.model, kv.build_cache(lm.model)), use_cache=True)
-        keys, values = kv.cache_tensors(kv.output_cache(out))
+        keys, values = kv.encode(lm.model, torch.tensor([ids], device=lm.device))
     return TunedContext(lm, list(keys), list(values), ids, config=None, demonstrations="", steps_done=0)
 
 

@@ -32,8 +32,9 @@ _RENAMED = Version(transformers.__version__) >= Version("5.24.0.dev0")
 @functools.lru_cache(maxsize=None)
 def _cache_keyword(cls: type) -> str:
     params = inspect.signature(cls.forward).parameters
-    if "cache" in params or "past_key_values" in params:
-        return "cache" if "cache" in params else "past_key_values"
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
     return "cache" if _RENAMED else "past_key_values"       # a forward of **kwargs only: the library's own name
 
 
@@ -49,6 +50,12 @@ def output_cache(out) -> Cache:
             return out[name]
     raise RuntimeError(f"{type(out).__name__} holds no cache although use_cache=True was asked for: the model's "
                        "forward does not return one, and deepthink cannot read the demonstrations' keys and values")
+
+
+def encode(model, ids: torch.Tensor, cache: Cache | None = None, **kwargs) -> Prefix:
+    """Keys/values of every position the model holds after running `ids` (after `cache`'s past, else alone)."""
+    out = model(ids, **cache_kwarg(model, build_cache(model) if cache is None else cache), use_cache=True, **kwargs)
+    return cache_tensors(output_cache(out))
 
 
 def require_sliding_support() -> None:

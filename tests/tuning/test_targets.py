@@ -17,8 +17,7 @@ ROTARY = ["llama", "qwen2", "mistral", "gemma3"]
 def keys_at(lm, ids, start):
     pos = torch.arange(start, start + ids.shape[1])[None]
     with torch.no_grad():
-        out = lm.model(ids, position_ids=pos, **kv.cache_kwarg(lm.model, kv.build_cache(lm.model)), use_cache=True)
-    return kv.cache_tensors(kv.output_cache(out))[0]
+        return kv.encode(lm.model, ids, position_ids=pos)[0]
 
 
 @pytest.mark.parametrize("arch", ROTARY)

@@ -400,16 +400,13 @@ class GradientTuner:
         demonstration's span (its own tokens still read what precedes them)."""
         model, L = self.lm.model, self.length
         if hide is None:
-            out = model(self.input_ids, **kv.cache_kwarg(model, kv.build_cache(model)), use_cache=True)
-            return tuple(list(map(torch.clone, t)) for t in kv.cache_tensors(kv.output_cache(out)))
+            return tuple(list(map(torch.clone, t)) for t in kv.encode(model, self.input_ids))
         a, b = self.spans[hide]
         t = torch.arange(L, device=self.input_ids.device)
         allowed = (t[None, :] <= t[:, None]) & ~((t[None, :] >= a) & (t[None, :] < b) & (t[:, None] >= b))
         mask = _additive(allowed[None], model.get_input_embeddings().weight.dtype)          # (1, 1, L, L)
         kwargs = {"position_ids": t[None]} if kv.supports_position_ids(model) else {}     # not read from the mask
-        out = model(self.input_ids, attention_mask=mask, **kv.cache_kwarg(model, kv.build_cache(model)), use_cache=True,
-                    **kwargs)
-        return tuple(list(map(torch.clone, t)) for t in kv.cache_tensors(kv.output_cache(out)))
+        return tuple(list(map(torch.clone, t)) for t in kv.encode(model, self.input_ids, attention_mask=mask, **kwargs))
 
     def reencoded(self) -> list[kv.Prefix]:
         """K_{-i}, V_{-i} for every demonstration i (computed once)."""

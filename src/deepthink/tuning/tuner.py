@@ -90,15 +90,13 @@ class ForwardTuner:
         """Keys/values of the demonstrations' L positions, encoded after `past` (or alone)."""
         model, L = self.lm.model, self.length
         if past is None:
-            out = model(self.input_ids, **kv.cache_kwarg(model, kv.build_cache(model)), use_cache=True)
-            return kv.cache_tensors(kv.output_cache(out))
+            return kv.encode(model, self.input_ids)
         cache = kv.build_cache(model, *past)
         kwargs = {}
         if self.config.positions == "aligned":
             kwargs["position_ids"] = torch.arange(L, device=self.input_ids.device)[None]
         mask = torch.ones(1, 2 * L, dtype=torch.long, device=self.input_ids.device)
-        out = model(self.input_ids, attention_mask=mask, **kv.cache_kwarg(model, cache), use_cache=True, **kwargs)
-        keys, values = kv.cache_tensors(kv.output_cache(out))
+        keys, values = kv.encode(model, self.input_ids, cache, attention_mask=mask, **kwargs)
         return [k[..., -L:, :] for k in keys], [v[..., -L:, :] for v in values]
 
     def step(self) -> "TunedContext":
