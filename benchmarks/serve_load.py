@@ -5,8 +5,8 @@
     python benchmarks/serve_load.py --items 300 --serial-items 100    # a smoke run (a few minutes)
 
 Items are the sentiment-demo test reviews (20, with labels) cycled to --items rows. The context is tuned once
-(`deepthink tune --task sentiment-demo --shots 1 --steps 10`) unless --context DIR names one. Phases, one after
-the other so that none competes with another for the cores:
+(`deepthink tune --task sentiment-demo --shots 1 --method forward --steps 10`) unless --context DIR names one.
+Phases, one after the other so that none competes with another for the cores:
   offline     `deepthink predict --context DIR --input items.jsonl` in a fresh process; its start-up (model and
               context load) is measured with a 1-item file and subtracted: items/s of the scoring itself
   server      `deepthink serve` in its own process; 20 warm-up requests; then its resident memory (psutil)
@@ -92,7 +92,7 @@ def run(args, tmp: Path, deadline: float) -> int:
     if not args.context:
         log(f"tuning a context with {args.model} ...")
         check(deepthink_cmd("tune", "--model", args.model, "--task", "sentiment-demo", "--seed", 0, "--shots", 1,
-                            "--steps", 10, "--out", ctx), deadline)
+                            "--method", "forward", "--steps", 10, "--out", ctx), deadline)
 
     log(f"offline: deepthink predict on {args.items} items ...")
     t_one = timed(deepthink_cmd("predict", "--context", ctx, "--input", tmp / "one.jsonl", "--output",

@@ -14,7 +14,7 @@ from deepthink.tuning import tuner
 from conftest import tiny_lm
 
 DEMO_TEST = Path(deepthink.__file__).parent / "demo_data" / "sentiment_test.jsonl"
-TUNE = ["--task", "sentiment-demo", "--seed", "0", "--shots", "1", "--steps", "3", "--step-size", "0.1"]
+TUNE = ["--method", "forward", "--task", "sentiment-demo", "--seed", "0", "--shots", "1", "--steps", "3", "--step-size", "0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,7 @@ def test_tune_from_a_demos_file(tiny_model_dir, tmp_path, capsys):
     text = "Review: 很好看的电影 🎬\nSentiment: positive\n\nReview: dull\nSentiment: negative\n"
     (tmp_path / "demos.txt").write_text(text, encoding="utf-8")
     code, out, err = run(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "demos.txt", "--steps", 2,
+                         "--method", "forward",
                          "--out", tmp_path / "txt")
     assert code == 0, err
     assert out.startswith(f"saved {tmp_path / 'txt'}: ")
@@ -174,7 +175,7 @@ def test_tune_bad_inputs(tiny_model_dir, tmp_path, capsys):
     err = error(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--step-size", "-1", *out)
     assert "--step-size=-1.0: must be >= 0" in err
     (tmp_path / "long.txt").write_text("Review: witty gorgeous movie.\n" * 200)   # > 2048 positions
-    err = error(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "long.txt", *out)
+    err = error(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "long.txt", "--method", "forward", *out)
     assert "positions but the model supports 2048" in err
     assert not (tmp_path / "ctx").exists()
 
@@ -256,7 +257,7 @@ def test_predict_and_generate_refusals(ctx_dir, other_model_dir, tmp_path, capsy
 
 def test_predict_needs_task_or_choices_for_a_demos_file_context(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "d.txt").write_text("Review: dull\nSentiment: negative\n\n")
-    assert run(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "d.txt", "--steps", 1,
+    assert run(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "d.txt", "--steps", 1, "--method", "forward",
                "--out", tmp_path / "c")[0] == 0
     (tmp_path / "q.txt").write_text("Review: witty\n")
     err = error(capsys, "predict", "--context", tmp_path / "c", "--input", tmp_path / "q.txt")

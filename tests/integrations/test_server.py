@@ -250,7 +250,7 @@ def free_port() -> int:
 def server(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "ctx"
     assert main(["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--steps", "2",
-                 "--step-size", "0.1", "--out", str(out)]) == 0
+                 "--method", "forward", "--step-size", "0.1", "--out", str(out)]) == 0
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "deepthink", "serve", "--context", f"sent={out}",
                              "--port", str(port), "--batch-wait-ms", "300", "--max-new-tokens", "2000",

@@ -92,6 +92,17 @@ def test_variants_of_one_run_share_it_and_get_what_they_would_alone():
             alone.scorer.score(QUERIES, [list(CHOICES)] * len(QUERIES)).logprob, abs=1e-5)
 
 
+def test_one_demonstration_is_plain_icl_and_says_so():
+    """Leave-one-out needs a second demonstration: with one (copa at --shots 1) grad_kv is ICL, recorded as such,
+    so that the default method set runs on every task; the bare tuner still refuses (tests/tuning)."""
+    one = Setup(tiny_lm("llama"), ITEMS[0].demo_text + "\n\n", DEV, demos=ITEMS[:1])
+    method = make_method("grad_kv", {"steps": 3})
+    method.check(one)
+    prepared = method.prepare(one)
+    assert prepared.scorer is one.icl() and prepared.info["chosen_steps"] == 1
+    assert prepared.info["selection_used"] == "none" and "nothing to leave out" in method.describe(prepared.info)
+
+
 def test_needs_the_demonstrations_as_items():
     with pytest.raises(ValueError, match="grad_kv needs the demonstrations as items"):
         make_method("grad_kv", {"steps": 2}).prepare(setup(demos=()))
@@ -101,11 +112,12 @@ def test_tune_cli_saves_a_gradient_tuned_context(tiny_model_dir, tmp_path, capsy
     out = tmp_path / "ctx"
     argv = ["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--seed", "0", "--shots", "2",
             "--method", "grad_kv", "--steps", "3", "--lr", "0.01", "--update", "v", "--checkpointing",
-            "--out", str(out)]
+            "--selection", "last", "--out", str(out)]
     assert main(argv) == 0
     meta = json.loads((out / "context.json").read_text())
     assert meta["tuning"] is None and meta["steps_done"] == 3
     assert meta["method"]["name"] == "grad_kv"
+    assert meta["method"]["selection"] == {"rule": "last", "chosen_steps": 3}
     opts = meta["method"]["options"]
     assert (opts["lr"], opts["update"], opts["checkpointing"], opts["steps"]) == (0.01, "v", True, 3)
     capsys.readouterr()
@@ -117,14 +129,50 @@ def test_tune_cli_saves_a_gradient_tuned_context(tiny_model_dir, tmp_path, capsy
     assert [r["logprob"] for r in rows] == approx([a["logprob"] for a in api], abs=1e-5)
 
 
+def test_tune_cli_default_is_the_recommended_method_and_chooses_t_like_eval(tiny_model_dir, tmp_path, capsys):
+    """Without --method, tune runs grad_kv at lr 0.01 and keeps the T with the best accuracy on dev items drawn
+    as `deepthink eval` draws them (disjoint from the demonstrations): the same T and the same cache."""
+    from deepthink.evaluation import EvalConfig, run_unit
+
+    argv = ["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--seed", "1", "--shots", "2",
+            "--steps", "4", "--dev-size", "6", "--out", str(tmp_path / "c")]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    meta = json.loads((tmp_path / "c" / "context.json").read_text())
+    sel = meta["method"]["selection"]
+    assert meta["method"]["name"] == "grad_kv" and meta["method"]["options"]["lr"] == 0.01
+    assert sel["rule"] == "dev-acc" and sel["dev_items"] == 6 and len(sel["accuracy_curve"]) == 4
+    assert meta["steps_done"] == sel["chosen_steps"] and f"T chosen on 6 dev items" in said
+    lm = deepthink.load_model(str(tiny_model_dir))
+    cfg = EvalConfig(shots=2, dev_size=6, max_eval=4, methods={"grad_kv": {"steps": 4}})
+    unit, _ = run_unit(lm, "sentiment-demo", 1, cfg, progress=False)
+    info = unit["methods"]["grad_kv"]
+    assert sel["chosen_steps"] == info["chosen_steps"]
+    assert sel["accuracy_curve"] == approx([c["sum"] for c in info["dev_curve"]], abs=1e-3)
+    assert not set(unit["dev_indices"]) & {d["index"] for d in unit["demonstrations"]["items"]}
+    assert meta["demonstrations"] == unit["demonstrations"]["text"]
+    # no dev items: leave-one-out, said so
+    assert main([*argv[:-2], "--dev-size", "0", "--out", str(tmp_path / "d")]) == 0
+    assert "leave-one-out over the demonstrations, no dev items" in capsys.readouterr().out
+    assert json.loads((tmp_path / "d" / "context.json").read_text())["method"]["selection"]["rule"] == "loo"
+
+
 def test_tune_cli_refuses_mixed_options(tiny_model_dir, tmp_path, capsys):
     base = ["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--out", str(tmp_path / "x")]
-    assert main([*base, "--lr", "0.01"]) == 2
-    assert "--lr set(s) gradient KV tuning: add --method grad_kv" in capsys.readouterr().err
-    assert main([*base, "--method", "grad_kv", "--step-size", "0.1"]) == 2
-    assert "--step-size set(s) forward tuning" in capsys.readouterr().err
+    for extra, flag in ((["--lr", "0.02"], "--lr"), (["--selection", "loo"], "--selection"),
+                        (["--dev-size", "8"], "--dev-size"), (["--grad-seed", "1"], "--grad-seed")):
+        assert main([*base, "--method", "forward", *extra]) == 2
+        assert f"{flag} set(s) gradient KV tuning, not --method forward: drop it" in capsys.readouterr().err
+    assert main([*base, "--step-size", "0.1"]) == 2
+    assert "--step-size set(s) forward tuning, which is not the default method: add --method forward" \
+        in capsys.readouterr().err
+    assert main([*base, "--dev-size", "-1"]) == 2
+    assert "--dev-size must be an integer >= 0" in capsys.readouterr().err
     demos = tmp_path / "demos.txt"
     demos.write_text(TEXT)
-    assert main(["tune", "--model", str(tiny_model_dir), "--demos", str(demos), "--method", "grad_kv",
-                 "--out", str(tmp_path / "y")]) == 2
-    assert "needs each demonstration's query and answer" in capsys.readouterr().err
+    for method in ([], ["--method", "grad_kv"]):
+        assert main(["tune", "--model", str(tiny_model_dir), "--demos", str(demos), *method,
+                     "--out", str(tmp_path / "y")]) == 2
+        err = capsys.readouterr().err
+        assert "needs each demonstration's query and answer" in err and "--method forward" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -121,5 +121,5 @@ def test_the_tune_command_takes_target(tmp_path, tiny_model_dir, capsys):
     demos = tmp_path / "d.txt"
     demos.write_text(DEMOS)
     assert main(["tune", "--model", str(tiny_model_dir), "--demos", str(demos), "--steps", "2",
-                 "--target", "rotation", "--out", str(tmp_path / "c")]) == 0
+                 "--method", "forward", "--target", "rotation", "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c" / "context.json").read_text())["tuning"]["target"] == "rotation"

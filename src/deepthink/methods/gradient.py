@@ -19,6 +19,7 @@ from .base import Method, Prepared, Setup, register_method
 from .selection import argmax_first
 
 SELECTIONS = ("dev-acc", "loo")
+ONE_DEMO = "one demonstration, nothing to leave out: plain ICL (T=1)"
 
 
 def gradient_config(config) -> GradientConfig:
@@ -34,6 +35,10 @@ def _peak_rss_mb() -> float:
 
 @dataclass(frozen=True)
 class GradKVConfig(GradientConfig):
+    # 0.01, not the tuner's 0.001: the method chooses T, and at 0.01 with T chosen on dev it is the recommended
+    # default of benchmarks/results/ABLATIONS.md (the confirmation's rule); a fixed T at 0.01 overfits, which is
+    # why GradientConfig, used for a fixed step count, keeps 0.001
+    lr: float = field(default=0.01, metadata={"help": "Adam learning rate (0 leaves the cache unchanged)"})
     selection: str = field(default="dev-acc", metadata={
         "help": "how T is chosen: dev-acc (accuracy on dev, ties to the smaller T; loo without dev items) or "
                 "loo (leave-one-out accuracy over the demonstrations, no dev items used)", "choices": SELECTIONS})
@@ -59,11 +64,20 @@ class GradKV(Method):
 
     def check(self, setup: Setup) -> None:
         self._need_items(setup)
+        if len(setup.demos) < 2:
+            return                       # plain ICL (see prepare): nothing to tune, nothing too long to tune
         GradientTuner(setup.lm, setup.demonstrations, setup.demos, gradient_config(self.config))  # lengths; no forward
 
     def prepare(self, setup: Setup) -> Prepared:
         cfg = self.config
         self._need_items(setup)
+        if len(setup.demos) < 2:
+            # leave-one-out needs a second demonstration to learn from: with one (e.g. copa at --shots 1) the
+            # method is plain ICL, recorded and described as such, so that a default method set runs on every task
+            icl = setup.icl()
+            info = {"chosen_steps": 1, "selection_used": "none", "note": ONE_DEMO, "dev_curve": [], "loo_curve": [],
+                    "train_loss": [], "stopped": None, "tuning_seconds": 0.0, "process_peak_rss_mb": _peak_rss_mb()}
+            return Prepared(icl, info=info, curve=[icl])
         gcfg = gradient_config(cfg)
         # one run per GradientConfig in a workspace: variants that differ only in selection (and the calibrated
         # form) read the same run, its contexts and therefore its cached dev scores
@@ -94,5 +108,7 @@ class GradKV(Method):
         return tuner, contexts, time.perf_counter() - start, _peak_rss_mb()
 
     def describe(self, info: dict) -> str:
+        if info.get("note"):
+            return f"gradient KV tuning: {info['note']}"
         return (f"gradient KV tuning, lr {self.config.lr:g}, T={info['chosen_steps']} chosen by "
                 f"{info['selection_used']}")
