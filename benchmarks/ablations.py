@@ -426,21 +426,30 @@ README = ROOT.parent / "README.md"
 README_MARK = ("<!-- ablations-summary: written by benchmarks/ablations.py -->", "<!-- /ablations-summary -->")
 
 
-def readme_summary(units: list[dict], want: int) -> str:
-    """The README's short form of the screen: per model, each method's paired difference to ICL and to the
+def unit_list(units: list[dict]) -> str:
+    """The units of one model, compactly: "sst2, mr; seeds 3, 4" when they are every (task, seed) pair of the
+    tasks and seeds present, else each task/seed."""
+    tasks = [t for t in TASKS if any(u["task"] == t for u in units)]
+    seeds = sorted({u["seed"] for u in units})
+    if len({(u["task"], u["seed"]) for u in units}) == len(tasks) * len(seeds):
+        return ", ".join(tasks) + "; seeds " + ", ".join(map(str, seeds))
+    return ", ".join(f"{u['task']}/seed {u['seed']}"
+                     for u in sorted(units, key=lambda u: (u["seed"], TASKS.index(u["task"]))))
+
+
+def readme_summary(units: list[dict], want: int, stage: str = "screen") -> str:
+    """The README's short form of a stage: per model, each method's paired difference to ICL and to the
     better of ICL and calibrated ICL, over the finished units only (said so in the first line)."""
     if not units:
         return "No ablation unit has finished yet."
     bar, best = better_baseline(units), best_baseline(units)
     models = sorted({u["model"] for u in units})
     per = {m: [u for u in units if u["model"] == m] for m in models}
-    lines = [f"Screen, {len(units)} of {want} units finished (" + "; ".join(
-                 f"{m}: " + ", ".join(f"{u['task']}/seed {u['seed']}" for u in
-                                     sorted(us, key=lambda u: (u["seed"], TASKS.index(u["task"]))))
-                 for m, us in per.items())
-             + "). Points, mean over tasks of the paired difference [95 % bootstrap interval over (seed, item)]; "
-             "bar = the better of ICL and calibrated ICL per task, best = the best of those and zero-shot with and "
-             "without calibration, both chosen on eval. Full tables: "
+    lines = [f"{'Screen' if stage == 'screen' else 'Confirmation'}, {len(units)} of {want} units finished ("
+             + "; ".join(f"{m}: {unit_list(us)}" for m, us in per.items())
+             + f", {units[0]['n_eval']} eval items each). Points, mean over tasks of the paired difference [95 % "
+             "bootstrap interval over (seed, item)]; bar = the better of ICL and calibrated ICL per task, best = the "
+             "best of those and zero-shot with and without calibration, both chosen on eval. Full tables: "
              "[benchmarks/results/ABLATIONS.md](benchmarks/results/ABLATIONS.md).", "",
              "| method | " + " | ".join(f"{m}: Δ vs ICL | {m}: Δ vs bar | {m}: Δ vs best" for m in models) + " |",
              "|---|" + "---|---|---|" * len(models)]
@@ -572,8 +581,8 @@ def write_markdown() -> Path:
         lines += ["## Confirmation", "", "Not started: the confirmation's methods are picked once the screen is "
                   "complete.", "", *recommendation_section([], want_confirm, [])]
     write_atomic(MARKDOWN, "\n".join(lines) + "\n")
-    replace_marked(README, README_MARK,
-                   readme_summary(screen, want) + "\n\n" + default_line(confirm, want_confirm, picked))
+    stages = ([readme_summary(confirm, want_confirm, "confirm")] if confirm else []) + [readme_summary(screen, want)]
+    replace_marked(README, README_MARK, "\n\n".join(stages) + "\n\n" + default_line(confirm, want_confirm, picked))
     replace_marked(GRADIENT_DOC, GRADIENT_MARK, unit_table(screen))
     replace_marked(MARKDOWN.with_name("REPRODUCTION.md"), PAPER_SHOTS_MARK,
                    paper_shots_section({"screen": screen, "confirm": confirm}))

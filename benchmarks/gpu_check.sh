@@ -48,7 +48,8 @@ speed() {
 #    the same predictions, per-choice log-probabilities within float32 summation noise
 same_as_cpu() {
   random_llama "$TMP/rand" 256 4 8 4 >/dev/null 2>&1 || return 1
-  local args=(--model "$TMP/rand" --task sst5 trec --seeds 0 --shots 1 --steps 5 --dev-size 16 --max-eval 64 --quiet)
+  local args=(--model "$TMP/rand" --task sst5 trec --seeds 0 --shots 1 --steps 5 --dev-size 16 --max-eval 64 --quiet
+              --methods zero_shot icl dt_fixed dt_dev)
   for dev in cpu cuda auto; do
     local t0=$(date +%s.%N)
     $PY -m deepthink eval "${args[@]}" --device $dev --out "$TMP/$dev" >/dev/null || return 1
@@ -90,7 +91,7 @@ PY
 two_processes() {
   random_llama "$TMP/rand2" 1024 12 16 16 >/dev/null 2>&1 || return 1
   local args=(--model "$TMP/rand2" --device cuda --task sst5 trec --seeds 0 1 --steps 10 --dev-size 32 --max-eval 200
-              --quiet)
+              --quiet --methods zero_shot icl dt_fixed dt_dev)
   local t0=$(date +%s)
   $PY -m deepthink eval "${args[@]}" --out "$TMP/one" || return 1
   local t1=$(date +%s)

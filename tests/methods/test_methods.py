@@ -15,8 +15,9 @@ DEV = [Example(query=q, continuations=tuple(CHOICES), label=i % 2, split="train"
        for i, q in enumerate(QUERIES)]
 
 
-def test_default_methods_are_registered_in_order():
-    assert list(METHODS)[:4] == list(DEFAULT_METHODS) == ["zero_shot", "icl", "dt_fixed", "dt_dev"]
+def test_default_methods_are_the_baselines_the_paper_and_the_recommended_method():
+    assert list(DEFAULT_METHODS) == ["zero_shot", "icl", "dt_fixed", "dt_dev", "grad_kv"]
+    assert set(DEFAULT_METHODS) <= set(METHODS)
 
 
 def test_unknown_method_and_option_are_clear_errors():
