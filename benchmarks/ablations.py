@@ -447,7 +447,7 @@ def readme_summary(units: list[dict], want: int, stage: str = "screen") -> str:
     per = {m: [u for u in units if u["model"] == m] for m in models}
     lines = [f"{'Screen' if stage == 'screen' else 'Confirmation'}, {len(units)} of {want} units finished ("
              + "; ".join(f"{m}: {unit_list(us)}" for m, us in per.items())
-             + f", {units[0]['n_eval']} eval items each). Points, mean over tasks of the paired difference [95 % "
+             + f"), {units[0]['n_eval']} eval items each. Points, mean over tasks of the paired difference [95 % "
              "bootstrap interval over (seed, item)]; bar = the better of ICL and calibrated ICL per task, best = the "
              "best of those and zero-shot with and without calibration, both chosen on eval. Full tables: "
              "[benchmarks/results/ABLATIONS.md](benchmarks/results/ABLATIONS.md).", "",

@@ -75,7 +75,7 @@ def test_screen_then_confirm_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert "## Confirmation" in text and "## Recommended default" in text
     region = readme.read_text().split(ab.README_MARK[0] + "\n")[1]        # the confirmation first, then the screen
     assert region.startswith("Confirmation, 1 of 1 units finished (") and f"\n\n{summary}\n\n" in region
-    assert ": sst2; seeds 3, 6 eval items each)" in region and ": sst2; seeds 0, 1, 6 eval items each)" in summary
+    assert ": sst2; seeds 3), 6 eval items each." in region and ": sst2; seeds 0, 1), 6 eval items each." in summary
     rec = text.split("## Recommended default")[1]
     assert "**`" in rec and "Pending" not in rec                       # the confirmation is complete: a verdict
     assert "Recommended default (by the rule in" in readme.read_text()
