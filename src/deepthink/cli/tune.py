@@ -149,7 +149,7 @@ def _grad_tune(lm, demonstrations: str, items: list, dev: list, grad: GradKVConf
                             **({"note": info["note"]} if info.get("note") else {})}}
     return TunedContext(lm, best.keys, best.values, best.prefix_ids, config=None, demonstrations=demonstrations,
                         steps_done=info["chosen_steps"], history=best.history if best.method else [],
-                        stopped=info["stopped"], method=record)
+                        stopped=best.stopped, method=record)
 
 
 def run(args) -> int:
