@@ -1,9 +1,10 @@
-"""`deepthink demo`: every default method on the small sentiment task shipped inside."""
+"""`deepthink demo`: the baselines, Deep-Thinking and gradient KV tuning on the small sentiment task shipped inside."""
 from .common import add_model_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="zero-shot vs ICL vs Deep-Thinking on the small sentiment task shipped inside")
+    p = sub.add_parser("demo", help="zero-shot, ICL, calibrated ICL, Deep-Thinking and gradient KV tuning on the "
+                                    "small sentiment task shipped inside")
     add_model_args(p)
     p.add_argument("--steps", type=int, default=10, help="forward-tuning steps to show (default: 10)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: physical cores)")
