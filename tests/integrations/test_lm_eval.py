@@ -135,6 +135,24 @@ def test_explicit_context_equals_tuned_context_score(tiny_model_dir, tasks, tmp_
     assert "probably the harness's few-shot examples" in caplog.text
 
 
+def test_a_gradient_tuned_context_is_used_unchanged(tiny_model_dir, tasks, tmp_path):
+    """A context saved by `deepthink tune` (gradient KV tuning, its default) is read by the adapter like any other."""
+    from deepthink.cli import main
+
+    assert main(["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--shots", "2", "--steps", "3",
+                 "--selection", "last", "--out", str(tmp_path / "g")]) == 0
+    lm = deepthink.load_model(str(tiny_model_dir))
+    ctx = deepthink.TunedContext.load(tmp_path / "g", lm)
+    assert ctx.method["name"] == "grad_kv" and ctx.steps_done == 3
+    queries = [f"Review: {t}\nSentiment:" for t, _ in REVIEWS[:6]]
+    want = ctx.score(queries, [" negative", " positive"]).logprob
+    icl = deepthink.tune(lm, ctx.demonstrations, deepthink.TuningConfig(steps=1)).score(
+        queries, [" negative", " positive"]).logprob
+    assert want != approx(icl, abs=1e-4)                                  # the gradient steps changed the cache
+    got = _loglikelihoods(_run(DeepThinkLM(model=lm, context=str(tmp_path / "g")), tasks, "tiny_mc", 0))
+    assert got == approx(want, abs=1e-5)
+
+
 def test_shared_prefix_tuned_once_per_task(tiny_model_dir, tasks):
     lm = deepthink.load_model(str(tiny_model_dir))
     calls = {"model": 0, "base": 0}

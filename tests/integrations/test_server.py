@@ -323,3 +323,17 @@ def test_sigterm_finishes_requests_in_flight(server):
     assert out["response"].status_code == 200 and out["response"].json()["tokens"] == 512
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/healthz", timeout=2)
+
+
+def test_a_gradient_tuned_context_is_served_unchanged(tiny_model_dir, tmp_path):
+    """A context saved by `deepthink tune` (gradient KV tuning, its default) scores over HTTP as it does in Python."""
+    assert main(["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--shots", "2", "--steps", "3",
+                 "--selection", "last", "--out", str(tmp_path / "g")]) == 0
+    ctx = deepthink.TunedContext.load(tmp_path / "g", deepthink.load_model(str(tiny_model_dir)))
+    assert ctx.method["name"] == "grad_kv"
+    with TestClient(create_app({"g": ctx}, LIMITS)) as c:
+        r = c.post("/v1/score", json={"context": "g", "queries": QUERIES[:3], "choices": CHOICES})
+        assert r.status_code == 200, r.text
+        got = [res["logprob"] for res in r.json()["results"]]
+    assert got == approx(ctx.score(QUERIES[:3], CHOICES).logprob, abs=1e-5)
+
