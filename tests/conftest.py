@@ -114,6 +114,13 @@ MULTI = [[" terrible plot.", " great", " a seductive movie with witty lines"],
          [" Water flowed from the spout.", " Sports", " the plot"]]
 
 
+def method_results(unit: dict) -> dict:
+    """A unit's per-method info without what measures the process rather than the method (grad_kv's tuning
+    seconds and peak memory): what two runs of the same unit must agree on."""
+    measured = ("tuning_seconds", "process_peak_rss_mb")
+    return {m: {k: v for k, v in info.items() if k not in measured} for m, info in unit["methods"].items()}
+
+
 def approx(expected, abs=1e-4):
     """pytest.approx for nested lists of scores."""
     import numpy as np

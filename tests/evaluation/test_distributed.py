@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from deepthink.cli import main
+from conftest import method_results
 
 ARGS = ["--seeds", "0", "1", "--shots", "1", "--steps", "3", "--dev-size", "4", "--max-eval", "6", "--quiet",
         "--curve"]
@@ -74,8 +75,7 @@ def assert_same_runs(a, b, report=True):
             ua, ub = (json.loads((d / "units" / name).read_text()) for d in (a, b))
             for u in (ua, ub):
                 u.pop("wall_s"), u.pop("environment")
-                for info in u["methods"].values():          # measurements of the process, not results
-                    info.pop("tuning_seconds", None), info.pop("process_peak_rss_mb", None)
+                u["methods"] = method_results(u)
             assert ua == ub
     assert (b / "results.json").exists() or not report
 

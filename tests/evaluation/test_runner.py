@@ -6,6 +6,7 @@ import pytest
 from deepthink import cli
 from deepthink.evaluation import ORACLE, EvalConfig, runner
 from deepthink.methods import DEFAULT_METHODS as SETTINGS
+from conftest import method_results
 
 ARGS = ["--task", "sentiment-demo", "sst2", "--seeds", "0", "1", "--shots", "1", "--steps", "3",
         "--dev-size", "6", "--max-eval", "8", "--quiet"]
@@ -75,10 +76,8 @@ def test_rerun_skips_and_reproduces(finished, tiny_model_dir, tmp_path, capsys):
     a = json.loads(before)["units"]
     b = json.loads((fresh / "results.json").read_text())["units"]
     key = lambda u: (u["task"], u["seed"])
-    measured = ("tuning_seconds", "process_peak_rss_mb")       # of the process (grad_kv), not results
-    strip = lambda u: {m: {k: v for k, v in info.items() if k not in measured} for m, info in u["methods"].items()}
     for x, y in zip(sorted(a, key=key), sorted(b, key=key)):
-        assert x["accuracy"] == y["accuracy"] and strip(x) == strip(y)
+        assert x["accuracy"] == y["accuracy"] and method_results(x) == method_results(y)
 
 
 def test_interrupt_loses_only_the_unit_in_flight(tiny_model_dir, tmp_path, monkeypatch):

@@ -79,23 +79,23 @@ def _configs(args):
     import dataclasses
 
     config = config_from_args(TuningConfig, args)
-    grad_flags = {flag(f.name): getattr(args, f.name) != f.default
-                  for f in dataclasses.fields(GradKVConfig) if f.name not in GRAD_ONLY}
-    grad_flags.update({"--selection": args.selection != "dev-acc", "--dev-size": args.dev_size != DEV_SIZE,
-                       "--grad-seed": args.grad_seed != 0})
     if args.method == "grad_kv":
         changed = [flag(f.name) for f in dataclasses.fields(TuningConfig)
                    if f.name not in ("steps", "update") and getattr(config, f.name) != f.default]
         if changed:
             raise ValueError(f"{', '.join(changed)} set(s) forward tuning, which is not the default method: add "
                              "--method forward, or drop it")
-        if isinstance(args.dev_size, bool) or args.dev_size < 0:
+        if args.dev_size < 0:
             raise ValueError(f"--dev-size must be an integer >= 0, got {args.dev_size}")
         grad = config_from_args(GradKVConfig, args, skip=("seed", "selection"))
         # --selection last has no GradKVConfig counterpart: the method record says it (see run)
         return config, dataclasses.replace(grad, seed=args.grad_seed,
                                            selection="dev-acc" if args.selection == "last" else args.selection)
-    changed = [name for name, set_ in grad_flags.items() if set_]
+    changed = [flag(f.name) for f in dataclasses.fields(GradKVConfig)
+               if f.name not in GRAD_ONLY and getattr(args, f.name) != f.default]
+    changed += [name for name, set_ in (("--selection", args.selection != "dev-acc"),
+                                        ("--dev-size", args.dev_size != DEV_SIZE), ("--grad-seed", args.grad_seed != 0))
+                if set_]
     if changed:
         raise ValueError(f"{', '.join(changed)} set(s) gradient KV tuning, not --method forward: drop it")
     return config, None
