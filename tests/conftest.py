@@ -121,6 +121,27 @@ def method_results(unit: dict) -> dict:
     return {m: {k: v for k, v in info.items() if k not in measured} for m, info in unit["methods"].items()}
 
 
+def assert_same_json(a, b, rel: float = 1e-5, abs: float = 1e-8, where: str = "") -> None:
+    """Two JSON-like values equal in structure, strings, ints and bools, and in floats within `rel` (relative) or
+    `abs`: what two runs of the same computation agree on. Floats are never compared exactly across runs, threads
+    or processes: a sum taken in another order differs in its last bits (e.g. a train loss 14.951251983642578 on one
+    process against 14.951251029968262 on two)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool), f"{where}: {a!r} against {b!r}"
+        assert a == pytest.approx(b, rel=rel, abs=abs), f"{where}: {a!r} against {b!r}"
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert sorted(a) == sorted(b), f"{where}: keys {sorted(a)} against {sorted(b)}"
+        for k in a:
+            assert_same_json(a[k], b[k], rel, abs, f"{where}.{k}")
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} against {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_json(x, y, rel, abs, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} against {b!r}"
+
+
 def approx(expected, abs=1e-4):
     """pytest.approx for nested lists of scores."""
     import numpy as np
