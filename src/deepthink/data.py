@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from deepthink.io import readable_file
 from deepthink.tasks import Example, Task, get_task
 
 DATA_ENV = "DEEPTHINK_DATA_DIR"
@@ -78,9 +79,7 @@ def _load_hub(task: Task, split: str, root: Path | None) -> list[dict]:
 def read_demos_file(path: str | Path, task: Task) -> list[Example]:
     """User demonstrations: a JSONL file of rows in the task's own field layout (like its
     train.jsonl), used in file order. Examples get split = the file's stem, index = line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"demonstrations file {path} does not exist")
+    path = readable_file(path, "demonstrations file")
     try:
         rows = read_jsonl(path)
     except json.JSONDecodeError as e:

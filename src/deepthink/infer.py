@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .context import TunedContext
 from .data import make_plan, read_demos_file
+from .io import readable_file
 from .models import REGISTRY, load_model
 from .tasks import get_task
 
@@ -27,9 +28,7 @@ def demonstrations(task: str | None = None, seed: int = 0, shots: int | None = N
         return plan.demonstrations, {"task": task_name, "seed": seed, "shots": shots}
     if shots is not None:
         raise ValueError("--shots sets the size of a draw from --task; it cannot be combined with --demos FILE")
-    path = Path(demos)
-    if not path.is_file():
-        raise FileNotFoundError(f"demonstrations file {path} does not exist")
+    path = readable_file(demos, "demonstrations file")
     if path.suffix == ".jsonl":
         if task is None:
             raise ValueError(f"{path} is JSONL: give --task T so that its rows can be formatted with T's template "
@@ -89,9 +88,7 @@ def read_inputs(source: str, fmt: str = "auto") -> list:
     if source == "-":
         text = sys.stdin.read()
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"input file {path} does not exist")
+        path = readable_file(source, "input file")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

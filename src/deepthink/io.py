@@ -32,6 +32,28 @@ def write_atomic(path, data: str | bytes) -> Path:
     return path
 
 
+def readable_file(path, what: str) -> Path:
+    """`path` as a Path when it is a regular file, else an error that says what it is instead: missing, a folder,
+    or something that is not a file (a named pipe, a device), which `is_file()` alone would call missing."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder: give a file")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is not a regular file (a named pipe, socket or device): give a file"
+                         + (", or - for standard input" if what == "input file" else ""))
+    return path
+
+
+def same_file(a, b) -> bool:
+    """Whether paths `a` and `b` name one file (through links or other spellings); False when either is missing."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def safe_name(s: str) -> str:
     """`s` with every character other than letters, digits and -._ replaced by _ (a file-name part)."""
     return "".join(c if c.isalnum() or c in "-._" else "_" for c in s)

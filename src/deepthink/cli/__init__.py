@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from . import demo, evaluate, generate, lm_eval, methods, predict, report, serve, tasks, tune
-
-SUBCOMMANDS = [tasks, methods, demo, evaluate, report, tune, predict, generate, serve, lm_eval]
+# imported by build_parser, inside main's Ctrl-C guard: several load torch and transformers (a second or more)
+SUBCOMMANDS = ["tasks", "methods", "demo", "evaluate", "report", "tune", "predict", "generate", "serve", "lm_eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,18 +17,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepthink", description="Iterative forward tuning (Deep-Thinking) for in-context learning.")
     parser.add_argument("--version", action="version", version=f"deepthink {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in SUBCOMMANDS:
-        module.register(sub)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f".{name}", __name__).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except KeyboardInterrupt:                  # Ctrl-C while torch and transformers load: nothing has started
+        print("deepthink: interrupted while starting; nothing was run", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
-        print("interrupted: finished units are saved; run the same command again to resume", file=sys.stderr)
+        resume = ": finished units are saved; run the same command again to resume" if args.command == "eval" else ""
+        print(f"deepthink {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, PermissionError, OSError,
             ImportError, TypeError) as e:

@@ -113,9 +113,9 @@ def method_options(args) -> dict:
 def read_method_config(path) -> dict:
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--method-config {path} does not exist")
+    from ..io import readable_file
+
+    path = readable_file(path, "--method-config")
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

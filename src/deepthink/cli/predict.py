@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from ..io import write_atomic
 from .common import add_context_args, load_context
 
 PREDICT_HELP = """Score queries with a saved context and print one JSON object per query.
@@ -45,6 +46,24 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_output(output: str | None, source: str) -> None:
+    """Refuse, before any work, an --output that would replace the --input or cannot be a file."""
+    from pathlib import Path
+
+    from ..io import same_file
+
+    if not output:
+        return
+    if output == "-":
+        raise ValueError("--output -: leave --output out to write to standard output")
+    path = Path(output)
+    if source != "-" and (same_file(path, source) or path.resolve() == Path(source).resolve()):
+        raise ValueError(f"--output {output} is the --input file: the predictions would replace the queries; "
+                         "write them to another file")
+    if path.is_dir():
+        raise ValueError(f"--output {output} is a folder: give a file name")
+
+
 def run(args) -> int:
     from ..context import TunedContext
     from ..infer import parse_choices, raw_query, read_inputs, task_queries
@@ -53,6 +72,7 @@ def run(args) -> int:
         args.task = (TunedContext.read_config(args.context).get("origin") or {}).get("task")
         if args.task is None:
             raise ValueError("give --task T (queries formatted by a task) or --choices a,b,c (raw queries)")
+    check_output(args.output, args.input)
     items = read_inputs(args.input, args.input_format)
     if not items:
         raise ValueError(f"{args.input} holds no queries (blank lines are skipped)")
@@ -64,14 +84,12 @@ def run(args) -> int:
     ctx = load_context(args)
     rows = ctx.predict(queries, choices, normalize=args.normalize, method=args.method, batch_size=args.batch_size,
                        progress=sys.stderr.isatty())
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        for i, (row, label) in enumerate(zip(rows, labels)):
-            row = {"index": i, **row} | ({"label": label} if label is not None else {})
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    lines = (json.dumps({"index": i, **row} | ({"label": label} if label is not None else {}), ensure_ascii=False)
+             + "\n" for i, (row, label) in enumerate(zip(rows, labels)))
+    if args.output:
+        write_atomic(args.output, "".join(lines))      # whole or not at all (a full disk leaves no partial file)
+    else:
+        sys.stdout.writelines(lines)
     if all(label is not None for label in labels):
         key = "prediction_normalized" if args.normalize else "prediction"
         acc = sum(r[key] == label for r, label in zip(rows, labels)) / len(rows)

@@ -245,5 +245,5 @@ def replace_marked(path: Path, marks: tuple[str, str], body: str) -> bool:
     if start not in text or end not in text:
         return False
     head, rest = text.split(start, 1)
-    path.write_text(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+    write_atomic(path, head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
     return True

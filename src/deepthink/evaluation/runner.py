@@ -162,6 +162,8 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
     procs = procs or Processes(device)
     device = procs.device(device)
     out = Path(out)
+    task_objs = [get_task(t) for t in tasks]  # fail early on unknown names, before anything is created
+    created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{procs.rank}"
@@ -169,7 +171,29 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
         probe.unlink()
     except OSError as e:
         raise OSError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable directory") from e
-    task_objs = [get_task(t) for t in tasks]  # fail early on unknown names
+    try:
+        return _run(models, task_objs, seeds, cfg, out, data_dir, device, dtype, progress, log, lm_cache, write,
+                    quantize, procs)
+    except BaseException:
+        _remove_if_empty(created)     # a run that stopped before its first unit leaves no empty --out behind
+        raise
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders this run created (deepest first) while they hold no file at all."""
+    for d in folders:
+        try:
+            if any(p.is_file() for p in d.rglob("*")):
+                return
+            for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                sub.rmdir()
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _run(models, task_objs, seeds, cfg, out, data_dir, device, dtype, progress, log, lm_cache, write, quantize,
+         procs) -> dict | None:
     git_hash()    # the code as this run found it
     lm_cache = {} if lm_cache is None else lm_cache
     for model in models:
