@@ -422,7 +422,7 @@ def recommendation_section(confirm: list[dict], want: int, picked: list[str]) ->
     return lines + [verdict, "", *evidence]
 
 
-README = ROOT.parent / "README.md"
+README = ROOT.parent / "docs" / "results.md"     # the tables are written there; the README links to it
 README_MARK = ("<!-- ablations-summary: written by benchmarks/ablations.py -->", "<!-- /ablations-summary -->")
 
 
@@ -450,7 +450,7 @@ def readme_summary(units: list[dict], want: int, stage: str = "screen") -> str:
              + f"), {units[0]['n_eval']} eval items each. Points, mean over tasks of the paired difference [95 % "
              "bootstrap interval over (seed, item)]; bar = the better of ICL and calibrated ICL per task, best = the "
              "best of those and zero-shot with and without calibration, both chosen on eval. Full tables: "
-             "[benchmarks/results/ABLATIONS.md](benchmarks/results/ABLATIONS.md).", "",
+             "[benchmarks/results/ABLATIONS.md](../benchmarks/results/ABLATIONS.md).", "",
              "| method | " + " | ".join(f"{m}: Δ vs ICL | {m}: Δ vs bar | {m}: Δ vs best" for m in models) + " |",
              "|---|" + "---|---|---|" * len(models)]
     for k in units[0]["accuracy"]:

@@ -206,14 +206,14 @@ PAPER_SHOTS_MARK = ("<!-- paper-shots: written by benchmarks/ablations.py -->", 
 
 
 def readme_summary(profile: str, out_dir: Path) -> str:
-    """Short results table for the README: summed-score accuracy per setting, mean ± std over seeds."""
+    """Short results table for docs/results.md: summed-score accuracy per setting, mean ± std over seeds."""
     units = report.load_units([out_dir])
     rows = report.summarize(units, "sum")
     n_units = len({(u["model"], u["task"], u["seed"]) for u in units})
     names, selecting = report.method_names(units), report.choosing(units)
     lines = [f"Profile `{profile}`: {n_units} units ({', '.join(sorted({r['model'] for r in rows}))}), accuracy % "
              "(summed log-prob), mean ± std over seeds; full tables, per-token scores, dev curves and caveats in "
-             "[benchmarks/results/REPRODUCTION.md](benchmarks/results/REPRODUCTION.md).", "",
+             "[benchmarks/results/REPRODUCTION.md](../benchmarks/results/REPRODUCTION.md).", "",
              "| model | task | n eval | " + " | ".join(label(m) for m in names)
              + "".join(f" | {chosen_label(m, selecting)}" for m in selecting) + " |",
              "|---|---|---|" + "---|" * (len(names) + len(selecting))]
@@ -227,8 +227,8 @@ def chosen_label(method: str, selecting: list[str]) -> str:
     return "dev-chosen T" if len(selecting) == 1 else f"{label(method)}: dev-chosen T"
 
 
-def update_readme(profile: str, out_dir: Path, path: Path = ROOT.parent / "README.md") -> bool:
-    """Rewrite the README's results table between README_MARK; False when the markers are not there."""
+def update_readme(profile: str, out_dir: Path, path: Path = ROOT.parent / "docs" / "results.md") -> bool:
+    """Rewrite docs/results.md's results table between README_MARK; False when the markers are not there."""
     return report.replace_marked(path, README_MARK, readme_summary(profile, out_dir))
 
 
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     path = write_markdown(args.profile, out_dir, command)
     print(f"wrote {path}")
     if args.profile == "default" and update_readme(args.profile, out_dir):
-        print("updated the results table in README.md")
+        print("updated the results table in docs/results.md")
     return 0
 
 

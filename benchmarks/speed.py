@@ -662,8 +662,8 @@ def readme_table(entries: dict) -> str:
     return "\n".join(rows)
 
 
-def update_readme(entries: dict, path: Path = REPO / "README.md") -> bool:
-    """Rewrite the table between README_MARK in the README; False when the markers are not there."""
+def update_readme(entries: dict, path: Path = REPO / "docs" / "performance.md") -> bool:
+    """Rewrite the table between README_MARK in docs/performance.md; False when the markers are not there."""
     from deepthink.evaluation.report import replace_marked
 
     return replace_marked(path, README_MARK, readme_table(entries))
@@ -785,7 +785,7 @@ def main(argv=None) -> dict:
     store.write_text(json.dumps(entries, indent=1))
     (out / "speed.md").write_text(markdown(entries))
     if out.resolve() == (REPO / "benchmarks" / "results").resolve() and update_readme(entries):
-        print("updated the Performance table in README.md")
+        print("updated the Performance table in docs/performance.md")
     sm = summary(entry)
     print(f"wrote {store} and {out / 'speed.md'} ({entry['wall_s']:.0f} s)")
     print(json.dumps(sm))
