@@ -10,6 +10,7 @@ import torch
 
 import deepthink
 from deepthink import TunedContext, TuningConfig, context
+from deepthink.context_schema import ContextError, UnverifiedContextWarning, json_sha256
 from conftest import ARCHS, CHOICES, DEMOS, MULTI, QUERIES, plain_greedy, tiny_lm, tiny_tokenizer
 
 EMOJI_DEMOS = DEMOS + "Review: 很好看的电影 🎬🍿 naïve café\nSentiment: positive\n\n"
@@ -34,6 +35,13 @@ def copy_of(saved, tmp_path):
     path = tmp_path / "ctx"
     shutil.copytree(saved[2], path)
     return path
+
+
+def write_meta(path, meta, digest=True):
+    """Write context.json; with digest, re-seal it as a forger would (so that the other checks are what refuses)."""
+    if digest and "json_sha256" in meta:
+        meta["json_sha256"] = json_sha256(meta)
+    (path / context.CONFIG).write_text(json.dumps(meta))
 
 
 def assert_same_context(a: TunedContext, b: TunedContext):
@@ -220,7 +228,9 @@ def test_refuses_truncated_or_altered_tensors(saved, copy_of, damage):
     else:
         data[-5] ^= 0x01
     f.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="altered or truncated"):
+    # truncated: the header's byte ranges run past the end (found before any tensor is read); flipped: the sha256
+    with pytest.raises(ValueError, match="does not hold .* bytes inside the file" if damage == "truncate"
+                       else "altered or truncated"):
         TunedContext.load(copy_of, saved[0])
 
 
@@ -234,12 +244,13 @@ def test_refuses_tensors_that_do_not_match_the_json(saved, copy_of):
     save_file(tensors, f)
     meta = json.loads((copy_of / context.CONFIG).read_text())
     meta["checksums"][context.TENSORS] = context.sha256_bytes(f.read_bytes())
-    (copy_of / context.CONFIG).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"does not match context.json: k.1: expected .*found"):
+    write_meta(copy_of, meta)
+    with pytest.raises(ValueError, match=r"context.safetensors: tensor k.1: expected .*'shape': \[2, 102, 8\].* the "
+                                         r"header has .*\[2, 101, 8\].*does not match context.json"):
         TunedContext.load(copy_of, saved[0])
 
 
-@pytest.mark.parametrize("version, match", [(2, "newer than the 1 this deepthink reads.*upgrade"),
+@pytest.mark.parametrize("version, match", [(3, "newer than the 2 this deepthink reads.*upgrade"),
                                             (0, "not one deepthink knows"), ("1", "not one deepthink knows")])
 def test_refuses_unknown_format_version(saved, copy_of, version, match):
     meta = json.loads((copy_of / context.CONFIG).read_text())

@@ -237,8 +237,8 @@ def test_predict_and_generate_refusals(ctx_dir, other_model_dir, tmp_path, capsy
     assert "duplicate choices" in error(capsys, "predict", "--context", ctx_dir, "--choices", "a,b,a", *q)
     assert "choice 1 is empty" in error(capsys, "predict", "--context", ctx_dir, "--choices", "a,,b", *q)
     assert "not a JSON list" in error(capsys, "predict", "--context", ctx_dir, "--choices", "[a", *q)
-    err = error(capsys, "predict", "--context", ctx_dir, "--task", "copa", *q)
-    assert "task 'copa' needs JSONL rows" in err
+    err = error(capsys, "predict", "--context", ctx_dir, "--task", "copa", *q)     # not the task it was tuned on
+    assert "--task copa: formats rows differently from the task 'sentiment-demo'" in err and "query_field" in err
     (tmp_path / "long.txt").write_text("Review: " + "witty " * 2100 + "\n")
     err = error(capsys, "predict", "--context", ctx_dir, "--choices", "a,b", "--input", tmp_path / "long.txt")
     assert "beyond the model's 2048 positions" in err
@@ -262,6 +262,8 @@ def test_predict_needs_task_or_choices_for_a_demos_file_context(tiny_model_dir, 
     (tmp_path / "q.txt").write_text("Review: witty\n")
     err = error(capsys, "predict", "--context", tmp_path / "c", "--input", tmp_path / "q.txt")
     assert "give --task T" in err and "--choices a,b,c" in err
+    err = error(capsys, "predict", "--context", tmp_path / "c", "--task", "copa", "--input", tmp_path / "q.txt")
+    assert "task 'copa' needs JSONL rows" in err
 
 
 @pytest.mark.parametrize("command", ["tune", "predict", "generate"])
