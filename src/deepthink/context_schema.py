@@ -38,8 +38,6 @@ MODEL_OPTIONAL = ("model_type", "max_positions", "sliding_window")
 ORIGIN_KEYS = ("task", "seed", "shots", "demos_file")
 HISTORY_KEYS = ("step", "dk", "dv", "loss", "batch")
 METHOD_KEYS = ("name", "options", "selection")
-# task fields a copied context does not need to predict: where the tuning machine read its data
-TASK_NOT_EMBEDDED = ("data_files",)
 # task fields that do not change how a row becomes a query and its choices (compared when --task is also given)
 TASK_NOT_FORMAT = ("name", "description", "hf_dataset", "hf_config", "hf_splits", "data_files", "sampling",
                    "scored_subset", "demo_pool", "quirks", "deviations")
@@ -73,9 +71,9 @@ def _clip(text: str, limit: int = 300) -> str:
 
 # ---------------------------------------------------------------- parsing
 
-def read_json(path, limit: int = MAX_JSON_BYTES, what: str = "context.json"):
-    """Parse a JSON file of at most `limit` bytes; damage, deep nesting, NaN or repeated keys are a ContextError."""
-    path = Path(path)
+def read_json(path, what: str = "context.json"):
+    """Parse a JSON file of at most MAX_JSON_BYTES; damage, deep nesting, NaN or repeated keys are a ContextError."""
+    path, limit = Path(path), MAX_JSON_BYTES
     try:
         size = path.stat().st_size
         if size > limit:
@@ -225,8 +223,8 @@ def check_meta(meta, file) -> int:
     layers = c.int("layers", meta["layers"], 0, MAX_LAYERS)
     if (layers == 0) != (tokens == 0):
         c.fail("layers", f"{layers} layers for {tokens} tokens: a context has tensors exactly when it has tokens")
-    _check_history(c, meta["history"], steps, layers)
     _check_tensors(c, meta["tensors"], layers, tokens, meta["dtype"])
+    _check_history(c, meta["history"], steps, layers)
     c.keys("checksums", meta["checksums"], ("context.safetensors",), ("context.safetensors",))
     if not isinstance(meta["checksums"]["context.safetensors"], str) or \
             not HEX64.fullmatch(meta["checksums"]["context.safetensors"]):
@@ -383,7 +381,7 @@ def check_tensor_header(path, meta: dict) -> None:
         shape, offsets = (got.get("shape"), got.get("data_offsets")) if isinstance(got, dict) else (None, None)
         found = {"shape": shape, "dtype": kind[0] if kind else (got.get("dtype") if isinstance(got, dict) else got)}
         if found != want:
-            c.fail(f"tensor {name}", f"expected {want}, the header has {show(found, 100)}: the file does not match "
+            c.fail(f"tensor {name}", f"expected {show(want, 100)}, the header has {show(found, 100)}: the file does not match "
                                      f"context.json; {RESAVE}")
         nbytes = math.prod(shape) * kind[1]
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) for x in offsets)
@@ -395,13 +393,11 @@ def check_tensor_header(path, meta: dict) -> None:
 # ---------------------------------------------------------------- the embedded task definition
 
 def task_definition(task) -> dict:
-    """A Task's declared fields as JSON values (tuples as lists), without the data files of the tuning machine."""
+    """A Task's declared fields as JSON values (tuples as lists): what the YAML loader builds it from."""
     from dataclasses import fields
 
     out = {}
     for f in fields(task):
-        if f.name in TASK_NOT_EMBEDDED:
-            continue
         v = getattr(task, f.name)
         out[f.name] = list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v
     return out
