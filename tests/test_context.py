@@ -573,11 +573,11 @@ def test_method_records_are_checked(tmp_path):
     for field, value, named, says in [
             ("method", "grad_kv", "method", "not a JSON object"),
             ("method.name", "sudo", "method.name", "not a method that saves contexts; valid: grad_kv"),
-            ("method.options", [1], "method.options", "not a JSON object"),
-            ("method.options.lr", "fast", "method.options", "lr"),
-            ("method.options.bogus", 1, "method.options", "unknown gradient-tuning option(s) ['bogus']"),
-            ("method.selection", {"rule": [[["deep"]]]}, "method.selection", "not an object of numbers"),
-            ("steps_done", 3, "steps_done", "not an integer in 0..2 (grad_kv steps is 2)")]:
+            ("method.options", [1], "method.options", "not an object of option names and plain values"),
+            ("method.options.lr", [[[0.1]]], "method.options", "not an object of option names and plain values"),
+            ("method.options.steps", "2", "method.options.steps", "not an integer in 1..1000000"),
+            ("method.selection", {"rule": [[["deep"]]]}, "method.selection", "not an object of plain values"),
+            ("steps_done", 3, "steps_done", "not an integer in 0..2 (method.options.steps is 2)")]:
         shutil.copytree(path, tmp_path / "bad", dirs_exist_ok=True)
         altered(tmp_path / "bad", field, value)
         with pytest.raises(ContextError) as e:

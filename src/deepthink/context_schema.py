@@ -38,6 +38,7 @@ MODEL_OPTIONAL = ("model_type", "max_positions", "sliding_window")
 ORIGIN_KEYS = ("task", "seed", "shots", "demos_file")
 HISTORY_KEYS = ("step", "dk", "dv", "loss", "batch")
 METHOD_KEYS = ("name", "options", "selection")
+SAVING_METHODS = ("grad_kv",)       # methods whose cache `deepthink tune` saves (tuning.gradient.METHOD_NAME)
 # task fields that do not change how a row becomes a query and its choices (compared when --task is also given)
 TASK_NOT_FORMAT = ("name", "description", "hf_dataset", "hf_config", "hf_splits", "data_files", "sampling",
                    "scored_subset", "demo_pool", "quirks", "deviations")
@@ -278,36 +279,35 @@ def _check_how(c: _Check, meta: dict) -> tuple[int, str]:
     if method is None:
         return MAX_STEPS, ""
     c.keys("method", method, METHOD_KEYS, ("name", "options"))
-    options = _method_options()
-    if method["name"] not in options:
+    if method["name"] not in SAVING_METHODS:
         c.fail("method.name", f"{show(method['name'])} is not a method that saves contexts; valid: "
-                              f"{', '.join(options)} (forward tuning records 'tuning' instead)")
-    if not isinstance(method["options"], dict):
-        c.fail("method.options", f"{show(method['options'])} is not a JSON object")
-    try:
-        config = options[method["name"]].from_dict(method["options"])
-    except (ValueError, TypeError) as e:
-        c.fail("method.options", _clip(e))
+                              f"{', '.join(SAVING_METHODS)} (forward tuning records 'tuning' instead)")
+    # the options' own class (e.g. GradientConfig) lives above this module (it imports TunedContext), so they are
+    # checked for shape here: a flat object of plain values, whose "steps" bounds steps_done
+    options = method["options"]
+    if not isinstance(options, dict) or len(options) > 100 or not all(
+            k.isidentifier() and len(k) <= 100 and _is_plain(v) for k, v in options.items()):
+        c.fail("method.options", f"{show(options)} is not an object of option names and plain values")
+    cap = c.int("method.options.steps", options.get("steps"), 1, MAX_STEPS)
     selection = method.get("selection")
     if selection is not None:
-        if not isinstance(selection, dict) or not all(
-                isinstance(v, (str, int, float, type(None))) or (isinstance(v, list) and all(
-                    isinstance(x, (int, float, type(None))) for x in v)) for v in selection.values()):
-            c.fail("method.selection", f"{show(selection)} is not an object of numbers, strings and lists of numbers")
+        if not isinstance(selection, dict) or len(selection) > 100 or not all(
+                _is_plain(v) or (isinstance(v, list) and len(v) <= MAX_STEPS and all(
+                    v is None or _is_number(v) for v in v)) for v in selection.values()):
+            c.fail("method.selection", f"{show(selection)} is not an object of plain values and lists of numbers")
         c.text("method.selection.rule", selection.get("rule", ""), limit=100)
         if "chosen_steps" in selection:
-            c.int("method.selection.chosen_steps", selection["chosen_steps"], 0, config.steps)
+            c.int("method.selection.chosen_steps", selection["chosen_steps"], 0, cap)
             if selection["chosen_steps"] != meta["steps_done"]:
                 c.fail("steps_done", f"{show(meta['steps_done'])}, but method.selection.chosen_steps is "
                                      f"{selection['chosen_steps']}")
-    return config.steps, f" ({method['name']} steps is {config.steps})"
+    return cap, f" (method.options.steps is {cap})"
 
 
-def _method_options() -> dict:
-    """Method name -> the options class a saved context's "method" record is checked with."""
-    from .tuning.gradient import METHOD_NAME, GradientConfig
-
-    return {METHOD_NAME: GradientConfig}
+def _is_plain(v) -> bool:
+    """null, true/false, a finite number or a one-line string of at most 1000 characters."""
+    return v is None or isinstance(v, bool) or _is_number(v) or (
+        isinstance(v, str) and len(v) <= 1000 and not any(c < " " for c in v))
 
 
 def _check_history(c: _Check, history, steps: int, layers: int) -> None:
