@@ -614,3 +614,30 @@ def test_a_format_1_context_still_loads_with_a_warning(saved, copy_of):
     (copy_of / context.CONFIG).write_text(json.dumps(meta))
     with pytest.raises(ContextError, match="layers: 1000000000 is not an integer"):
         TunedContext.load(copy_of, lm)
+
+
+def test_a_value_nested_just_below_the_parsers_limit_is_refused_cleanly(copy_of):
+    text = (copy_of / context.CONFIG).read_text()
+    assert '"stopped": null' in text
+    (copy_of / context.CONFIG).write_text(text.replace('"stopped": null', '"stopped": ' + "[" * 980 + "]" * 980))
+    with pytest.raises(ContextError) as e:
+        TunedContext.read_config(copy_of)
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(copy_of / "context.json"))
+
+
+def test_save_refuses_what_load_would_refuse(saved, tmp_path):
+    lm, ctx, _ = saved
+    odd = TunedContext(lm, ctx.keys, ctx.values, ctx.prefix_ids, config=ctx.config, steps_done=ctx.steps_done,
+                       history=ctx.history, origin={"task": "sst2", "where": "here"})
+    with pytest.raises(ContextError, match=r"ctx/context.json: origin: unknown key\(s\) \[\"where\"\]; valid: task, "
+                                           r"seed, shots, demos_file \(not saved: loading would refuse it\)"):
+        odd.save(tmp_path / "ctx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_server_names_the_context_a_refusal_is_about(copy_of):
+    from deepthink.integrations.serving import load_contexts
+
+    altered(copy_of, "layers", 10**9)
+    with pytest.raises(ContextError, match=r"^context 'a': .*context.json: layers: 1000000000 is not an integer"):
+        load_contexts({"a": copy_of})

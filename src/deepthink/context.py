@@ -288,7 +288,10 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
         }
         meta = json.loads(json.dumps(meta))       # exactly what a reader parses (tuples as lists, ...)
         meta["json_sha256"] = json_sha256(meta)
-        check_meta(meta, tmp / CONFIG)            # never write what load would refuse
+        try:
+            check_meta(meta, path / CONFIG)       # never write what load would refuse
+        except ContextError as e:
+            raise ContextError(e.path, e.field, f"{e.problem} (not saved: loading would refuse it)") from None
         text = _dumps(meta)
         write_synced(tmp / CONFIG, lambda f: f.write(text.encode("utf-8")))
         if path.exists():            # an empty folder, or an earlier context (overwrite=True, checked above)

@@ -48,9 +48,16 @@ RESAVE = "re-run `deepthink tune`"
 
 
 class ContextError(ValueError):
-    """A saved context refused on reading: `path` is the file, `field` the field (dotted) that is wrong."""
+    """A saved context refused on reading: `path` is the file, `field` the field (dotted) that is wrong.
 
-    def __init__(self, path, field: str | None, problem: str):
+    ContextError("message") also works (path and field None), so that callers may re-raise with more context
+    as `type(e)(f"context {name!r}: {e}")`."""
+
+    def __init__(self, path, field: str | None = None, problem: str | None = None):
+        if problem is None:
+            self.path, self.field, self.problem = None, None, str(path)
+            super().__init__(str(path))
+            return
         self.path, self.field, self.problem = Path(path), field, problem
         super().__init__(f"{path}: {field}: {problem}" if field else f"{path}: {problem}")
 
@@ -61,7 +68,10 @@ class UnverifiedContextWarning(UserWarning):
 
 def show(value, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters: a hostile value never floods a message (and never holds a newline)."""
-    text = repr(value) if not isinstance(value, (dict, list)) else json.dumps(value, ensure_ascii=True)[:limit + 1]
+    try:
+        text = repr(value) if not isinstance(value, (dict, list)) else json.dumps(value, ensure_ascii=True)
+    except (RecursionError, ValueError):
+        text = f"a {type(value).__name__} nested too deeply"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -169,7 +179,13 @@ class _Check:
 def check_meta(meta, file) -> int:
     """Raise a ContextError unless `meta` (a parsed context.json) is one this deepthink wrote; returns its format
     version. Checks types, ranges and cross-field agreement; nothing is allocated beyond `meta` itself."""
-    c = _Check(file)
+    try:
+        return _check_meta(meta, _Check(file))
+    except RecursionError:      # a value nested just below the parser's limit, met by a repr in a message
+        raise ContextError(file, None, f"holds a value nested too deeply: the artifact is damaged; {RESAVE}") from None
+
+
+def _check_meta(meta, c: "_Check") -> int:
     if not isinstance(meta, dict):
         c.fail(None, f"holds {type(meta).__name__}, expected a JSON object: not a deepthink context")
     version = meta.get("format_version")
@@ -234,7 +250,7 @@ def check_meta(meta, file) -> int:
     if version >= 2:
         task = meta["task"]
         if task is not None:
-            task_from_definition(task, file)
+            task_from_definition(task, c.file)
             named = origin.get("task") if isinstance(origin, dict) else None
             if isinstance(named, str) and not named.endswith((".yaml", ".yml", ".json")) and named != task.get("name"):
                 c.fail("origin.task", f"{show(named)}, but the embedded task definition is {show(task.get('name'))}")
