@@ -250,8 +250,8 @@ def test_refuses_tensors_that_do_not_match_the_json(saved, copy_of):
     meta = json.loads((copy_of / context.CONFIG).read_text())
     meta["checksums"][context.TENSORS] = context.sha256_bytes(f.read_bytes())
     write_meta(copy_of, meta)
-    with pytest.raises(ValueError, match=r"context.safetensors: tensor k.1: expected .*'shape': \[2, 102, 8\].* the "
-                                         r"header has .*\[2, 101, 8\].*does not match context.json"):
+    with pytest.raises(ValueError, match=r'context.safetensors: tensor k.1: expected {"shape": \[2, 102, 8\].* the '
+                                         r'header has {"shape": \[2, 101, 8\].*does not match context.json'):
         TunedContext.load(copy_of, saved[0])
 
 
