@@ -232,8 +232,8 @@ def _check_meta(meta, c: "_Check") -> int:
     tokens = c.int("tokens", meta["tokens"], 0, limit, " (the model's positions)" if limit != MAX_TOKENS else "")
     ids = meta["prefix_ids"]
     if not isinstance(ids, list) or len(ids) != tokens:
-        c.fail("prefix_ids", f"{'holds ' + str(len(ids)) + ' ids' if isinstance(ids, list) else show(ids) + ' is not a list'}"
-                             f", but tokens is {tokens}")
+        what = f"holds {len(ids)} ids" if isinstance(ids, list) else f"{show(ids)} is not a list"
+        c.fail("prefix_ids", f"{what}, but tokens is {tokens}")
     bad = next((i for i, x in enumerate(ids) if not _is_int(x) or not 0 <= x < 1 << 31), None)
     if bad is not None:
         c.fail(f"prefix_ids[{bad}]", f"{show(ids[bad])} is not a token id (an integer >= 0)")
@@ -309,7 +309,7 @@ def _check_how(c: _Check, meta: dict) -> tuple[int, str]:
     if selection is not None:
         if not isinstance(selection, dict) or len(selection) > 100 or not all(
                 _is_plain(v) or (isinstance(v, list) and len(v) <= MAX_STEPS and all(
-                    v is None or _is_number(v) for v in v)) for v in selection.values()):
+                    x is None or _is_number(x) for x in v)) for v in selection.values()):
             c.fail("method.selection", f"{show(selection)} is not an object of plain values and lists of numbers")
         c.text("method.selection.rule", selection.get("rule", ""), limit=100)
         if "chosen_steps" in selection:
@@ -328,8 +328,8 @@ def _is_plain(v) -> bool:
 
 def _check_history(c: _Check, history, steps: int, layers: int) -> None:
     if not isinstance(history, list) or len(history) not in (0, steps):
-        c.fail("history", f"{'holds ' + str(len(history)) + ' steps' if isinstance(history, list) else show(history) + ' is not a list'}"
-                          f", but steps_done is {steps} (expected {steps} entries, or none)")
+        what = f"holds {len(history)} steps" if isinstance(history, list) else f"{show(history)} is not a list"
+        c.fail("history", f"{what}, but steps_done is {steps} (expected {steps} entries, or none)")
     for i, h in enumerate(history):
         where = f"history[{i}]"
         c.keys(where, h, HISTORY_KEYS, ("step", "dk", "dv"))
@@ -345,8 +345,8 @@ def _check_history(c: _Check, history, steps: int, layers: int) -> None:
 
 def _check_tensors(c: _Check, tensors, layers: int, tokens: int, dtype: str) -> None:
     if not isinstance(tensors, dict) or len(tensors) != 2 * layers:
-        c.fail("tensors", f"{'lists ' + str(len(tensors)) + ' tensors' if isinstance(tensors, dict) else show(tensors) + ' is not an object'}"
-                          f", but layers is {layers} (expected k.0..k.{layers - 1} and v.0..v.{layers - 1})")
+        what = f"lists {len(tensors)} tensors" if isinstance(tensors, dict) else f"{show(tensors)} is not an object"
+        c.fail("tensors", f"{what}, but layers is {layers} (expected k.0..k.{layers - 1} and v.0..v.{layers - 1})")
     for name, t in tensors.items():       # 2 * layers distinct names, each k.i or v.i with i < layers: exactly all
         m = TENSOR_NAME.fullmatch(name)
         if not m or int(m[2]) >= layers:
@@ -397,8 +397,8 @@ def check_tensor_header(path, meta: dict) -> None:
         shape, offsets = (got.get("shape"), got.get("data_offsets")) if isinstance(got, dict) else (None, None)
         found = {"shape": shape, "dtype": kind[0] if kind else (got.get("dtype") if isinstance(got, dict) else got)}
         if found != want:
-            c.fail(f"tensor {name}", f"expected {show(want, 100)}, the header has {show(found, 100)}: the file does not match "
-                                     f"context.json; {RESAVE}")
+            c.fail(f"tensor {name}", f"expected {show(want, 100)}, the header has {show(found, 100)}: the file does "
+                                     f"not match context.json; {RESAVE}")
         nbytes = math.prod(shape) * kind[1]
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) for x in offsets)
                 and 0 <= offsets[0] and offsets[1] - offsets[0] == nbytes and offsets[1] <= data):
