@@ -217,3 +217,10 @@ def plain_greedy(lm, demos, prompt, n):
         for _ in range(n):
             new.append(int(lm.model(torch.tensor([ids + new])).logits[0, -1].argmax()))
     return new
+
+
+def as_format_1(meta: dict) -> dict:
+    """A context.json as deepthink wrote it before contexts carried their digest and task (format 1)."""
+    meta = {k: v for k, v in meta.items() if k not in ("json_sha256", "task")}
+    meta["format_version"] = 1
+    return meta

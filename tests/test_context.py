@@ -10,7 +10,9 @@ import torch
 
 import deepthink
 from deepthink import TunedContext, TuningConfig, context
-from conftest import ARCHS, CHOICES, DEMOS, MULTI, QUERIES, plain_greedy, tiny_lm, tiny_tokenizer
+from deepthink.context_schema import ContextError, UnverifiedContextWarning, json_sha256
+from deepthink.tasks import get_task
+from conftest import ARCHS, CHOICES, DEMOS, MULTI, QUERIES, as_format_1, plain_greedy, tiny_lm, tiny_tokenizer
 
 EMOJI_DEMOS = DEMOS + "Review: 很好看的电影 🎬🍿 naïve café\nSentiment: positive\n\n"
 
@@ -18,6 +20,7 @@ EMOJI_DEMOS = DEMOS + "Review: 很好看的电影 🎬🍿 naïve café\nSentime
 def tuned(lm, steps=3, demos=EMOJI_DEMOS):
     ctx = deepthink.tune(lm, demos, TuningConfig(steps=steps, step_size=0.2))
     ctx.origin = {"task": "sentiment-demo", "seed": 0, "shots": 1}
+    ctx.task = get_task("sentiment-demo")
     return ctx
 
 
@@ -36,11 +39,19 @@ def copy_of(saved, tmp_path):
     return path
 
 
+def write_meta(path, meta, digest=True):
+    """Write context.json; with digest, re-seal it as a forger would (so that the other checks are what refuses)."""
+    if digest and "json_sha256" in meta:
+        meta["json_sha256"] = json_sha256(meta)
+    (path / context.CONFIG).write_text(json.dumps(meta))
+
+
 def assert_same_context(a: TunedContext, b: TunedContext):
     assert len(a.keys) == len(b.keys) and len(a.values) == len(b.values)
     for x, y in zip(a.keys + a.values, b.keys + b.values):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
-    for attr in ("prefix_ids", "config", "demonstrations", "steps_done", "history", "stopped", "origin"):
+    for attr in ("prefix_ids", "config", "demonstrations", "steps_done", "history", "stopped", "origin", "method",
+                 "task"):
         assert getattr(a, attr) == getattr(b, attr), attr
 
 
@@ -61,6 +72,8 @@ def test_save_load_round_trips_exactly(arch, tmp_path):
     assert meta["dtype"] == "float32" and meta["tuning"] == ctx.config.to_dict()
     assert meta["demonstrations"] == EMOJI_DEMOS and meta["tokens"] == ctx.length == len(ctx.prefix_ids)
     assert [h["step"] for h in meta["history"]] == [1, 2, 3] and len(meta["history"][2]["dk"]) == len(ctx.keys)
+    assert meta["task"]["name"] == "sentiment-demo" and meta["task"]["choices"] == ["negative", "positive"]
+    assert meta["json_sha256"] == json_sha256(meta)
     # the loaded context saves to byte-identical files: nothing is lost or added on the way
     again = loaded.save(tmp_path / "again")
     for name in ("context.json", "context.safetensors"):
@@ -220,7 +233,9 @@ def test_refuses_truncated_or_altered_tensors(saved, copy_of, damage):
     else:
         data[-5] ^= 0x01
     f.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="altered or truncated"):
+    # truncated: the header's byte ranges run past the end (found before any tensor is read); flipped: the sha256
+    with pytest.raises(ValueError, match="does not hold .* bytes inside the file" if damage == "truncate"
+                       else "altered or truncated"):
         TunedContext.load(copy_of, saved[0])
 
 
@@ -234,12 +249,13 @@ def test_refuses_tensors_that_do_not_match_the_json(saved, copy_of):
     save_file(tensors, f)
     meta = json.loads((copy_of / context.CONFIG).read_text())
     meta["checksums"][context.TENSORS] = context.sha256_bytes(f.read_bytes())
-    (copy_of / context.CONFIG).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"does not match context.json: k.1: expected .*found"):
+    write_meta(copy_of, meta)
+    with pytest.raises(ValueError, match=r'context.safetensors: tensor k.1: expected {"shape": \[2, 102, 8\].* the '
+                                         r'header has {"shape": \[2, 101, 8\].*does not match context.json'):
         TunedContext.load(copy_of, saved[0])
 
 
-@pytest.mark.parametrize("version, match", [(2, "newer than the 1 this deepthink reads.*upgrade"),
+@pytest.mark.parametrize("version, match", [(3, "newer than the 2 this deepthink reads.*upgrade"),
                                             (0, "not one deepthink knows"), ("1", "not one deepthink knows")])
 def test_refuses_unknown_format_version(saved, copy_of, version, match):
     meta = json.loads((copy_of / context.CONFIG).read_text())
@@ -344,3 +360,284 @@ def test_interrupted_save_leaves_nothing_load_accepts(saved, tmp_path, monkeypat
     (killed / context.TENSORS).write_bytes(b"partial")
     with pytest.raises(FileNotFoundError, match="not a \\(complete\\) saved deepthink context"):
         TunedContext.load(killed, lm)
+
+
+# ---------------------------------------------------------------- altered or hostile context.json (issue 26)
+
+def altered(path, field, value, reseal=True):
+    """Set the dotted `field` of path/context.json to `value` (a callable: applied to the meta instead)."""
+    meta = json.loads((path / context.CONFIG).read_text())
+    if callable(value):
+        value(meta)
+    else:
+        *parents, last = field.split(".") if not field.startswith("tensors.") else ["tensors", *field[8:].rsplit(".", 1)]
+        node = meta
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    write_meta(path, meta, digest=reseal)
+    return meta
+
+
+def set_prefix_id(i, value):
+    def change(meta):
+        meta["prefix_ids"][i] = value
+    return change
+
+
+# (field changed, new value, the field the refusal names, words it says). Each file is re-sealed as a forger would
+# (json_sha256 recomputed): the schema refuses on its own, before the digest is even compared.
+GARBAGE = [
+    ("layers", 10**9, "layers", "not an integer in 0..10000"),
+    ("layers", 3, "tensors", "lists 4 tensors, but layers is 3"),
+    ("layers", "2", "layers", "not an integer"),
+    ("dtype", "nope", "dtype", "allowed: float32, bfloat16, float16"),
+    ("dtype", 5, "dtype", "allowed: float32, bfloat16, float16"),
+    ("dtype", "float64", "dtype", "allowed: float32, bfloat16, float16"),
+    ("model.fingerprint", 12345, "model.fingerprint", "not a sha256"),
+    ("model.tokenizer_fingerprint", "abc", "model.tokenizer_fingerprint", "not a sha256"),
+    ("model.name", 12345, "model.name", "not a non-empty one-line string"),
+    ("model.name", "", "model.name", "not a non-empty one-line string"),
+    ("model.name", "tiny\nllama", "model.name", "one-line"),
+    ("model.name", "x" * 5000, "model.name", "at most 4096 characters"),
+    ("model.max_positions", -1, "model.max_positions", "not an integer"),
+    ("origin.task", "agnews", "origin.task", "'agnews', but the embedded task definition is 'sentiment-demo'"),
+    ("origin.task", 7, "origin.task", "not a non-empty one-line string"),
+    ("origin.shots", -2, "origin.shots", "not an integer"),
+    ("origin", "sst2", "origin", "not a JSON object"),
+    ("origin.where", "?", "origin", "unknown key(s)"),
+    ("prefix_ids", "garbage", "prefix_ids", "is not a list, but tokens is 102"),
+    ("prefix_ids", [1, 2, 3], "prefix_ids", "holds 3 ids, but tokens is 102"),
+    ("prefix_ids", set_prefix_id(3, "x"), "prefix_ids[3]", "not a token id"),
+    ("prefix_ids", set_prefix_id(0, -1), "prefix_ids[0]", "not a token id"),
+    ("prefix_ids", set_prefix_id(5, 1.5), "prefix_ids[5]", "not a token id"),
+    ("tokens", 5, "prefix_ids", "holds 102 ids, but tokens is 5"),
+    ("steps_done", 999, "steps_done", "not an integer in 0..3 (tuning.steps is 3)"),
+    ("steps_done", -5, "steps_done", "not an integer in 0..3"),
+    ("steps_done", 10**400, "steps_done", "not an integer in 0..3"),
+    ("steps_done", 2.0, "steps_done", "not an integer"),
+    ("steps_done", True, "steps_done", "not an integer"),
+    ("steps_done", 2, "history", "holds 3 steps, but steps_done is 2"),
+    ("demonstrations", 5, "demonstrations", "not a string"),
+    ("demonstrations", ["Review: x"], "demonstrations", "not a string"),
+    ("history", "lots", "history", "is not a list"),
+    ("history", [{"step": 1}], "history", "holds 1 steps, but steps_done is 3"),
+    ("history", lambda m: m["history"][1].update(dk=["x", 1]), "history[1].dk", "not a list of 2 finite numbers"),
+    ("history", lambda m: m["history"][2].update(step=7), "history[2].step", "expected 3"),
+    ("history", lambda m: m["history"][0].update(evil=[[[]]]), "history[0]", "unknown key(s)"),
+    ("stopped", 5, "stopped", "not a one-line string"),
+    ("stopped", {"why": "no"}, "stopped", "not a one-line string"),
+    ("method", {"name": "grad_kv", "options": {}}, "method", "together with tuning"),
+    ("tuning", "fast", "tuning", "not a JSON object"),
+    ("tuning.steps", 0, "tuning", "must be an integer >= 1"),
+    ("tuning.rule", "rm -rf", "tuning", "unknown update rule"),
+    ("tensors.k.0.shape", [2, 5, 8], "tensors.k.0.shape", "not [kv_heads, 102, head_dim]"),
+    ("tensors.k.0.shape", [2, 102, -8], "tensors.k.0.shape", "positive sizes"),
+    ("tensors.v.1.dtype", "float16", "tensors.v.1.dtype", "but the context's dtype is float32"),
+    ("tensors", lambda m: m["tensors"].update({"k.7": m["tensors"].pop("k.1")}), "tensors", "'k.7' is not a tensor"),
+    ("checksums", {}, "checksums", "lacks key(s)"),
+    ("checksums", {"context.safetensors": 1}, "checksums.context.safetensors", "not a sha256"),
+    ("task", "sst2", "task", "not a JSON object"),
+    ("task.choices", [], "task", "field 'choices' must be a non-empty list of strings"),
+    ("task.hook", "os.system", "task", "field 'hook' must be one of"),
+    ("task.query_template", "Review: {query:>999999999}\nSentiment:", "task.query_template", "not a plain {name}"),
+    ("task.query_template", "Review: {query.__class__}\nSentiment:", "task.query_template", "not a plain {name}"),
+    ("task.query_template", "Review: {0}\nSentiment:", "task.query_template", "not a plain {name}"),
+    ("task.surprise", 1, "task", "unknown field(s) ['surprise']"),
+    ("surprise", 1, "surprise", "is not a field of context format version 2"),
+    ("format_version", 1, "json_sha256", "not a field of context format version 1"),
+    ("json_sha256", 12, "json_sha256", "not a sha256"),
+]
+
+
+@pytest.mark.parametrize("field, value, named, says", GARBAGE, ids=[f"{f}={str(v)[:20]}" for f, v, *_ in GARBAGE])
+def test_altered_fields_are_refused_naming_the_field(saved, copy_of, field, value, named, says):
+    altered(copy_of, field, value, reseal=field != "json_sha256")
+    for read in (TunedContext.read_config, lambda p: TunedContext.load(p, saved[0])):
+        with pytest.raises(ContextError) as e:
+            read(copy_of)
+        assert e.value.field == named and says in e.value.problem, str(e.value)
+        message = str(e.value)
+        assert message.startswith(f"{copy_of / 'context.json'}: {named}: ") and "\n" not in message
+        assert isinstance(e.value, ValueError) and len(message) < 400
+
+
+@pytest.mark.parametrize("field, value", [("origin.task", "agnews"), ("origin.seed", 1), ("steps_done", 2),
+                                          ("demonstrations", "Review: other\nSentiment: positive\n\n"),
+                                          ("model.name", "tiny-gpt2"), ("history", lambda m: m["history"][1]["dk"].reverse()),
+                                          ("task.query_template", "Ticket: {query}\nSentiment:")])
+def test_an_edited_field_of_the_right_type_breaks_the_digest(saved, copy_of, field, value):
+    if field == "steps_done":
+        value = lambda m: m.update(steps_done=2, history=m["history"][:2])          # consistent, but edited
+    elif field == "task.query_template":
+        value = lambda m: m["task"].update(query_template="Ticket: {query}\nSentiment:",
+                                           choice_template="Ticket: {query}\nSentiment: {choice}")
+    elif field == "origin.task":
+        value = lambda m: (m["origin"].update(task="agnews"), m["task"].update(name="agnews"))
+    altered(copy_of, field, value, reseal=False)
+    with pytest.raises(ContextError, match=r"context.json: json_sha256: the content's sha256 is [0-9a-f]{16}, the "
+                                           r"file records [0-9a-f]{16}: context.json was altered after it was saved"):
+        TunedContext.read_config(copy_of)
+
+
+def test_layers_of_a_billion_are_refused_without_allocating(saved, copy_of):
+    import tracemalloc
+
+    altered(copy_of, "layers", 10**9)
+    meta = json.loads((copy_of / context.CONFIG).read_text())
+    meta["tensors"] = {f"{kind}.{i}": meta["tensors"]["k.0"] for kind in "kv" for i in range(3)}   # 6 named
+    write_meta(copy_of, meta)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ContextError, match="layers: 1000000000 is not an integer in 0..10000"):
+            TunedContext.load(copy_of, saved[0])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5e6          # the file's own size and a little: nothing sized by the claimed layer count
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[" * 100_000, "cannot be read as JSON (nested too deeply)"),
+    ('{"a": ' * 100_000 + "1" + "}" * 100_000, "cannot be read as JSON (nested too deeply)"),
+    ('{"format_version": NaN}', "NaN is not a JSON number"),
+    ('{"format_version": 2, "format_version": 1}', "key 'format_version' appears twice"),
+    ('{"format_version": 1' + "0" * 5000 + "}", "cannot be read as JSON"),
+    ("\xff\xfe garbage", "cannot be read as JSON"),
+    ("[1, 2]", "holds list, expected a JSON object"),
+])
+def test_unparseable_context_json_is_one_clean_error(copy_of, text, says):
+    (copy_of / context.CONFIG).write_bytes(text.encode("utf-8", "surrogateescape") if text[0] != "\xff"
+                                           else b"\xff\xfe garbage")
+    with pytest.raises(ContextError) as e:
+        TunedContext.read_config(copy_of)
+    assert says in str(e.value) and str(e.value).startswith(str(copy_of / "context.json")) and "\n" not in str(e.value)
+
+
+def test_an_oversized_context_json_is_refused_unread(copy_of, monkeypatch):
+    from deepthink import context_schema
+
+    monkeypatch.setattr(context_schema, "MAX_JSON_BYTES", 1000)
+    with pytest.raises(ContextError, match=r"is \d+ bytes, more than any context.json \(1000 bytes\)"):
+        TunedContext.read_config(copy_of)
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda b: (2**63).to_bytes(8, "little") + b[8:], "is not a safetensors file (header length"),
+    (lambda b: b[:4], "is not a safetensors file"),
+    (lambda b: (200_000).to_bytes(8, "little") + b"[" * 200_000 + b[-64:], "nested too deeply"),
+    (lambda b: b.replace(b'"F32"', b'"F64"', 1), 'the header has {"shape": [2, 102, 8], "dtype": "F64"}'),
+    (lambda b: b.replace(b'"k.1"', b'"k.9"', 1), 'tensor(s) ["k.9"] not listed there'),
+])
+def test_the_tensor_header_is_checked_before_any_tensor_is_read(saved, copy_of, monkeypatch, damage, says):
+    f = copy_of / context.TENSORS
+    f.write_bytes(damage(f.read_bytes()))
+    monkeypatch.setattr("safetensors.torch.load", lambda *a: pytest.fail("tensors read before the header check"))
+    with pytest.raises(ContextError) as e:
+        TunedContext.load(copy_of, saved[0])
+    assert str(e.value).startswith(str(f)) and says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_forged_consistent_context_for_another_layer_count_is_refused(saved, copy_of):
+    """One layer dropped everywhere (tensors, history, checksum, digest): consistent, but not this model's."""
+    from safetensors.torch import load_file, save_file
+
+    f = copy_of / context.TENSORS
+    save_file({k: t for k, t in load_file(f).items() if k.endswith(".0")}, f)
+    meta = json.loads((copy_of / context.CONFIG).read_text())
+    meta["layers"] = 1
+    meta["tensors"] = {k: v for k, v in meta["tensors"].items() if k.endswith(".0")}
+    meta["history"] = [{**h, "dk": h["dk"][:1], "dv": h["dv"][:1]} for h in meta["history"]]
+    meta["checksums"][context.TENSORS] = context.sha256_bytes(f.read_bytes())
+    write_meta(copy_of, meta)
+    with pytest.raises(ContextError, match="context.json: layers: 1, but the model 'tiny-llama' has 2 layers"):
+        TunedContext.load(copy_of, saved[0])
+
+
+def test_prefix_ids_beyond_the_vocabulary_are_refused(saved, copy_of):
+    altered(copy_of, "prefix_ids", set_prefix_id(0, 10**6))
+    TunedContext.read_config(copy_of)                       # a plausible id: only the model knows its vocabulary
+    with pytest.raises(ContextError, match=r"prefix_ids\[0\]: 1000000 is beyond the model's 400 tokens"):
+        TunedContext.load(copy_of, saved[0])
+
+
+def test_method_records_are_checked(tmp_path):
+    from deepthink.tuning.gradient import GradientConfig, gradient_tune
+    from deepthink.data import read_demos_file
+
+    lm = tiny_lm("llama")
+    items = read_demos_file(deepthink.__path__[0] + "/demo_data/sentiment_train.jsonl", get_task("sentiment-demo"))[:2]
+    text = "".join(e.demo_text + "\n\n" for e in items)
+    path = gradient_tune(lm, text, items, GradientConfig(steps=2, lr=0.01)).save(tmp_path / "g")
+    assert TunedContext.load(path, lm).method["name"] == "grad_kv"
+    for field, value, named, says in [
+            ("method", "grad_kv", "method", "not a JSON object"),
+            ("method.name", "sudo", "method.name", "not a method that saves contexts; valid: grad_kv"),
+            ("method.options", [1], "method.options", "not an object of option names and plain values"),
+            ("method.options.lr", [[[0.1]]], "method.options", "not an object of option names and plain values"),
+            ("method.options.steps", "2", "method.options.steps", "not an integer in 1..1000000"),
+            ("method.selection", {"rule": [[["deep"]]]}, "method.selection", "not an object of plain values"),
+            ("steps_done", 3, "steps_done", "not an integer in 0..2 (method.options.steps is 2)")]:
+        shutil.copytree(path, tmp_path / "bad", dirs_exist_ok=True)
+        altered(tmp_path / "bad", field, value)
+        with pytest.raises(ContextError) as e:
+            TunedContext.load(tmp_path / "bad", lm)
+        assert e.value.field == named and says in e.value.problem, str(e.value)
+
+
+def test_save_refuses_a_dtype_contexts_are_not_loaded_in(tmp_path):
+    base = tiny_lm("gpt2")
+    lm = deepthink.wrap_model(copy.deepcopy(base.model).to(torch.float64), base.tokenizer, name="tiny-gpt2-f64")
+    ctx = deepthink.tune(lm, DEMOS, TuningConfig(steps=1))
+    with pytest.raises(ValueError, match="a context is saved in float32, bfloat16, float16; the model is in float64"):
+        ctx.save(tmp_path / "f64")
+    assert not (tmp_path / "f64").exists()
+
+
+def test_a_format_1_context_still_loads_with_a_warning(saved, copy_of):
+    """Contexts saved before json_sha256 and the task definition existed load as before, with a warning that edits
+    to them cannot be detected; re-saving gives a current, sealed context with the same tensors."""
+    lm, ctx, _ = saved
+    meta = as_format_1(json.loads((copy_of / context.CONFIG).read_text()))
+    (copy_of / context.CONFIG).write_text(json.dumps(meta))
+    with pytest.warns(UnverifiedContextWarning, match="has no json_sha256 .*edits to it cannot be detected; re-save"):
+        old = TunedContext.load(copy_of, lm)
+    assert old.task is None and old.origin == ctx.origin
+    for a, b in zip(old.keys + old.values, ctx.keys + ctx.values):
+        assert torch.equal(a, b)
+    old.task = ctx.task
+    again = old.save(copy_of.parent / "resaved")
+    assert TunedContext.read_config(again)["format_version"] == context.FORMAT_VERSION
+    assert (again / context.TENSORS).read_bytes() == (copy_of / context.TENSORS).read_bytes()
+    # the schema applies to format 1 as well
+    meta["layers"] = 10**9
+    (copy_of / context.CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(ContextError, match="layers: 1000000000 is not an integer"):
+        TunedContext.load(copy_of, lm)
+
+
+def test_a_value_nested_just_below_the_parsers_limit_is_refused_cleanly(copy_of):
+    text = (copy_of / context.CONFIG).read_text()
+    assert '"stopped": null' in text
+    (copy_of / context.CONFIG).write_text(text.replace('"stopped": null', '"stopped": ' + "[" * 980 + "]" * 980))
+    with pytest.raises(ContextError) as e:
+        TunedContext.read_config(copy_of)
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(copy_of / "context.json"))
+
+
+def test_save_refuses_what_load_would_refuse(saved, tmp_path):
+    lm, ctx, _ = saved
+    odd = TunedContext(lm, ctx.keys, ctx.values, ctx.prefix_ids, config=ctx.config, steps_done=ctx.steps_done,
+                       history=ctx.history, origin={"task": "sst2", "where": "here"})
+    with pytest.raises(ContextError, match=r"ctx/context.json: origin: unknown key\(s\) \[\"where\"\]; valid: task, "
+                                           r"seed, shots, demos_file \(not saved: loading would refuse it\)"):
+        odd.save(tmp_path / "ctx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_server_names_the_context_a_refusal_is_about(copy_of):
+    from deepthink.integrations.serving import load_contexts
+
+    altered(copy_of, "layers", 10**9)
+    with pytest.raises(ContextError, match=r"^context 'a': .*context.json: layers: 1000000000 is not an integer"):
+        load_contexts({"a": copy_of})

@@ -10,6 +10,7 @@ from .version import __version__
 
 _EXPORTS = {
     "TunedContext": ".context", "zero_shot": ".context",
+    "ContextError": ".context_schema", "UnverifiedContextWarning": ".context_schema",
     "LM": ".models", "REGISTRY": ".models", "load_model": ".models", "wrap_model": ".models",
     "Scores": ".scoring",
     "RULES": ".tuning", "TuningConfig": ".tuning", "register_rule": ".tuning",

@@ -8,13 +8,18 @@ A context saves to a folder (`save` / `load`, `deepthink tune --out DIR`):
                           for a cache not made by forward tuning the method that made it ("method":
                           {"name": "grad_kv", "options": {...}}, with "tuning" null; absent otherwise),
                           demonstration text, prefix token ids and count, per-step ||dK||/||dV|| norms,
-                          why tuning stopped early (if it did), every tensor's name/shape/dtype, sha256
+                          why tuning stopped early (if it did), every tensor's name/shape/dtype, the
+                          tensor file's sha256, the task definition (so a copied context needs no task
+                          file), and json_sha256: the sha256 of the canonical JSON of all of that
 
-Loading never unpickles (safetensors + JSON only) and refuses, saying what it expected and found: another
-model, tokenizer or dtype; a tensor file that is missing, truncated, altered or whose tensors do not match
-the JSON; a format version newer than this deepthink reads. Saving writes a temporary folder beside the
-target and renames it into place, so an interrupted save never leaves a folder that `load` accepts; a
-folder that already holds a context is replaced only with `overwrite=True`.
+Loading never unpickles (safetensors + JSON only). Before any tensor is read or a model is loaded,
+context.json is parsed with bounds (size, nesting), checked field by field (context_schema.check_meta:
+types, ranges, agreement between fields), its digest verified, and the tensor file's header checked against
+it; then the model's identity (weights, tokenizer, dtype, layer count) and the tensors' sha256. Every
+refusal is a ContextError (a ValueError) naming the file and the field. A format-1 context (no digest)
+still loads, with an UnverifiedContextWarning. Saving writes a temporary folder beside the target and
+renames it into place, so an interrupted save never leaves a folder that `load` accepts; a folder that
+already holds a context is replaced only with `overwrite=True`.
 """
 from __future__ import annotations
 
@@ -24,12 +29,15 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from . import kv, scoring
+from .context_schema import (DTYPES, FORMAT_VERSION, ContextError, UnverifiedContextWarning, check_meta,
+                             check_tensor_header, json_sha256, read_json, task_definition, task_from_definition)
 from .io import sha256_bytes, write_synced
 from .tuning.config import TuningConfig
 from .version import __version__
@@ -43,7 +51,7 @@ class TunedContext:
     def __init__(self, lm, keys: list[torch.Tensor], values: list[torch.Tensor], prefix_ids: list[int],
                  config: TuningConfig | None = None, demonstrations: str = "", steps_done: int = 1,
                  history: list[dict] | None = None, stopped: str | None = None, origin: dict | None = None,
-                 method: dict | None = None):
+                 method: dict | None = None, task=None):
         self.lm, self.keys, self.values = lm, keys, values
         self.prefix_ids = list(prefix_ids)
         self.config = config
@@ -55,6 +63,9 @@ class TunedContext:
         # how the cache was made when not by forward tuning (config is then None), e.g.
         # {"name": "grad_kv", "options": {...GradientConfig...}}; None for forward tuning and plain ICL
         self.method = method
+        # the tasks.Task the demonstrations follow (saved as its definition, so that a copied context formats
+        # queries with no task file); None for demonstrations from a text file
+        self.task = task
 
     @property
     def length(self) -> int:
@@ -175,12 +186,14 @@ class TunedContext:
 
     @staticmethod
     def load(path, lm, device=None) -> "TunedContext":
-        """Read a saved context for `lm`; refuses another model, tokenizer or dtype and altered files."""
+        """Read a saved context for `lm`; refuses another model, tokenizer or dtype and altered or hostile files
+        (a ContextError naming the file and the field)."""
         return _load(path, lm, device)
 
     @staticmethod
     def read_config(path) -> dict:
-        """The checked context.json of a saved context (without its tensors): e.g. to learn its model."""
+        """The checked context.json of a saved context (its tensors unread, their header checked): e.g. to learn
+        its model before loading it."""
         return read_config(path)
 
 
@@ -195,11 +208,8 @@ def zero_shot(lm) -> TunedContext:
     return TunedContext(lm, list(keys), list(values), ids, config=None, demonstrations="", steps_done=0)
 
 
-FORMAT_VERSION = 1
 TENSORS = "context.safetensors"
 CONFIG = "context.json"
-REQUIRED = ("format_version", "model", "dtype", "tuning", "steps_done", "stopped", "demonstrations", "prefix_ids",
-            "tokens", "layers", "history", "tensors", "checksums")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -240,7 +250,9 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
     """
     from safetensors.torch import save
 
-
+    dtype = _dtype_name(ctx.lm.dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"a context is saved in {', '.join(DTYPES)}; the model is in {dtype}: load it in one of those")
     path = check_output_dir(path, overwrite)
     try:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
@@ -259,7 +271,7 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
             "model": {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint,
                       "tokenizer_fingerprint": lm.tokenizer_fingerprint, "model_type": lm.config.model_type,
                       "max_positions": kv.max_positions(lm.config), "sliding_window": kv.sliding_window(lm.config)},
-            "dtype": _dtype_name(lm.dtype),
+            "dtype": dtype,
             "tuning": ctx.config.to_dict() if ctx.config else None,
             "origin": ctx.origin,
             **({"method": ctx.method} if ctx.method is not None else {}),
@@ -272,7 +284,14 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
             "history": ctx.history,
             "tensors": {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for name, t in tensors.items()},
             "checksums": {TENSORS: sha256_bytes(blob)},
+            "task": task_definition(ctx.task) if ctx.task is not None else None,
         }
+        meta = json.loads(json.dumps(meta))       # exactly what a reader parses (tuples as lists, ...)
+        meta["json_sha256"] = json_sha256(meta)
+        try:
+            check_meta(meta, path / CONFIG)       # never write what load would refuse
+        except ContextError as e:
+            raise ContextError(e.path, e.field, f"{e.problem} (not saved: loading would refuse it)") from None
         text = _dumps(meta)
         write_synced(tmp / CONFIG, lambda f: f.write(text.encode("utf-8")))
         if path.exists():            # an empty folder, or an earlier context (overwrite=True, checked above)
@@ -294,7 +313,8 @@ def _dumps(meta: dict) -> str:
 
 
 def read_config(path) -> dict:
-    """context.json of a saved context, checked for presence, format version and required fields."""
+    """context.json of a saved context, checked field by field (context_schema.check_meta), its digest verified,
+    and the tensor file's header checked against it; the tensors themselves are not read."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no saved context at {path}: expected a folder written by `deepthink tune --out` "
@@ -302,37 +322,18 @@ def read_config(path) -> dict:
     if not (path / CONFIG).is_file():
         raise FileNotFoundError(f"{path / CONFIG} not found: {path} is not a (complete) saved deepthink context; "
                                 "re-run `deepthink tune`")
-    try:
-        meta = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path / CONFIG} cannot be read as JSON ({e}): the artifact is damaged; "
-                         "re-run `deepthink tune`") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path / CONFIG} holds {type(meta).__name__}, expected a JSON object: not a deepthink context")
-    version = meta.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"{path / CONFIG}: format_version {version!r} is not one deepthink knows "
-                         f"(expected an integer 1..{FORMAT_VERSION}): not a deepthink context")
-    if version > FORMAT_VERSION:
-        made = meta.get("deepthink_version", "a newer deepthink")
-        raise ValueError(f"{path} has context format version {version}, newer than the {FORMAT_VERSION} this "
-                         f"deepthink reads (it was written by deepthink {made}): upgrade deepthink")
-    missing = [k for k in REQUIRED if k not in meta]
-    missing += [f"model.{k}" for k in ("name", "source", "fingerprint", "tokenizer_fingerprint")
-                if not isinstance(meta.get("model"), dict) or k not in meta["model"]]
-    if missing:
-        raise ValueError(f"{path / CONFIG} lacks field(s) {missing}: the artifact is damaged; re-run `deepthink tune`")
-    wrong = [k for k, kind in (("layers", int), ("tokens", int), ("steps_done", int), ("prefix_ids", list),
-                               ("history", list), ("tensors", dict), ("checksums", dict), ("demonstrations", str))
-             if not isinstance(meta[k], kind)]
-    method = meta.get("method")
-    if method is not None and not (isinstance(method, dict) and isinstance(method.get("name"), str)
-                                   and isinstance(method.get("options"), dict)):
-        wrong.append("method")
-    if wrong:
-        raise ValueError(f"{path / CONFIG}: field(s) {wrong} have the wrong type: the artifact is damaged; "
-                         "re-run `deepthink tune`")
+    meta = read_json(path / CONFIG)
+    check_meta(meta, path / CONFIG)
+    tensor_file = path / TENSORS
+    if not tensor_file.is_file():
+        raise FileNotFoundError(f"{tensor_file} is missing: the artifact is incomplete; re-run `deepthink tune`")
+    check_tensor_header(tensor_file, meta)
     return meta
+
+
+def context_task(meta: dict, path=""):
+    """The tasks.Task a checked context.json embeds (format 2), else None."""
+    return task_from_definition(meta["task"], Path(path) / CONFIG) if meta.get("task") is not None else None
 
 
 def _load(path, lm, device=None) -> TunedContext:
@@ -342,6 +343,11 @@ def _load(path, lm, device=None) -> TunedContext:
 
     path = Path(path)
     meta = read_config(path)
+    if meta["format_version"] < 2:
+        warnings.warn(f"{path / CONFIG} has no json_sha256 (context format 1, saved before deepthink checked "
+                      "context.json itself): edits to it cannot be detected; re-save it to add one "
+                      "(TunedContext.load(...).save(new folder)) or re-run `deepthink tune`",
+                      UnverifiedContextWarning, stacklevel=3)
     m = meta["model"]
     dtype = _dtype_name(lm.dtype)
     if meta["dtype"] != dtype:
@@ -355,11 +361,19 @@ def _load(path, lm, device=None) -> TunedContext:
         raise ValueError(f"{path} was made with tokenizer fingerprint {m['tokenizer_fingerprint'][:16]}, but the "
                          f"loaded tokenizer has {lm.tokenizer_fingerprint[:16]}: load the tokenizer of "
                          f"{m['name']!r} that the context was tuned with")
+    n = meta["layers"]
+    model_layers = getattr(lm.config, "num_hidden_layers", None)
+    if n and isinstance(model_layers, int) and n != model_layers:
+        raise ContextError(path / CONFIG, "layers", f"{n}, but the model {lm.name!r} has {model_layers} layers: "
+                                                    "the artifact is damaged; re-run `deepthink tune`")
+    vocab = max(len(lm.tokenizer), getattr(lm.config, "vocab_size", 0) or 0)
+    beyond = next((i for i, x in enumerate(meta["prefix_ids"]) if x >= vocab), None)
+    if beyond is not None:
+        raise ContextError(path / CONFIG, f"prefix_ids[{beyond}]", f"{meta['prefix_ids'][beyond]} is beyond the "
+                           f"model's {vocab} tokens: the artifact is damaged; re-run `deepthink tune`")
     tensor_file = path / TENSORS
-    if not tensor_file.is_file():
-        raise FileNotFoundError(f"{tensor_file} is missing: the artifact is incomplete; re-run `deepthink tune`")
     blob = tensor_file.read_bytes()
-    digest, want = sha256_bytes(blob), str(meta["checksums"].get(TENSORS))
+    digest, want = sha256_bytes(blob), meta["checksums"][TENSORS]
     if digest != want:
         raise ValueError(f"{tensor_file} is altered or truncated: its sha256 is {digest[:16]}, context.json records "
                          f"{want[:16]} ({len(blob)} bytes now); re-run `deepthink tune`")
@@ -368,27 +382,19 @@ def _load(path, lm, device=None) -> TunedContext:
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{tensor_file} cannot be read as safetensors ({e}): re-run `deepthink tune`") from e
     found = {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for name, t in tensors.items()}
-    n, L, recorded = meta["layers"], meta["tokens"], meta["tensors"]
-    if set(recorded) != {f"{kind}.{i}" for kind in "kv" for i in range(n)}:
-        raise ValueError(f"{path / CONFIG} lists tensors {sorted(recorded)[:4]}... but records {n} layers (k.0..k.{n - 1}, "
-                         "v.0..): the artifact is damaged; re-run `deepthink tune`")
+    recorded = meta["tensors"]
     diff = sorted(k for k in set(found) | set(recorded) if found.get(k) != recorded.get(k))
-    if diff:
+    if diff:         # the header was checked; this only guards against a safetensors that reads differently
         raise ValueError(f"{tensor_file} does not match {CONFIG}: " + "; ".join(
             f"{k}: expected {recorded.get(k) or 'no such tensor'}, found {found.get(k) or 'nothing'}" for k in diff[:4])
             + "; re-run `deepthink tune`")
-    bad = [k for k, t in found.items() if t["dtype"] != dtype or len(t["shape"]) != 3 or t["shape"][-2] != L]
-    if bad or len(meta["prefix_ids"]) != L:
-        raise ValueError(f"{path}: tensors {bad[:4]} or the {len(meta['prefix_ids'])} prefix ids disagree with the "
-                         f"recorded {L} tokens in {dtype} ([kv_heads, {L}, head_dim] each): the artifact is damaged; "
-                         "re-run `deepthink tune`")
     target = torch.device(device) if device is not None else lm.device
     keys = [tensors[f"k.{i}"][None].to(target) for i in range(n)]           # (1, kv_heads, L, head_dim)
     values = [tensors[f"v.{i}"][None].to(target) for i in range(n)]
     config = TuningConfig.from_dict(meta["tuning"]) if meta["tuning"] else None
     return TunedContext(lm, keys, values, meta["prefix_ids"], config=config, demonstrations=meta["demonstrations"],
                         steps_done=meta["steps_done"], history=meta["history"], stopped=meta["stopped"],
-                        origin=meta.get("origin"), method=meta.get("method"))
+                        origin=meta.get("origin"), method=meta.get("method"), task=context_task(meta, path))
 
 
 @torch.inference_mode()

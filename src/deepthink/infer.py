@@ -7,11 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from .context import TunedContext
+from .context import TunedContext, context_task
+from .context_schema import DTYPES, show, task_differences
 from .data import make_plan, read_demos_file
 from .io import readable_file
 from .models import REGISTRY, load_model
-from .tasks import get_task
+from .tasks import Task, get_task
 
 
 def demonstrations(task: str | None = None, seed: int = 0, shots: int | None = None, data_dir=None,
@@ -65,7 +66,8 @@ def demonstration_items(task: str | None = None, seed: int = 0, shots: int | Non
 
 def load_context(path, model: str | None = None, dtype: str | None = None, device="cpu", quantize=None):
     """The saved context at `path`, loaded for `model` (default: the model it records) in `dtype` (default:
-    the dtype it was tuned in). Refuses another model, tokenizer or dtype, as TunedContext.load does."""
+    the dtype it was tuned in). Refuses another model, tokenizer or dtype, as TunedContext.load does, and a damaged,
+    altered or hostile context.json before any model is loaded."""
     import torch
 
     meta = TunedContext.read_config(path)
@@ -79,6 +81,8 @@ def load_context(path, model: str | None = None, dtype: str | None = None, devic
             raise ValueError(f"{path} was tuned with an in-memory model ({m['name']!r}); pass the model (--model)")
     if dtype is None:
         dtype = meta["dtype"]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one contexts are loaded in; allowed: {', '.join(DTYPES)}")
     lm = load_model(model, device=device, dtype=getattr(torch, dtype), quantize=quantize)
     return TunedContext.load(path, lm)
 
@@ -145,9 +149,41 @@ def parse_choices(text: str) -> list[str]:
     return choices
 
 
-def task_queries(name: str, items: list):
-    """(queries, per-item continuations, gold labels or None) from input rows in a task's layout."""
-    task = get_task(name)
+def predict_task(path, meta: dict, given: str | None = None) -> Task | None:
+    """The task whose layout `predict` reads rows in, for the checked context.json `meta` of the context at `path`:
+    `given` (--task), else the task definition the context stores, else (a context saved before definitions were
+    stored) the task its origin names, else None. A `given` task that formats rows differently from the stored
+    definition is refused: the context was tuned on the stored one."""
+    stored = context_task(meta, path)
+    if given is None:
+        if stored is not None:
+            return stored
+        name = (meta.get("origin") or {}).get("task")
+        if name is None:
+            return None
+        try:
+            return get_task(name)
+        except ValueError as e:
+            if not name.endswith((".yaml", ".yml", ".json")):
+                raise
+            raise ValueError(f"{e} ({path} was saved before contexts stored their task, and names the task file "
+                             f"{name!r} relative to the folder `tune` ran in: run predict there, or pass --task FILE)"
+                             ) from None
+    task = get_task(given)
+    diff = task_differences(stored, task) if stored is not None else []
+    if diff:
+        first = diff[0]
+        raise ValueError(f"--task {given}: formats rows differently from the task {stored.name!r} that {path} was "
+                         f"tuned on (stored in its context.json): {', '.join(diff)} differ ({first}: "
+                         f"{show(getattr(task, first))} instead of {show(getattr(stored, first))}); drop --task to "
+                         "use the stored task, or give raw queries with --choices")
+    return task
+
+
+def task_queries(name: str | Task, items: list):
+    """(queries, per-item continuations, gold labels or None) from input rows in a task's layout (a Task, or the
+    name or file of one)."""
+    task = name if isinstance(name, Task) else get_task(name)
     placeholder = {"int": 0, "letter": "A", "one_based": 1}   # lets task.example run on unlabelled rows
     queries, choices, labels = [], [], []
     for i, item in enumerate(items):

@@ -237,8 +237,8 @@ def test_predict_and_generate_refusals(ctx_dir, other_model_dir, tmp_path, capsy
     assert "duplicate choices" in error(capsys, "predict", "--context", ctx_dir, "--choices", "a,b,a", *q)
     assert "choice 1 is empty" in error(capsys, "predict", "--context", ctx_dir, "--choices", "a,,b", *q)
     assert "not a JSON list" in error(capsys, "predict", "--context", ctx_dir, "--choices", "[a", *q)
-    err = error(capsys, "predict", "--context", ctx_dir, "--task", "copa", *q)
-    assert "task 'copa' needs JSONL rows" in err
+    err = error(capsys, "predict", "--context", ctx_dir, "--task", "copa", *q)     # not the task it was tuned on
+    assert "--task copa: formats rows differently from the task 'sentiment-demo'" in err and "query_field" in err
     (tmp_path / "long.txt").write_text("Review: " + "witty " * 2100 + "\n")
     err = error(capsys, "predict", "--context", ctx_dir, "--choices", "a,b", "--input", tmp_path / "long.txt")
     assert "beyond the model's 2048 positions" in err
@@ -262,6 +262,8 @@ def test_predict_needs_task_or_choices_for_a_demos_file_context(tiny_model_dir, 
     (tmp_path / "q.txt").write_text("Review: witty\n")
     err = error(capsys, "predict", "--context", tmp_path / "c", "--input", tmp_path / "q.txt")
     assert "give --task T" in err and "--choices a,b,c" in err
+    err = error(capsys, "predict", "--context", tmp_path / "c", "--task", "copa", "--input", tmp_path / "q.txt")
+    assert "task 'copa' needs JSONL rows" in err
 
 
 @pytest.mark.parametrize("command", ["tune", "predict", "generate"])
@@ -269,3 +271,155 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0 and f"usage: deepthink {command}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- altered or hostile contexts (issue 26)
+
+def set_field(path, field, value):
+    """Change one dotted field of path/context.json (not re-sealed: what a user editing the file does)."""
+    meta = json.loads((path / "context.json").read_text())
+    *parents, last = field.split(".")
+    node = meta
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    (path / "context.json").write_text(json.dumps(meta))
+
+
+REFUSED = [   # (field, value, what the one line says after "context.json: ")
+    ("layers", 10**9, "layers: 1000000000 is not an integer in 0..10000"),
+    ("dtype", "nope", "dtype: 'nope' is not a dtype contexts are saved in; allowed: float32, bfloat16, float16"),
+    ("dtype", 5, "dtype: 5 is not a dtype contexts are saved in; allowed: float32, bfloat16, float16"),
+    ("dtype", "float64", "dtype: 'float64' is not a dtype contexts are saved in; allowed: float32, bfloat16, float16"),
+    ("model.fingerprint", 12345, "model.fingerprint: 12345 is not a sha256"),
+    ("origin.task", "agnews", "origin.task: 'agnews', but the embedded task definition is 'sentiment-demo'"),
+    ("origin.seed", 1, "json_sha256: the content's sha256 is"),
+    ("prefix_ids", "garbage", "prefix_ids: 'garbage' is not a list, but tokens is"),
+    ("prefix_ids", [None], "prefix_ids: holds 1 ids, but tokens is"),
+    ("steps_done", 999, "steps_done: 999 is not an integer in 0..3 (tuning.steps is 3)"),
+    ("steps_done", -5, "steps_done: -5 is not an integer in 0..3"),
+    ("steps_done", 10**400, f"steps_done: 1{'0' * 56}... is not an integer in 0..3"),     # cut, never 401 digits
+    ("steps_done", 2, "history: holds 3 steps, but steps_done is 2"),
+    ("demonstrations", {"text": "x"}, "demonstrations: {\"text\": \"x\"} is not a string"),
+    ("history", [[]], "history: holds 1 steps, but steps_done is 3"),
+    ("stopped", ["no"], "stopped: [\"no\"] is not a one-line string"),
+    ("method", {"name": "grad_kv", "options": {"lr": "x"}}, "method: is set together with tuning"),
+    ("model.name", ["tiny"], "model.name: [\"tiny\"] is not a non-empty one-line string"),
+    ("model.name", "x\ny", "model.name: 'x\\ny' is not a non-empty one-line string"),
+    ("model.name", "tiny-gpt2", "json_sha256: the content's sha256 is"),
+    ("task.choices", ["bad", "good"], "json_sha256: the content's sha256 is"),
+]
+
+
+@pytest.mark.parametrize("field, value, says", REFUSED, ids=[f"{f}={str(v)[:12]}" for f, v, _ in REFUSED])
+def test_predict_refuses_an_altered_context_in_one_line_before_loading_the_model(
+        ctx_dir, tmp_path, capsys, monkeypatch, field, value, says):
+    bad = tmp_path / "bad"
+    shutil.copytree(ctx_dir, bad)
+    set_field(bad, field, value)
+    monkeypatch.setattr("deepthink.infer.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "q.txt").write_text("Review: witty\n")
+    for extra in ([], ["--choices", "a,b"]):
+        code, out, err = run(capsys, "predict", "--context", bad, *extra, "--input", tmp_path / "q.txt")
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"deepthink predict: error: {bad / 'context.json'}: {says}"), err
+    code, _, err = run(capsys, "generate", "--context", bad, "--prompt", "x")
+    assert code == 2 and err.startswith(f"deepthink generate: error: {bad / 'context.json'}: {says}"), err
+
+
+def test_predict_refuses_deeply_nested_json_and_a_damaged_tensor_header(ctx_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(ctx_dir, bad)
+    (tmp_path / "q.txt").write_text("Review: witty\n")
+    (bad / "context.json").write_text("[" * 100_000)
+    code, _, err = run(capsys, "predict", "--context", bad, "--input", tmp_path / "q.txt")
+    assert code == 2 and err == (f"deepthink predict: error: {bad / 'context.json'}: cannot be read as JSON (nested "
+                                 "too deeply): the artifact is damaged; re-run `deepthink tune`\n")
+    shutil.copy(ctx_dir / "context.json", bad / "context.json")
+    (bad / "context.safetensors").write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    code, _, err = run(capsys, "predict", "--context", bad, "--input", tmp_path / "q.txt")
+    assert code == 2 and err.count("\n") == 1 and err.startswith(
+        f"deepthink predict: error: {bad / 'context.safetensors'}: is not a safetensors file (header length "), err
+
+
+def test_a_format_1_context_predicts_as_before_with_one_warning(ctx_dir, tmp_path, capsys):
+    from conftest import as_format_1
+
+    old = tmp_path / "old"
+    shutil.copytree(ctx_dir, old)
+    (old / "context.json").write_text(json.dumps(as_format_1(json.loads((ctx_dir / "context.json").read_text()))))
+    (tmp_path / "q.txt").write_text("a witty, gorgeous film\nboilerplate\n")
+    code, out, err = run(capsys, "predict", "--context", old, "--input", tmp_path / "q.txt")
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if line.startswith("deepthink predict: warning: ")]
+    assert len(warning) == 1 and "has no json_sha256" in warning[0] and "re-save it" in warning[0]
+    code, new, _ = run(capsys, "predict", "--context", ctx_dir, "--input", tmp_path / "q.txt")
+    assert code == 0 and jsonl(out) == jsonl(new)          # the task its origin names, as before
+
+
+# ---------------------------------------------------------------- portable contexts (issue 27)
+
+TICKET = """name: ticket
+query_field: text
+choices: [bug, feature]
+query_template: "Ticket: {query}\\nKind:"
+choice_template: "Ticket: {query}\\nKind: {choice}"
+data_files: {train: train.jsonl, eval: eval.jsonl}
+"""
+
+
+@pytest.fixture
+def ticket_ctx(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A context tuned in `project/` on the task file ticket.yaml, given as a relative path."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "ticket.yaml").write_text(TICKET)
+    rows = [{"text": "the app crashes on start", "label": 0}, {"text": "please add a dark mode", "label": 1},
+            {"text": "login button does nothing", "label": 0}, {"text": "export to csv would help", "label": 1}]
+    for split in ("train", "eval"):
+        (project / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(project)
+    code, _, err = run(capsys, "tune", "--model", tiny_model_dir, "--task", "ticket.yaml", "--shots", 1,
+                       "--method", "forward", "--steps", 2, "--out", "ctx")
+    assert code == 0, err
+    assert json.loads((project / "ctx" / "context.json").read_text())["origin"]["task"] == "ticket.yaml"
+    return project
+
+
+def test_a_copied_context_predicts_from_any_folder_without_its_task_file(ticket_ctx, tmp_path, capsys, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(ticket_ctx / "ctx", elsewhere / "ctx")
+    (elsewhere / "q.jsonl").write_text('{"text": "crash when saving", "label": 0}\n{"text": "add tabs"}\n')
+    monkeypatch.chdir(elsewhere)                                   # no ticket.yaml here
+    code, out, err = run(capsys, "predict", "--context", "ctx", "--input", "q.jsonl")
+    assert code == 0, err
+    rows = jsonl(out)
+    assert [r["query"] for r in rows] == ["Ticket: crash when saving\nKind:", "Ticket: add tabs\nKind:"]
+    assert all(r["choices"] == [" bug", " feature"] for r in rows) and rows[0]["label"] == 0
+    # the same task given again (another copy of the file): used; a task that formats rows differently: refused
+    (elsewhere / "same.yaml").write_text(TICKET.replace("name: ticket", "name: ticket-copy"))
+    code, again, _ = run(capsys, "predict", "--context", "ctx", "--task", "same.yaml", "--input", "q.jsonl")
+    assert code == 0 and jsonl(again) == rows
+    (elsewhere / "other.yaml").write_text(TICKET.replace("Kind:", "Type:"))
+    code, _, err = run(capsys, "predict", "--context", "ctx", "--task", "other.yaml", "--input", "q.jsonl")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("deepthink predict: error: --task other.yaml: formats rows differently from the task "
+                          "'ticket' that ctx was tuned on (stored in its context.json): query_template, "
+                          "choice_template differ (query_template: 'Ticket: {query}\\nType:' instead of "
+                          "'Ticket: {query}\\nKind:'); drop --task to use the stored task"), err
+
+
+def test_a_format_1_context_names_its_relative_task_file_when_it_is_missing(ticket_ctx, tmp_path, capsys,
+                                                                              monkeypatch):
+    from conftest import as_format_1
+
+    old = tmp_path / "old"
+    shutil.copytree(ticket_ctx / "ctx", old)
+    (old / "context.json").write_text(json.dumps(as_format_1(json.loads((old / "context.json").read_text()))))
+    (tmp_path / "q.txt").write_text("crash\n")
+    code, _, err = run(capsys, "predict", "--context", old, "--input", tmp_path / "q.txt")     # from project/: found
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "predict", "--context", old, "--input", tmp_path / "q.txt")
+    assert code == 2 and err.count("\n") == 1 and "ticket.yaml: cannot read task file" in err
+    assert "names the task file 'ticket.yaml' relative to the folder `tune` ran in" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, fields
 
+from ..context_schema import DTYPES
 from ..models import DEFAULT_MODEL, REGISTRY
 
 
@@ -21,7 +22,7 @@ def add_model_args(p: argparse.ArgumentParser, multiple: bool = False, from_cont
                    "too big for one device over the GPUs, CPU memory and disk (accelerate; default: cpu)")
     p.add_argument("--quantize", default=None, choices=["8bit", "4bit"],
                    help="load the weights 8- or 4-bit through bitsandbytes (install it first; needs a CUDA GPU)")
-    p.add_argument("--dtype", default=None if from_context else "float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=None if from_context else "float32", choices=list(DTYPES),
                    help="weights dtype (default: " + ("the dtype the context was tuned in)" if from_context else
                                                        "float32, the fastest on CPUs)"))
 
@@ -94,8 +95,21 @@ def add_context_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_context(args):
-    """The context at --context, loaded for --model (default: the model it records)."""
+    """The context at --context, loaded for --model (default: the model it records); a context that cannot be
+    verified (saved before context.json carried a digest) is loaded with one warning line on stderr."""
+    import sys
+    import warnings
+
+    from ..context_schema import UnverifiedContextWarning
     from ..infer import load_context as load
 
-    return load(args.context, model=args.model, dtype=args.dtype, device=args.device,
-                quantize=getattr(args, "quantize", None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnverifiedContextWarning)
+        ctx = load(args.context, model=args.model, dtype=args.dtype, device=args.device,
+                   quantize=getattr(args, "quantize", None))
+    for w in caught:
+        if issubclass(w.category, UnverifiedContextWarning):
+            print(f"deepthink {args.command}: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ctx

@@ -19,7 +19,8 @@ files as plain lines, and stdin as JSONL when every non-blank line is a JSON obj
   --choices a,b,c each line (or JSON string, or JSON object's "query") is the raw query, used
                   verbatim; the continuations are " a", " b", " c" (comma-separated, each stripped,
                   one space prepended). A JSON list ('[" yes", "!"]') gives continuations verbatim.
-Without either, the task recorded by `tune --task` is used.
+Without either, the task `tune --task` used: its definition is stored in the context, so no task
+file is needed. A --task that formats rows differently from the stored one is refused.
 
 Output (stdout, or --output FILE), per query: index (0-based among non-blank input lines), query,
 choices, logprob (summed log-probability per choice), normalized (per token), prediction (argmax of
@@ -66,18 +67,20 @@ def check_output(output: str | None, source: str) -> None:
 
 def run(args) -> int:
     from ..context import TunedContext
-    from ..infer import parse_choices, raw_query, read_inputs, task_queries
+    from ..infer import parse_choices, predict_task, raw_query, read_inputs, task_queries
 
-    if args.choices is None and args.task is None:   # default to the task the context was tuned on
-        args.task = (TunedContext.read_config(args.context).get("origin") or {}).get("task")
-        if args.task is None:
+    meta = TunedContext.read_config(args.context)     # a damaged or altered context is refused before anything
+    task = None
+    if args.choices is None:    # --task, else the task the context was tuned on
+        task = predict_task(args.context, meta, args.task)
+        if task is None:
             raise ValueError("give --task T (queries formatted by a task) or --choices a,b,c (raw queries)")
     check_output(args.output, args.input)
     items = read_inputs(args.input, args.input_format)
     if not items:
         raise ValueError(f"{args.input} holds no queries (blank lines are skipped)")
-    if args.task is not None:
-        queries, choices, labels = task_queries(args.task, items)
+    if task is not None:
+        queries, choices, labels = task_queries(task, items)
     else:
         cs = parse_choices(args.choices)
         queries, choices, labels = [raw_query(x, i) for i, x in enumerate(items)], [cs] * len(items), [None] * len(items)

@@ -155,6 +155,7 @@ def _grad_tune(lm, demonstrations: str, items: list, dev: list, grad: GradKVConf
 def run(args) -> int:
     from ..context import check_output_dir
     from ..infer import demonstrations as draw
+    from ..tasks import get_task
     from ..tuning.tuner import tune
 
     config, grad = _configs(args)
@@ -172,6 +173,7 @@ def run(args) -> int:
             else:
                 ctx = tune(lm, demonstrations, config, progress=sys.stderr.isatty())
         ctx.origin = origin
+        ctx.task = get_task(args.task) if args.task else None    # stored: a copied context needs no task file
         if ctx.stopped:
             print(f"deepthink tune: warning: {ctx.stopped} (recorded in the artifact)", file=sys.stderr)
         saving = True
