@@ -1,6 +1,6 @@
-"""Tuned contexts as artifacts, as library functions: where demonstrations come from, queries read from
-files in a task's layout, and a saved context loaded with the model it records. `deepthink tune |
-predict | generate` (cli/) are thin fronts over these."""
+"""Tuned contexts as artifacts, as library functions: queries read from files in a task's layout, and a saved
+context loaded with the model it records. `deepthink predict | generate` (cli/) are thin fronts over these;
+where demonstrations come from and how they are tuned is `deepthink.api` (`deepthink.tune`)."""
 from __future__ import annotations
 
 import json
@@ -8,60 +8,8 @@ import sys
 from pathlib import Path
 
 from .context import TunedContext
-from .data import make_plan, read_demos_file
 from .models import REGISTRY, load_model
-from .tasks import get_task
-
-
-def demonstrations(task: str | None = None, seed: int = 0, shots: int | None = None, data_dir=None,
-                   demos: str | None = None) -> tuple[str, dict]:
-    """The demonstration string and a record of where it came from: a seeded draw of `shots` per class from
-    `task`'s training data, or the file `demos` (JSONL rows in the task's layout, or text used verbatim)."""
-    task_name = task
-    task = get_task(task_name) if task_name else None
-    if demos is None:
-        if task is None:
-            raise ValueError("give the demonstrations: --task T (with --seed, --shots) or --demos FILE")
-        shots = 1 if shots is None else shots
-        plan = make_plan(task, seed, shots, dev_size=0, data_dir=data_dir)
-        return plan.demonstrations, {"task": task_name, "seed": seed, "shots": shots}
-    if shots is not None:
-        raise ValueError("--shots sets the size of a draw from --task; it cannot be combined with --demos FILE")
-    path = Path(demos)
-    if not path.is_file():
-        raise FileNotFoundError(f"demonstrations file {path} does not exist")
-    if path.suffix == ".jsonl":
-        if task is None:
-            raise ValueError(f"{path} is JSONL: give --task T so that its rows can be formatted with T's template "
-                             "(or pass a plain text file, used verbatim)")
-        text = "".join(e.demo_text + "\n\n" for e in read_demos_file(path, task))
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise ValueError(f"{path} holds no demonstrations (it is empty or only whitespace): "
-                         "write the demonstration text into it")
-    return text, {"task": task_name, "demos_file": str(path)}
-
-
-def demonstration_items(task: str | None = None, seed: int = 0, shots: int | None = None, data_dir=None,
-                        demos: str | None = None) -> list:
-    """The demonstrations of `demonstrations(...)` as task items (tasks.Example), in prompt order: what a
-    method that reads each demonstration's query and answer needs (e.g. gradient KV tuning). A verbatim
-    text file has no items: an error."""
-    if demos is None:
-        if task is None:
-            raise ValueError("give the demonstrations: --task T (with --seed, --shots) or --demos FILE.jsonl")
-        return list(make_plan(get_task(task), seed, 1 if shots is None else shots, dev_size=0,
-                              data_dir=data_dir).demos)
-    path = Path(demos)
-    if path.suffix != ".jsonl" or task is None:
-        raise ValueError(f"{path}: this method needs each demonstration's query and answer, which a verbatim text "
-                         "file does not give: use a task draw (--task T --seed S --shots K) or a .jsonl file of "
-                         "rows in --task's layout")
-    return list(read_demos_file(path, get_task(task)))
+from .tasks import Task, get_task
 
 
 def load_context(path, model: str | None = None, dtype: str | None = None, device="cpu", quantize=None):
@@ -148,10 +96,10 @@ def parse_choices(text: str) -> list[str]:
     return choices
 
 
-def task_queries(name: str, items: list):
+def task_queries(task: str | Task, items: list):
     """(queries, per-item continuations, gold labels or None) from input rows in a task's layout."""
-    task = get_task(name)
-    placeholder = {"int": 0, "letter": "A", "one_based": 1}   # lets task.example run on unlabelled rows
+    task = task if isinstance(task, Task) else get_task(task)
+    placeholder = {"int": 0, "letter": "A", "one_based": 1, "names": 0}   # lets task.example run on unlabelled rows
     queries, choices, labels = [], [], []
     for i, item in enumerate(items):
         if isinstance(item, str):

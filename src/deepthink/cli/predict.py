@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .common import add_context_args, load_context
+from .common import add_context_args, load_context, task_from_args
 
 PREDICT_HELP = """Score queries with a saved context and print one JSON object per query.
 
@@ -15,10 +15,14 @@ files as plain lines, and stdin as JSONL when every non-blank line is a JSON obj
   --task T        JSONL rows in the task's field layout (like its eval.jsonl; the label field is
                   optional); the task's query template and choices are applied. Plain lines only
                   work for tasks with fixed choices and no hook: the line is the query field.
-  --choices a,b,c each line (or JSON string, or JSON object's "query") is the raw query, used
-                  verbatim; the continuations are " a", " b", " c" (comma-separated, each stripped,
-                  one space prepended). A JSON list ('[" yes", "!"]') gives continuations verbatim.
-Without either, the task recorded by `tune --task` is used.
+  --template 'Ticket: {text}\\nUrgency:' --choices low,medium,high
+                  a task from flags, as `tune` takes it: JSONL rows holding the template's fields
+                  ("label", a choice's name or index, is optional); plain lines fill its one field.
+  --choices a,b,c (without --template) each line (or JSON string, or JSON object's "query") is the
+                  raw query, used verbatim; the continuations are " a", " b", " c" (comma-separated,
+                  each stripped, one space prepended). A JSON list ('[" yes", "!"]') gives them verbatim.
+Without any of these, the task the context was tuned with (`tune --task`, or its --template and
+--choices) is used.
 
 Output (stdout, or --output FILE), per query: index (0-based among non-blank input lines), query,
 choices, logprob (summed log-probability per choice), normalized (per token), prediction (argmax of
@@ -31,10 +35,13 @@ def register(sub) -> None:
     p = sub.add_parser("predict", help="score queries with a saved context (JSONL out)",
                        description=PREDICT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_context_args(p)
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--task", help="format inputs with this task's template and choices")
-    what.add_argument("--choices", help='comma-separated choices ("negative,positive"), or a JSON list of '
-                                        'continuations used verbatim')
+    what = p.add_argument_group("how inputs become queries (default: the task the context was tuned with)")
+    what.add_argument("--task", help="format inputs with this task's template and choices (a name or a task file)")
+    what.add_argument("--template", help="a task from flags, as `tune --template` takes it (with --choices as its "
+                                         "label names)")
+    what.add_argument("--choices", help='with --template: the label names; alone: comma-separated choices '
+                                        '("negative,positive") after raw queries, or a JSON list of continuations '
+                                        'used verbatim')
     p.add_argument("--input", required=True, metavar="FILE", help="queries: a JSONL or text file, or - for stdin")
     p.add_argument("--input-format", choices=("auto", "jsonl", "lines"), default="auto",
                    help="how to read --input (default: auto, see above)")
@@ -45,19 +52,32 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def task_from_origin(origin: dict):
+    """The task a context records in its origin: a name or task file, or a task from --template/--choices."""
+    from ..tasks import task_from_template
+
+    if origin.get("template") and origin.get("choices"):
+        return task_from_template(origin["template"], origin["choices"], name=origin.get("task"))
+    return origin.get("task")
+
+
 def run(args) -> int:
     from ..context import TunedContext
     from ..infer import parse_choices, raw_query, read_inputs, task_queries
 
-    if args.choices is None and args.task is None:   # default to the task the context was tuned on
-        args.task = (TunedContext.read_config(args.context).get("origin") or {}).get("task")
-        if args.task is None:
-            raise ValueError("give --task T (queries formatted by a task) or --choices a,b,c (raw queries)")
+    task = task_from_args(args)
+    if task is not None and args.template is None and args.choices is not None:
+        raise ValueError("give either --task T or --choices a,b,c (raw queries), not both")
+    if task is None and args.choices is None:        # default to the task the context was tuned with
+        task = task_from_origin(TunedContext.read_config(args.context).get("origin") or {})
+        if task is None:
+            raise ValueError("give --task T or --template/--choices (queries formatted by a task), or --choices "
+                             "a,b,c (raw queries)")
     items = read_inputs(args.input, args.input_format)
     if not items:
         raise ValueError(f"{args.input} holds no queries (blank lines are skipped)")
-    if args.task is not None:
-        queries, choices, labels = task_queries(args.task, items)
+    if task is not None:
+        queries, choices, labels = task_queries(task, items)
     else:
         cs = parse_choices(args.choices)
         queries, choices, labels = [raw_query(x, i) for i, x in enumerate(items)], [cs] * len(items), [None] * len(items)

@@ -169,7 +169,7 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
         probe.unlink()
     except OSError as e:
         raise OSError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable directory") from e
-    task_objs = [get_task(t) for t in tasks]  # fail early on unknown names
+    task_objs = [get_task(t) if isinstance(t, str) else t for t in tasks]  # fail early on unknown names
     git_hash()    # the code as this run found it
     lm_cache = {} if lm_cache is None else lm_cache
     for model in models:
