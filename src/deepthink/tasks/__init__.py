@@ -249,9 +249,11 @@ _FORMAT_HELP = {"int": "a 0-based index", "letter": "a letter A, B, ...", "one_b
 
 
 def _get(row: dict, path: str) -> Any:
+    top = row
     for key in path.split("."):
         if not isinstance(row, dict) or key not in row:
-            raise ValueError(f"missing field {path!r}")
+            has = f" (its fields: {', '.join(sorted(map(str, top)))})" if isinstance(top, dict) else ""
+            raise ValueError(f"missing field {path!r}{has}")
         row = row[key]
     return row
 
