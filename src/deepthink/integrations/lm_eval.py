@@ -99,8 +99,8 @@ class DeepThinkLM(TemplateLM):
         valid = METHOD_ARGS[self.method]
         unknown = sorted(set(tuning) - set(valid))
         if unknown:
-            raise ValueError(f"unknown deepthink model arg(s) {unknown} for method={self.method}; valid: "
-                             f"{', '.join(OTHER_ARGS + valid)}")
+            raise ValueError(f"unknown deepthink model arg(s) {unknown}; valid: {', '.join(OTHER_ARGS + valid)} "
+                             f"(those of method={self.method})")
         if context is not None and demos is not None:
             raise ValueError("give either context=DIR (already tuned) or demos=FILE (tuned here), not both")
         if context is not None and tuning:
