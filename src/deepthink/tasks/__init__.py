@@ -203,7 +203,7 @@ class Task:
         if self.choices is None:
             raise ValueError(f"task {self.name!r} has per-item choices, which a demonstration text does not give: "
                              "write the demonstrations as .jsonl rows in the task's layout")
-        blocks = [b for b in text.split(SEPARATOR)]
+        blocks = text.replace("\r\n", "\n").split(SEPARATOR)          # a file saved with Windows line ends too
         while blocks and not blocks[-1].strip():
             blocks.pop()
         if blocks and blocks[-1].endswith("\n"):
