@@ -1,5 +1,6 @@
 """Data loading and evaluation plans: reference check vectors, honest splits, reproducibility."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -209,3 +210,14 @@ def test_demos_file(tmp_path):
     path.write_text(json.dumps({"text": "wrong layout", "label": 1}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl.*row 0.*missing field 'sentence'"):
         read_demos_file(path, get_task("sst2"))
+
+
+def test_a_plan_without_scoring_reads_no_eval_file_and_draws_the_same(tmp_path):
+    """tune/predict plan with score=False: no eval.jsonl needed; demonstrations and dev items as eval draws them."""
+    full = make_plan("sentiment-demo", 3, shots=2, dev_size=5)
+    task = get_task("sentiment-demo")
+    train_only = dataclasses.replace(task, data_files={"train": task.data_files["train"]})
+    plan = make_plan(train_only, 3, shots=2, dev_size=5, data_dir=tmp_path, score=False)   # tmp_path: no eval file
+    assert plan.eval == [] and plan.demos == full.demos and plan.dev == full.dev
+    with pytest.raises(FileNotFoundError, match="eval.jsonl does not exist"):
+        make_plan(train_only, 3, shots=2, data_dir=tmp_path)

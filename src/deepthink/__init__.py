@@ -14,7 +14,8 @@ _EXPORTS = {
     "LM": ".models", "REGISTRY": ".models", "load_model": ".models", "wrap_model": ".models",
     "Scores": ".scoring",
     "RULES": ".tuning", "TuningConfig": ".tuning", "register_rule": ".tuning",
-    "ForwardTuner": ".tuning.tuner", "tune": ".tuning.tuner",
+    "ForwardTuner": ".tuning.tuner", "tune": ".api",
+    "Task": ".tasks", "get_task": ".tasks", "task_from_template": ".tasks",
 }
 __all__ = sorted([*_EXPORTS, "__version__"])
 

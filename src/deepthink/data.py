@@ -90,7 +90,8 @@ def read_demos_file(path: str | Path, task: Task) -> list[Example]:
         raise ValueError(f"{path}: {e}") from None
 
 
-def sample_demonstrations(task: Task, rows: Sequence[dict], k: int, rng: random.Random) -> list[int]:
+def sample_demonstrations(task: Task, rows: Sequence[dict], k: int, rng: random.Random,
+                          split: str = "train") -> list[int]:
     """The reference's demonstration draw: positions into `rows`, in prompt order.
 
     Stratified (fixed label words): group rows by label in order of first appearance,
@@ -102,11 +103,17 @@ def sample_demonstrations(task: Task, rows: Sequence[dict], k: int, rng: random.
         return rng.sample(range(len(rows)), k)
     groups: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
-        groups.setdefault(task.label(row), []).append(i)
+        try:
+            label = task.label(row)
+        except ValueError as e:
+            raise ValueError(f"task {task.name!r}, {split} row {i}: {e}") from None
+        groups.setdefault(label, []).append(i)
     picked = []
     for label, ids in groups.items():
         if k > len(ids):
-            raise ValueError(f"task {task.name!r}: label {label} has {len(ids)} rows, cannot draw {k}")
+            name = f" ({task.choices[label]})" if 0 <= label < len(task.choices) else ""
+            raise ValueError(f"task {task.name!r}: label {label}{name} has {len(ids)} {split} rows, cannot draw {k} "
+                             f"demonstrations of it: lower --shots or add rows")
         picked.extend(rng.sample(ids, k))
     rng.shuffle(picked)
     return picked
@@ -132,10 +139,12 @@ class Plan:
 
 def make_plan(task: Task | str, seed: int, shots: int = 1, dev_size: int = 128,
               max_eval: int | None = None, data_dir: str | Path | None = None,
-              demos_file: str | Path | None = None) -> Plan:
+              demos_file: str | Path | None = None, score: bool = True) -> Plan:
     """Draw demonstrations, dev items and scored items for one (task, seed).
 
-    `demos_file` replaces the drawn demonstrations (then `shots` is unused). Tasks with
+    `demos_file` replaces the drawn demonstrations (then `shots` is unused). With score=False (tuning,
+    predicting) no items are scored and the eval split is not read, unless the task's draw needs it (a
+    scored subset drawn first from the seed's stream, or demonstrations from eval rows). Tasks with
     `demo_pool: eval` take demos and dev items from eval rows that are not scored: with a
     scored subset (hellaswag) from the rows outside it; without one (qasc) demos and dev
     items are removed from the scored rows.
@@ -147,7 +156,8 @@ def make_plan(task: Task | str, seed: int, shots: int = 1, dev_size: int = 128,
     rng = random.Random(seed)  # the reference's single continuing stream
     notes = list(task.deviations)
 
-    eval_rows = load_rows(task, "eval", data_dir)
+    needs_eval = score or task.scored_subset is not None or task.demo_pool == "eval"
+    eval_rows = load_rows(task, "eval", data_dir) if needs_eval else []
     scored = list(range(len(eval_rows)))
     if task.scored_subset is not None:
         if task.scored_subset > len(eval_rows):
@@ -168,7 +178,7 @@ def make_plan(task: Task | str, seed: int, shots: int = 1, dev_size: int = 128,
         notes.append(f"demonstrations read from {demos_file} ({len(demos)} items, file order)")
         used: set[int] = set()
     else:
-        picked = sample_demonstrations(task, [pool_rows[i] for i in pool], shots, rng)
+        picked = sample_demonstrations(task, [pool_rows[i] for i in pool], shots, rng, pool_split)
         demos = [task.example(pool_rows[pool[p]], pool[p], pool_split) for p in picked]
         used = {pool[p] for p in picked}
 
@@ -177,7 +187,9 @@ def make_plan(task: Task | str, seed: int, shots: int = 1, dev_size: int = 128,
     if len(dev_ids) < dev_size:
         notes.append(f"dev_size {dev_size} > {len(rest)} available {pool_split} rows: using all {len(rest)}")
 
-    if pool_split == "eval":
+    if not score:
+        scored = []
+    elif pool_split == "eval":
         held_out = used | set(dev_ids)
         scored = [i for i in scored if i not in held_out]
         notes.append(f"{task.name}: demonstrations and dev items come from {pool_split} rows; "

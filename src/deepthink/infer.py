@@ -1,6 +1,6 @@
-"""Tuned contexts as artifacts, as library functions: where demonstrations come from, queries read from
-files in a task's layout, and a saved context loaded with the model it records. `deepthink tune |
-predict | generate` (cli/) are thin fronts over these."""
+"""Tuned contexts as artifacts, as library functions: queries read from files in a task's layout, and a saved
+context loaded with the model it records. `deepthink predict | generate` (cli/) are thin fronts over these;
+where demonstrations come from and how they are tuned is `deepthink.api` (`deepthink.tune`)."""
 from __future__ import annotations
 
 import json
@@ -9,59 +9,9 @@ from pathlib import Path
 
 from .context import TunedContext, context_task
 from .context_schema import DTYPES, show, task_differences
-from .data import make_plan, read_demos_file
 from .io import readable_file
 from .models import REGISTRY, load_model
 from .tasks import Task, get_task
-
-
-def demonstrations(task: str | None = None, seed: int = 0, shots: int | None = None, data_dir=None,
-                   demos: str | None = None) -> tuple[str, dict]:
-    """The demonstration string and a record of where it came from: a seeded draw of `shots` per class from
-    `task`'s training data, or the file `demos` (JSONL rows in the task's layout, or text used verbatim)."""
-    task_name = task
-    task = get_task(task_name) if task_name else None
-    if demos is None:
-        if task is None:
-            raise ValueError("give the demonstrations: --task T (with --seed, --shots) or --demos FILE")
-        shots = 1 if shots is None else shots
-        plan = make_plan(task, seed, shots, dev_size=0, data_dir=data_dir)
-        return plan.demonstrations, {"task": task_name, "seed": seed, "shots": shots}
-    if shots is not None:
-        raise ValueError("--shots sets the size of a draw from --task; it cannot be combined with --demos FILE")
-    path = readable_file(demos, "demonstrations file")
-    if path.suffix == ".jsonl":
-        if task is None:
-            raise ValueError(f"{path} is JSONL: give --task T so that its rows can be formatted with T's template "
-                             "(or pass a plain text file, used verbatim)")
-        text = "".join(e.demo_text + "\n\n" for e in read_demos_file(path, task))
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise ValueError(f"{path} holds no demonstrations (it is empty or only whitespace): "
-                         "write the demonstration text into it")
-    return text, {"task": task_name, "demos_file": str(path)}
-
-
-def demonstration_items(task: str | None = None, seed: int = 0, shots: int | None = None, data_dir=None,
-                        demos: str | None = None) -> list:
-    """The demonstrations of `demonstrations(...)` as task items (tasks.Example), in prompt order: what a
-    method that reads each demonstration's query and answer needs (e.g. gradient KV tuning). A verbatim
-    text file has no items: an error."""
-    if demos is None:
-        if task is None:
-            raise ValueError("give the demonstrations: --task T (with --seed, --shots) or --demos FILE.jsonl")
-        return list(make_plan(get_task(task), seed, 1 if shots is None else shots, dev_size=0,
-                              data_dir=data_dir).demos)
-    path = Path(demos)
-    if path.suffix != ".jsonl" or task is None:
-        raise ValueError(f"{path}: this method needs each demonstration's query and answer, which a verbatim text "
-                         "file does not give: use a task draw (--task T --seed S --shots K) or a .jsonl file of "
-                         "rows in --task's layout")
-    return list(read_demos_file(path, get_task(task)))
 
 
 def load_context(path, model: str | None = None, dtype: str | None = None, device="cpu", quantize=None):
@@ -149,9 +99,9 @@ def parse_choices(text: str) -> list[str]:
     return choices
 
 
-def predict_task(path, meta: dict, given: str | None = None) -> Task | None:
+def predict_task(path, meta: dict, given: str | Task | None = None) -> Task | None:
     """The task whose layout `predict` reads rows in, for the checked context.json `meta` of the context at `path`:
-    `given` (--task), else the task definition the context stores, else (a context saved before definitions were
+    `given` (--task, or a Task from --template/--choices), else the task definition the context stores, else (a context saved before definitions were
     stored) the task its origin names, else None. A `given` task that formats rows differently from the stored
     definition is refused: the context was tuned on the stored one."""
     stored = context_task(meta, path)
@@ -169,11 +119,12 @@ def predict_task(path, meta: dict, given: str | None = None) -> Task | None:
             raise ValueError(f"{e} ({path} was saved before contexts stored their task, and names the task file "
                              f"{name!r} relative to the folder `tune` ran in: run predict there, or pass --task FILE)"
                              ) from None
-    task = get_task(given)
+    task = given if isinstance(given, Task) else get_task(given)
     diff = task_differences(stored, task) if stored is not None else []
     if diff:
         first = diff[0]
-        raise ValueError(f"--task {given}: formats rows differently from the task {stored.name!r} that {path} was "
+        what = f"--task {given}" if isinstance(given, str) else "--template/--choices"
+        raise ValueError(f"{what}: formats rows differently from the task {stored.name!r} that {path} was "
                          f"tuned on (stored in its context.json): {', '.join(diff)} differ ({first}: "
                          f"{show(getattr(task, first))} instead of {show(getattr(stored, first))}); drop --task to "
                          "use the stored task, or give raw queries with --choices")
@@ -184,7 +135,7 @@ def task_queries(name: str | Task, items: list):
     """(queries, per-item continuations, gold labels or None) from input rows in a task's layout (a Task, or the
     name or file of one)."""
     task = name if isinstance(name, Task) else get_task(name)
-    placeholder = {"int": 0, "letter": "A", "one_based": 1}   # lets task.example run on unlabelled rows
+    placeholder = {"int": 0, "letter": "A", "one_based": 1, "names": 0}   # lets task.example run on unlabelled rows
     queries, choices, labels = [], [], []
     for i, item in enumerate(items):
         if isinstance(item, str):

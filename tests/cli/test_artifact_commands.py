@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 import deepthink
-from deepthink import TunedContext, context
+from deepthink import TunedContext, api, context
 from deepthink.cli import main
-from deepthink.tuning import tuner
 from conftest import tiny_lm
 
 DEMO_TEST = Path(deepthink.__file__).parent / "demo_data" / "sentiment_test.jsonl"
@@ -160,7 +159,7 @@ def test_tune_bad_inputs(tiny_model_dir, tmp_path, capsys):
     err = error(capsys, "tune", "--model", "gpt-17", *TUNE, *out)
     assert "unknown model 'gpt-17'" in err and "smollm2-135m" in err
     err = error(capsys, "tune", "--model", tiny_model_dir, "--task", "sst2", "--data-dir", tmp_path, *out)
-    assert "split file" in err and "sst2/eval.jsonl does not exist" in err
+    assert "split file" in err and "sst2/train.jsonl does not exist" in err      # tune never reads eval.jsonl
     (tmp_path / "empty.txt").write_text("  \n")
     err = error(capsys, "tune", "--model", tiny_model_dir, "--demos", tmp_path / "empty.txt", *out)
     assert "empty.txt holds no demonstrations" in err
@@ -211,7 +210,7 @@ def test_interrupted_tune_leaves_no_artifact(tiny_model_dir, ctx_dir, tmp_path, 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tuner, "tune", interrupt) if where == "tuning" else \
+    monkeypatch.setattr(api, "run", interrupt) if where == "tuning" else \
         monkeypatch.setattr(context, "write_synced", interrupt)
     code, _, err = run(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--out", tmp_path / "new")
     assert code == 130 and "interrupted" in err

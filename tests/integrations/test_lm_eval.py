@@ -153,6 +153,53 @@ def test_a_gradient_tuned_context_is_used_unchanged(tiny_model_dir, tasks, tmp_p
     assert got == approx(want, abs=1e-5)
 
 
+def test_method_arg_and_grad_kv_contexts(tiny_model_dir, tasks, task_dir, tmp_path, capsys):
+    """method=grad_kv: a saved grad_kv context (context=DIR, checked against the record), or a demos file tuned here
+    with a deepthink task's template, exactly as deepthink.tune tunes it; the harness's string args work too."""
+    from pathlib import Path
+
+    from deepthink.cli import main
+
+    lm = deepthink.load_model(str(tiny_model_dir))
+    task = deepthink.get_task("sentiment-demo")
+    ctx = deepthink.tune(lm, task, shots=2, steps=3, selection="last")
+    ctx.save(tmp_path / "g")
+    queries = [f"Review: {t}\nSentiment:" for t, _ in REVIEWS[:6]]
+    want = ctx.score(queries, [" negative", " positive"]).logprob
+    model = DeepThinkLM(model=lm, context=str(tmp_path / "g"), method="grad_kv")
+    assert _loglikelihoods(_run(model, tasks, "tiny_mc", 0)) == approx(want, abs=1e-5)
+    assert model.get_model_info()["method"]["name"] == "grad_kv" and model.get_model_info()["tuning"] is None
+    with pytest.raises(ValueError, match="was tuned by grad_kv, not method=forward"):
+        DeepThinkLM(model=lm, context=str(tmp_path / "g"), method="forward")
+    # a text file tuned here: split by the task's template, T chosen on dev items from its training data
+    demos = tmp_path / "demos.txt"
+    demos.write_text(ctx.demonstrations)
+    here = DeepThinkLM(model=lm, method="grad_kv", demos=str(demos), task="sentiment-demo", steps="3", dev_size="4")
+    lib = deepthink.tune(lm, Path(demos), task="sentiment-demo", steps=3, dev_size=4)
+    assert here.explicit.steps_done == lib.steps_done and here.explicit.method == lib.method
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(here.explicit.keys, lib.keys))
+    # through the command line: the harness passes model args as strings
+    assert main(["lm-eval", "--model_args", f"model={tiny_model_dir},method=grad_kv,context={tmp_path / 'g'}",
+                 "--tasks", "tiny_mc", "--include_path", str(task_dir), "--limit", "2",
+                 "--output_path", str(tmp_path / "out")]) == 0
+    info = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert "tiny_mc" in info["results"]
+    # refusals, before the model loads
+    with pytest.raises(ValueError, match="method=grad_kv needs each demonstration's query and answer.*context=DIR"):
+        DeepThinkLM(model=lm, method="grad_kv")
+    with pytest.raises(ValueError, match="demos=FILE needs task=T"):
+        DeepThinkLM(model=lm, method="grad_kv", demos=str(demos))
+    with pytest.raises(ValueError, match="method='ridge': valid: forward, grad_kv"):
+        DeepThinkLM(model=lm, method="ridge")
+    with pytest.raises(ValueError, match=r"unknown deepthink model arg\(s\) \['step_size'\]; valid: .*lr.*method=grad_kv"):
+        DeepThinkLM(model=lm, method="grad_kv", demos=str(demos), task="sentiment-demo", step_size=0.1)
+    with pytest.raises(ValueError, match="task= names the deepthink task"):
+        DeepThinkLM(model=lm, demos=str(demos), task="sentiment-demo")
+    (tmp_path / "bad.txt").write_text("Review: dull\nSentiment: meh\n\n")
+    with pytest.raises(ValueError, match="demonstration 1 of 1 does not match the template"):
+        DeepThinkLM(model=lm, method="grad_kv", demos=str(tmp_path / "bad.txt"), task="sentiment-demo")
+
+
 def test_shared_prefix_tuned_once_per_task(tiny_model_dir, tasks):
     lm = deepthink.load_model(str(tiny_model_dir))
     calls = {"model": 0, "base": 0}

@@ -113,3 +113,55 @@ def load_context(args):
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return ctx
+
+
+TEMPLATE_HELP = ("a task from flags: the prompt with the rows' fields in braces, e.g. 'Ticket: {text}\\nUrgency:' "
+                 "(\\n is a newline); each answer is ' ' + a --choices name (with --choices; docs/tasks.md)")
+
+
+def add_task_flags(group, choices: bool = True, eval_file: bool = False) -> None:
+    """--template/--choices/--train (and --eval): a task without a YAML file; rows hold the template's fields and
+    `label`, a choice's name or its 0-based index. Read with `task_from_args`."""
+    group.add_argument("--template", help=TEMPLATE_HELP)
+    if choices:
+        group.add_argument("--choices", help="with --template: the label names, comma-separated (low,medium,high)")
+    group.add_argument("--train", metavar="ROWS.jsonl", help="with --template: labelled training rows (demonstrations "
+                       "are drawn from them, dev items are the rows left)")
+    if eval_file:
+        group.add_argument("--eval", metavar="ROWS.jsonl", help="with --template: labelled rows to score")
+
+
+def task_from_args(args):
+    """The task the flags name: --task as given (a name or a task file), a Task built from --template/--choices
+    (--train/--eval), or None. Mixed or incomplete flags are an error that says what to give."""
+    from ..tasks import task_from_template
+
+    template, train, evals = (getattr(args, k, None) for k in ("template", "train", "eval"))
+    task = getattr(args, "task", None)
+    if template is None:
+        for flag_, value in (("--train", train), ("--eval", evals)):
+            if value is not None:
+                raise ValueError(f"{flag_} goes with --template and --choices (a task from flags); a task file names "
+                                 "its data in data_files (docs/tasks.md)")
+        return task
+    if task:
+        raise ValueError("give either --task T or --template/--choices (a task from flags), not both")
+    if not getattr(args, "choices", None):
+        raise ValueError("--template needs --choices: the label names, e.g. --choices low,medium,high")
+    template = template.replace("\\n", "\n").replace("\\t", "\t")
+    return task_from_template(template, split_names(args.choices), train=train, eval=evals)
+
+
+def split_names(text: str) -> list[str]:
+    """'low, medium,high' -> ['low', 'medium', 'high']; a JSON list of strings is taken as the names."""
+    import json
+
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"--choices {text!r} starts with '[' but is not a JSON list ({e})") from None
+        if not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+            raise ValueError(f"--choices {text!r}: a JSON list must hold strings")
+        return names
+    return text.split(",")

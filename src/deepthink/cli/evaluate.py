@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_model_args, parse_value
+from .common import add_model_args, add_task_flags, parse_value, task_from_args
 
 DESCRIPTION = """Compare methods (`deepthink methods` lists them) on tasks x seeds, honestly.
 
@@ -37,7 +37,8 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="compare methods on tasks x seeds; resumable; writes results and plots",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, multiple=True)
-    p.add_argument("--task", nargs="+", required=True, help="task names (see `deepthink tasks`) or task YAML files")
+    p.add_argument("--task", nargs="+", help="task names (see `deepthink tasks`) or task YAML files")
+    add_task_flags(p.add_argument_group("a task from flags (instead of --task; docs/tasks.md)"), eval_file=True)
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds: demonstrations, dev and subsets")
     p.add_argument("--shots", type=int, default=1, help="demonstrations per class (stratified tasks) or in "
                    "total (others)")
@@ -127,6 +128,20 @@ def read_method_config(path) -> dict:
     return data
 
 
+def eval_tasks(args) -> list:
+    """--task's names, or the one task of --template/--choices/--train/--eval."""
+    task = task_from_args(args)
+    if task is None:
+        raise ValueError("give --task T [T ...], or a task from flags: --template ... --choices ... --train ROWS.jsonl "
+                         "--eval ROWS.jsonl")
+    if not isinstance(task, list):
+        if args.train is None or args.eval is None:
+            raise ValueError("a task from flags needs --train ROWS.jsonl (demonstrations and dev items) and --eval "
+                             "ROWS.jsonl (the scored rows)")
+        return [task]
+    return task
+
+
 def run(args) -> int:
     from ..evaluation import EvalConfig
     from ..evaluation import run as run_eval
@@ -137,6 +152,6 @@ def run(args) -> int:
         set_threads(procs.threads(args.threads))
         cfg = EvalConfig(shots=args.shots, dev_size=args.dev_size, max_eval=args.max_eval, curve=args.curve,
                          batch_size=args.batch_size, methods=method_options(args), fit_shots=args.fit_shots)
-        run_eval(args.model, args.task, args.seeds, cfg, args.out, data_dir=args.data_dir, device=args.device,
+        run_eval(args.model, eval_tasks(args), args.seeds, cfg, args.out, data_dir=args.data_dir, device=args.device,
                  dtype=args.dtype, progress=not args.quiet, quantize=args.quantize, procs=procs)
     return 0

@@ -18,9 +18,12 @@ HELP = """deepthink lm-eval: lm-evaluation-harness with deepthink as the model (
   model=NAME|DIR|FILE.gguf   the deepthink model (default smollm2-135m); dtype=float32
                              (device and batch size: the harness's --device, default here cpu, and --batch_size,
                              default here 16)
-  context=DIR                a saved tuned context (deepthink tune --out DIR); the task runs with --num_fewshot 0
+  context=DIR                a saved tuned context (deepthink tune --out DIR, any method); --num_fewshot 0
   demos=FILE                 demonstrations to tune here (with the options below); --num_fewshot 0
-  steps=, step_size=, momentum=, positions=, update=   tuning options (TuningConfig)
+  method=forward|grad_kv     how demos=FILE is tuned (default forward; with context=DIR: a check of what made it)
+  steps=, step_size=, momentum=, positions=, update=   forward tuning options (TuningConfig)
+  task=T, steps=, lr=, selection=, dev_size=, ...      method=grad_kv with demos=FILE: the deepthink task whose
+                             template the file follows (T's training rows give dev items), GradKVConfig options
   fewshot_delimiter=         what ends each demonstration in the task's prompts (default: blank line)
 Without context/demos the task's own few-shot examples are tuned: the task needs a fixed few-shot set
 (fewshot_config: {sampler: first_n}) and --num_fewshot N >= 1. Needs `pip install 'deepthink[lm-eval]'`.

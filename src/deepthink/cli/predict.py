@@ -6,7 +6,7 @@ import json
 import sys
 
 from ..io import write_atomic
-from .common import add_context_args, load_context
+from .common import add_context_args, load_context, task_from_args
 
 PREDICT_HELP = """Score queries with a saved context and print one JSON object per query.
 
@@ -16,11 +16,15 @@ files as plain lines, and stdin as JSONL when every non-blank line is a JSON obj
   --task T        JSONL rows in the task's field layout (like its eval.jsonl; the label field is
                   optional); the task's query template and choices are applied. Plain lines only
                   work for tasks with fixed choices and no hook: the line is the query field.
-  --choices a,b,c each line (or JSON string, or JSON object's "query") is the raw query, used
-                  verbatim; the continuations are " a", " b", " c" (comma-separated, each stripped,
-                  one space prepended). A JSON list ('[" yes", "!"]') gives continuations verbatim.
-Without either, the task `tune --task` used: its definition is stored in the context, so no task
-file is needed. A --task that formats rows differently from the stored one is refused.
+  --template 'Ticket: {text}\\nUrgency:' --choices low,medium,high
+                  a task from flags, as `tune` takes it: JSONL rows holding the template's fields
+                  ("label", a choice's name or index, is optional); plain lines fill its one field.
+  --choices a,b,c (without --template) each line (or JSON string, or JSON object's "query") is the
+                  raw query, used verbatim; the continuations are " a", " b", " c" (comma-separated,
+                  each stripped, one space prepended). A JSON list ('[" yes", "!"]') gives them verbatim.
+Without any of these, the task the context was tuned with (`tune --task`, or its --template and
+--choices): its definition is stored in the context, so no task file is needed. A --task (or
+--template/--choices) that formats rows differently from the stored one is refused.
 
 Output (stdout, or --output FILE), per query: index (0-based among non-blank input lines), query,
 choices, logprob (summed log-probability per choice), normalized (per token), prediction (argmax of
@@ -33,10 +37,13 @@ def register(sub) -> None:
     p = sub.add_parser("predict", help="score queries with a saved context (JSONL out)",
                        description=PREDICT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_context_args(p)
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--task", help="format inputs with this task's template and choices")
-    what.add_argument("--choices", help='comma-separated choices ("negative,positive"), or a JSON list of '
-                                        'continuations used verbatim')
+    what = p.add_argument_group("how inputs become queries (default: the task the context was tuned with)")
+    what.add_argument("--task", help="format inputs with this task's template and choices (a name or a task file)")
+    what.add_argument("--template", help="a task from flags, as `tune --template` takes it (with --choices as its "
+                                         "label names)")
+    what.add_argument("--choices", help='with --template: the label names; alone: comma-separated choices '
+                                        '("negative,positive") after raw queries, or a JSON list of continuations '
+                                        'used verbatim')
     p.add_argument("--input", required=True, metavar="FILE", help="queries: a JSONL or text file, or - for stdin")
     p.add_argument("--input-format", choices=("auto", "jsonl", "lines"), default="auto",
                    help="how to read --input (default: auto, see above)")
@@ -70,11 +77,15 @@ def run(args) -> int:
     from ..infer import parse_choices, predict_task, raw_query, read_inputs, task_queries
 
     meta = TunedContext.read_config(args.context)     # a damaged or altered context is refused before anything
+    given = task_from_args(args)                       # --task, a task from --template/--choices, or None
+    if given is not None and args.template is None and args.choices is not None:
+        raise ValueError("give either --task T or --choices a,b,c (raw queries), not both")
     task = None
-    if args.choices is None:    # --task, else the task the context was tuned on
-        task = predict_task(args.context, meta, args.task)
+    if given is not None or args.choices is None:      # else the task the context was tuned with (stored in it)
+        task = predict_task(args.context, meta, given)
         if task is None:
-            raise ValueError("give --task T (queries formatted by a task) or --choices a,b,c (raw queries)")
+            raise ValueError("give --task T or --template/--choices (queries formatted by a task), or --choices "
+                             "a,b,c (raw queries)")
     check_output(args.output, args.input)
     items = read_inputs(args.input, args.input_format)
     if not items:

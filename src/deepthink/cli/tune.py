@@ -7,31 +7,35 @@ import warnings
 
 from ..tuning import TuningConfig
 from ..methods.gradient import GradKVConfig
-from .common import add_config_args, add_model_args, config_from_args, flag, load_lm
+from ..api import DEV_SIZE, METHODS as TUNERS, SELECTIONS
+from .common import add_config_args, add_model_args, add_task_flags, config_from_args, flag, load_lm, task_from_args
 
-TUNERS = ("grad_kv", "forward")
-SELECTIONS = ("dev-acc", "loo", "last")
 GRAD_ONLY = ("steps", "seed", "update", "selection")   # grad flags shared with forward tuning or added here
-DEV_SIZE = 64                                           # the dev size the recommendation was measured with
 
 TUNE_HELP = """Tune demonstrations once and save the context to --out (tune once, use anywhere).
 
-Demonstrations come from a task (--task T --seed S --shots K: the paper's draw from the task's
-training data, each filled template followed by a blank line) or from --demos FILE:
-  * a .jsonl file: rows in --task's field layout (like its train.jsonl), formatted like a task draw;
-  * any other file: UTF-8 text used verbatim as the demonstration string (nothing is added or stripped).
-With --demos FILE.txt, --task is optional and only recorded, so that `predict` can default to it.
+Demonstrations come from a task's training data, drawn with --seed S --shots K (K per label; each filled
+template followed by a blank line), or from --demos FILE. The task is --task T (a built-in name or a task
+.yaml file, docs/tasks.md) or one from flags, which needs no file:
+  --train rows.jsonl --template 'Ticket: {text}\\nUrgency:' --choices low,medium,high
+  (each row holds the template's fields and "label": a choice's name or its 0-based index; the answer
+  after the template is " " + the choice's name). No eval file is read.
+--demos FILE: a .jsonl file of rows in the task's layout; any other file is UTF-8 text: split into
+demonstrations on the blank line that ends each, each read with the task's template (grad_kv), or used
+verbatim (--method forward, where the task is optional and only recorded).
 
 --method grad_kv (the default: the recommended method of benchmarks/results/ABLATIONS.md) optimises the
 cache with Adam on a leave-one-out objective (docs/gradient.md), lr 0.01, and keeps the step T in
-1..--steps (1 = plain ICL) with the best accuracy on --dev-size dev items drawn from the task's training
-data, disjoint from the demonstrations (--selection dev-acc; ties to the smaller T). Without dev items it
-chooses by leave-one-out over the demonstrations (--selection loo, an optimistic reading); --selection
-last keeps the cache after --steps. It needs each demonstration's query and answer: a task draw or a
-.jsonl --demos file. Context.json records the options, the rule and the T chosen under "method".
+1..--steps (1 = plain ICL) with the best accuracy on up to --dev-size dev items: the training rows left
+after the demonstrations (--selection dev-acc; ties to the smaller T). Without any it chooses by
+leave-one-out over the demonstrations (optimistic) and warns; --selection loo chooses that way on purpose,
+--selection last keeps the cache after --steps. Context.json records the options, the rule and the T chosen
+under "method". Each step prints its loss, dev accuracy, elapsed time and ETA on stderr (--quiet: not).
 
 --method forward is the paper's forward tuning (Deep-Thinking) for --steps steps; it takes verbatim text
-demonstrations too. In our measurements it did not beat plain ICL (README, ABLATIONS.md).
+demonstrations. In our measurements it did not beat plain ICL (README, ABLATIONS.md).
+
+The same as Python: deepthink.tune(lm, task_or_demonstrations, method=..., ...) (README, Library).
 
 --out must not exist or be an empty folder; a folder holding an earlier context is replaced only
 with --overwrite (atomically: the old one stays until the new one is complete). If the update
@@ -51,8 +55,10 @@ def register(sub) -> None:
                      help="k: demonstrations per label for fixed-label tasks, in total otherwise (default: 1)")
     src.add_argument("--data-dir", help="folder holding <task>/train.jsonl and eval.jsonl "
                                         "(default: $DEEPTHINK_DATA_DIR or ../shared/data)")
-    src.add_argument("--demos", metavar="FILE", help="demonstrations file instead of a draw: .jsonl rows in --task's "
-                                                     "layout, or any other file's text used verbatim")
+    src.add_argument("--demos", metavar="FILE", help="demonstrations file instead of a draw: .jsonl rows in the "
+                                                     "task's layout, or text (split by the task's template for "
+                                                     "grad_kv, verbatim for --method forward)")
+    add_task_flags(p.add_argument_group("a task from flags (instead of --task)"))
     p.add_argument("--method", default="grad_kv", choices=TUNERS,
                    help="grad_kv: gradient KV tuning, T chosen on dev (the recommended default); forward: the "
                         "paper's forward tuning (default: grad_kv)")
@@ -65,12 +71,13 @@ def register(sub) -> None:
                         "any), loo (leave-one-out over the demonstrations, no dev items) or last (the cache after "
                         "--steps) (default: dev-acc)")
     g.add_argument("--dev-size", dest="dev_size", type=int, default=DEV_SIZE,
-                   help=f"dev items for --selection dev-acc, drawn from --task's training data, disjoint from the "
+                   help=f"dev items for --selection dev-acc, drawn from the task's training rows that are not "
                         f"demonstrations (default: {DEV_SIZE})")
     g.add_argument("--grad-seed", dest="grad_seed", type=int, default=0,
                    help="seed of the batch order of gradient KV tuning (default: 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the context to (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a context already saved in --out")
+    p.add_argument("--quiet", action="store_true", help="no per-step progress lines on stderr")
     p.set_defaults(func=run)
 
 
@@ -101,79 +108,30 @@ def _configs(args):
     return config, None
 
 
-def _items(args) -> list:
-    """The demonstrations as task items, which gradient KV tuning needs; a verbatim text file has none."""
-    from ..infer import demonstration_items
-
-    try:
-        return demonstration_items(args.task, args.seed, args.shots, args.data_dir, args.demos)
-    except ValueError as e:
-        raise ValueError(f"{e}; or tune them with --method forward (the paper's forward tuning takes any text)") \
-            from None
-
-
-def _dev_items(args, items) -> list:
-    """Dev items for --selection dev-acc: drawn like `deepthink eval`'s from the task's training data, disjoint
-    from the demonstrations (for a .jsonl --demos file, items with the same text as a demonstration are dropped)."""
-    from ..data import make_plan
-
-    if args.selection != "dev-acc" or args.dev_size == 0:
-        return []
-    plan = make_plan(args.task, args.seed, 1 if args.shots is None else args.shots, dev_size=args.dev_size,
-                     data_dir=args.data_dir, demos_file=args.demos)
-    seen = {e.demo_text for e in items}
-    return [e for e in plan.dev if e.demo_text not in seen]
-
-
-def _grad_tune(lm, demonstrations: str, items: list, dev: list, grad: GradKVConfig, last: bool):
-    """The gradient-tuned context to save: the cache after --steps (last), or at the T the selection chose;
-    context.json's "method" records the options, the rule and the T."""
-    from ..context import TunedContext
-    from ..methods import Setup
-    from ..methods.gradient import GradKV, gradient_config
-    from ..tuning.gradient import gradient_tune
-
-    options = gradient_config(grad)
-    if last:
-        ctx = gradient_tune(lm, demonstrations, items, options, progress=sys.stderr.isatty())
-        ctx.method = {**ctx.method, "selection": {"rule": "last", "chosen_steps": ctx.steps_done}}
-        return ctx
-    setup = Setup(lm, demonstrations, dev, demos=items)
-    prepared = GradKV(grad).prepare(setup)
-    info, best = prepared.info, prepared.scorer
-    curve = ([round(c["sum"], 4) for c in info["dev_curve"]] if info["selection_used"] == "dev-acc"
-             else [round(c["acc"], 4) for c in info["loo_curve"]])
-    record = {"name": GradKV.name, "options": options.to_dict(),
-              "selection": {"rule": info["selection_used"], "chosen_steps": info["chosen_steps"],
-                            "dev_items": len(dev), "accuracy_curve": curve, "train_loss": info["train_loss"],
-                            **({"note": info["note"]} if info.get("note") else {})}}
-    return TunedContext(lm, best.keys, best.values, best.prefix_ids, config=None, demonstrations=demonstrations,
-                        steps_done=info["chosen_steps"], history=best.history if best.method else [],
-                        stopped=best.stopped, method=record)
-
-
 def run(args) -> int:
+    from pathlib import Path
+
+    from .. import api
     from ..context import check_output_dir
-    from ..infer import demonstrations as draw
-    from ..tasks import get_task
-    from ..tuning.tuner import tune
 
     config, grad = _configs(args)
-    demonstrations, origin = draw(args.task, args.seed, args.shots, args.data_dir, args.demos)        # fails fast on a bad task, split or file
-    items = _items(args) if grad else None
-    dev = _dev_items(args, items) if grad else []
+    method = "grad_kv" if grad else "forward"
+    selection = args.selection if grad else "last"
+    task = task_from_args(args)
+    inputs = api.resolve(Path(args.demos) if args.demos else None, task=task, method=method, seed=args.seed,
+                         shots=args.shots, dev_size=args.dev_size, selection=selection,
+                         data_dir=args.data_dir)         # fails fast on a bad task, split, file or demonstration
     out = check_output_dir(args.out, args.overwrite)      # ... and on an unusable --out, before the model loads
+    for w in inputs.warnings:
+        print(f"deepthink tune: warning: {w}", file=sys.stderr)
+    if not args.quiet:
+        print(f"deepthink tune: loading {args.model}", file=sys.stderr, flush=True)
     lm = load_lm(args)
     saving = False
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="non-finite", category=RuntimeWarning)
-            if grad is not None:
-                ctx = _grad_tune(lm, demonstrations, items, dev, grad, last=args.selection == "last")
-            else:
-                ctx = tune(lm, demonstrations, config, progress=sys.stderr.isatty())
-        ctx.origin = origin
-        ctx.task = get_task(args.task) if args.task else None    # stored: a copied context needs no task file
+            ctx = api.run(lm, inputs, method, grad or config, selection, progress=not args.quiet)
         if ctx.stopped:
             print(f"deepthink tune: warning: {ctx.stopped} (recorded in the artifact)", file=sys.stderr)
         saving = True
@@ -185,7 +143,7 @@ def run(args) -> int:
         return 130
     how = ""
     if grad is not None:
-        sel = ctx.method["selection"]
+        sel, dev = ctx.method["selection"], inputs.dev
         how = {"none": f" (grad KV: {sel.get('note')})",
                "dev-acc": f" (grad KV, lr {grad.lr:g}: T chosen on {len(dev)} dev items)",
                "loo": f" (grad KV, lr {grad.lr:g}: T chosen by leave-one-out over the demonstrations"

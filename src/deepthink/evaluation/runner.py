@@ -162,7 +162,7 @@ def run(models: list[str], tasks: list[str], seeds: list[int], cfg: EvalConfig, 
     procs = procs or Processes(device)
     device = procs.device(device)
     out = Path(out)
-    task_objs = [get_task(t) for t in tasks]  # fail early on unknown names, before anything is created
+    task_objs = [get_task(t) if isinstance(t, str) else t for t in tasks]  # fail early on unknown names, before anything is created
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,10 @@
                             num_fewshot=0)
 
 Where the tuned context comes from:
-- explicit: `context=DIR` (a saved TunedContext) or `demos=FILE` (tuned here with the tuning options). Every
-  request is scored after it; the task runs with num_fewshot 0 (the demonstrations are ours, not the harness's).
+- explicit: `context=DIR` (a saved TunedContext, e.g. from `deepthink tune`, gradient KV tuning by default) or
+  `demos=FILE` (tuned here: `method=forward` with the TuningConfig options, or `method=grad_kv` with a deepthink
+  `task=` whose template the demonstrations follow and the GradKVConfig options). Every request is scored after
+  it; the task runs with num_fewshot 0 (the demonstrations are ours, not the harness's).
 - shared prefix (neither given): the task's own few-shot examples. With a fixed few-shot set (the harness's
   `first_n` sampler, or fixed `samples`) every request of a task starts with the same demonstrations. Per task
   the adapter encodes each request's context the harness's way, takes the longest common token prefix, cuts it
@@ -41,13 +43,16 @@ except ModuleNotFoundError as e:         # pragma: no cover - the message is the
                               "pip install 'deepthink[lm-eval]'") from e
 
 import deepthink
+from deepthink.methods.gradient import GradKVConfig
 from deepthink.tuning import TuningConfig
 
 log = logging.getLogger(__name__)
 
 TUNING_ARGS = tuple(f.name for f in fields(TuningConfig))
-OTHER_ARGS = ("model", "context", "demos", "device", "dtype", "batch_size", "max_batch_size", "add_bos_token",
-              "fewshot_delimiter", "max_length")
+GRAD_ARGS = tuple(f.name for f in fields(GradKVConfig)) + ("dev_size",)
+METHOD_ARGS = {"forward": TUNING_ARGS, "grad_kv": GRAD_ARGS}
+OTHER_ARGS = ("model", "method", "context", "demos", "task", "device", "dtype", "batch_size", "max_batch_size",
+              "add_bos_token", "fewshot_delimiter", "max_length")
 DEFAULT_MAX_LENGTH = 2048
 
 
@@ -72,8 +77,11 @@ class DeepThinkLM(TemplateLM):
     """An lm-evaluation-harness model backed by a deepthink model and a tuned context (see the module doc).
 
     model: registry name, local folder, hub id or .gguf file (deepthink.load_model), or a loaded deepthink.LM.
-    context: folder of a saved context; demos: a text file of demonstrations to tune (tuning options: the
-    TuningConfig fields steps, step_size, momentum, ...). Neither: tune the task's shared few-shot prefix.
+    context: folder of a saved context (any method's; method=, if given, must be the one that made it); demos: a
+    text file of demonstrations to tune here, by method=forward (the default here; options: the TuningConfig
+    fields steps, step_size, momentum, ...) or method=grad_kv (with task=T, a deepthink task whose template the
+    file follows; options: the GradKVConfig fields steps, lr, selection, ... and dev_size, dev items drawn from
+    T's training data). Neither: forward-tune the task's shared few-shot prefix.
     fewshot_delimiter: what ends each demonstration in the task's prompts (the harness's default "\\n\\n").
     """
 
@@ -82,19 +90,50 @@ class DeepThinkLM(TemplateLM):
     def __init__(self, model="smollm2-135m", context: str | None = None, demos: str | None = None,
                  device: str | None = "cpu", dtype: str = "float32", batch_size=16, max_batch_size=None,
                  add_bos_token: bool | None = None, fewshot_delimiter: str = "\n\n", max_length: int | None = None,
-                 **tuning):
+                 method: str | None = None, task: str | None = None, **tuning):
         super().__init__()
-        unknown = sorted(set(tuning) - set(TUNING_ARGS))
+        if method is not None and method not in METHOD_ARGS:
+            raise ValueError(f"method={method!r}: valid: {', '.join(METHOD_ARGS)} (grad_kv: gradient KV tuning, the "
+                             "default of `deepthink tune`; forward: the paper's forward tuning)")
+        self.method = method or "forward"
+        valid = METHOD_ARGS[self.method]
+        unknown = sorted(set(tuning) - set(valid))
         if unknown:
-            raise ValueError(f"unknown deepthink model arg(s) {unknown}; valid: {', '.join(OTHER_ARGS + TUNING_ARGS)}")
-        defaults = TuningConfig()
-        tuning = {k: _coerce(k, v, getattr(defaults, k)) for k, v in tuning.items()}
-        self.config = TuningConfig(**{**defaults.to_dict(), **tuning})     # validated here, before loading anything
+            raise ValueError(f"unknown deepthink model arg(s) {unknown}; valid: {', '.join(OTHER_ARGS + valid)} "
+                             f"(those of method={self.method})")
         if context is not None and demos is not None:
             raise ValueError("give either context=DIR (already tuned) or demos=FILE (tuned here), not both")
         if context is not None and tuning:
             raise ValueError(f"context={context} is already tuned; tuning options {sorted(tuning)} would be ignored: "
                              "drop them, or pass demos=FILE to tune here")
+        if task is not None and (self.method != "grad_kv" or demos is None):
+            raise ValueError("task= names the deepthink task whose template demos=FILE follows, for method=grad_kv "
+                             "(which needs each demonstration's query and answer): drop it, or add both")
+        self._grad = None
+        if self.method == "grad_kv":
+            if context is None and demos is None:
+                raise ValueError("method=grad_kv needs each demonstration's query and answer, which the harness's "
+                                 "few-shot prompts do not give: tune with `deepthink tune ... --out DIR` and pass "
+                                 "context=DIR, or pass demos=FILE with task=T (a deepthink task name or .yaml file "
+                                 "whose template the demonstrations follow)")
+            dev_size = _coerce("dev_size", tuning.pop("dev_size", 64), 64)
+            defaults = GradKVConfig()
+            grad = GradKVConfig(**{**defaults.to_dict(), **{k: _coerce(k, v, getattr(defaults, k))
+                                                          for k, v in tuning.items()}})   # validated before loading
+            self.config = TuningConfig()
+            if demos is not None:
+                if task is None:
+                    raise ValueError("method=grad_kv with demos=FILE needs task=T (a deepthink task name or .yaml "
+                                     "file): its template splits the file into demonstrations and reads each one's "
+                                     "query and answer")
+                from deepthink import api
+
+                self._grad = (grad, api.resolve(Path(demos), task=task, method="grad_kv", dev_size=dev_size))
+                demos = None
+        else:
+            defaults = TuningConfig()
+            tuning = {k: _coerce(k, v, getattr(defaults, k)) for k, v in tuning.items()}
+            self.config = TuningConfig(**{**defaults.to_dict(), **tuning})     # validated here, before loading anything
         if demos is not None:
             demos = _read_demos(demos)                                        # before the (slow) model load
         if isinstance(batch_size, str) and batch_size.startswith("auto"):
@@ -125,6 +164,17 @@ class DeepThinkLM(TemplateLM):
         self.explicit: deepthink.TunedContext | None = None
         if context is not None:
             self.explicit = deepthink.TunedContext.load(context, self.lm)
+            made = (self.explicit.method or {}).get("name", "forward")
+            if method is not None and made != method:
+                raise ValueError(f"context={context} was tuned by {made}, not method={method}: drop method=, or pass "
+                                 f"a context tuned by {method}")
+        elif self._grad is not None:
+            from deepthink import api
+
+            grad, inputs = self._grad
+            for w in inputs.warnings:
+                log.warning("%s", w)
+            self.explicit = api.run(self.lm, inputs, "grad_kv", grad, grad.selection)
         elif demos is not None:
             self.explicit = deepthink.tune(self.lm, demos, self.config)
         self._tuned: dict[tuple[int, ...], deepthink.TunedContext] = {}     # shared prefix ids -> its context
@@ -322,7 +372,9 @@ class DeepThinkLM(TemplateLM):
                 "fingerprint": self.lm.fingerprint, "dtype": str(self.lm.dtype).removeprefix("torch."),
                 "mode": "explicit" if self.explicit is not None else "shared-prefix",
                 "tuning": (self.explicit.config.to_dict() if self.explicit is not None and self.explicit.config
-                           else self.config.to_dict()),
+                           else None if self.explicit is not None else self.config.to_dict()),
+                "method": (self.explicit.method or {"name": "forward"}) if self.explicit is not None else
+                          {"name": "forward"},
                 "explicit_context_tokens": self.explicit.length if self.explicit is not None else None,
                 "shared_prefixes": {k: v["tokens"] for k, v in self.prefixes.items()}}
 

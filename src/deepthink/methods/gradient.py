@@ -103,8 +103,16 @@ class GradKV(Method):
         start = time.perf_counter()
         icl = setup.icl()
         tuner = GradientTuner(setup.lm, setup.demonstrations, setup.demos, gcfg, init=icl)
-        contexts = list(tuner)
-        contexts[0] = icl                 # the same object as every other method's step 1: scores are shared
+        contexts = []
+        for ctx in tuner:
+            if tuner.step_count == 1:
+                ctx = icl                 # the same object as every other method's step 1: scores are shared
+            contexts.append(ctx)
+            if setup.on_step is not None:  # dev scores are cached by the workspace: prepare reads them again free
+                last = tuner.history[-1]
+                setup.on_step({"step": tuner.step_count,
+                               "loss": last["loss"] if last["step"] == tuner.step_count else None,
+                               "dev_accuracy": setup.dev_accuracy(ctx)["sum"] if setup.dev else None})
         return tuner, contexts, time.perf_counter() - start, _peak_rss_mb()
 
     def describe(self, info: dict) -> str:

@@ -2,17 +2,21 @@
 
 A task maps a source row to an `Example`: the query prompt Q and one continuation per
 choice, so that choice i's full text is F_i = Q + continuations[i]. Q and F come from
-`query_template` / `choice_template`; the template variables are `{query}` (the row's
-`query_field`, optionally stripped), `{choice}`, and whatever the task's hook returns.
+`query_template` / `choice_template`; the template variables are the row's top-level fields,
+`{query}` (the row's `query_field`, optionally stripped), `{choice}`, and whatever the task's hook
+returns. docs/tasks.md documents every field of a task file. `task_from_template` builds a task
+from a template and label names (what `deepthink tune --template ... --choices ...` does).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import string
 from dataclasses import MISSING, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -28,7 +32,10 @@ LABEL_FORMATS: dict[str, Callable[[Any], int]] = {
     "int": int,                                  # 0-based id (an int or a digit string)
     "letter": lambda x: ord(x) - ord("A"),      # "A".. -> 0..
     "one_based": lambda x: int(x) - 1,           # 1 / "1".. -> 0..
+    "names": int,                                # a choice's name; an int (or digit string) that names none: 0-based
 }
+SEPARATOR = "\n\n"           # what follows each demonstration in the demonstration string
+TEMPLATE_TASK = "a task from a template and label names"   # the description task_from_template gives
 
 
 @dataclass(frozen=True)
@@ -137,16 +144,34 @@ class Task:
         """Whether demos are drawn per label (needs fixed label words)."""
         return self.sampling == "stratified" and self.choices is not None
 
-    def label(self, row: dict) -> int:
-        """The gold choice index of a source row."""
-        return LABEL_FORMATS[self.label_format](_get(row, self.label_field))
+    def label(self, row: dict, choices: Sequence[str] | None = None) -> int:
+        """The gold choice index of a source row. A string label that names one of the choices (`choices`, default
+        the task's fixed ones; compared after stripping spaces) is that choice in every format; with
+        label_format 'names' names come first, otherwise the format's own reading does."""
+        value = _get(row, self.label_field)
+        names = [c.strip() for c in (self.choices if choices is None else choices) or ()]
+        named = value.strip() in names if isinstance(value, str) else False
+        if named and self.label_format == "names":
+            return names.index(value.strip())
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError
+            return LABEL_FORMATS[self.label_format](value)
+        except (TypeError, ValueError):
+            if named:
+                return names.index(value.strip())
+            valid = (f"one of the names {', '.join(names)}" if names else "a choice's name") + \
+                f" or {_FORMAT_HELP[self.label_format]}"
+            raise ValueError(f"label {value!r} matches no choice: expected {valid}") from None
 
     def example(self, row: dict, index: int, split: str) -> Example:
         """Turn one source row into an `Example` (Q, continuations, gold label)."""
         where = f"task {self.name!r}, {split} row {index}"
         try:
             query = _get(row, self.query_field)
-            values = {"query": query.strip() if self.strip_query else query}
+            values = {k: v for k, v in row.items() if isinstance(k, str) and k not in ("query", "choice")} \
+                if isinstance(row, dict) else {}
+            values["query"] = query.strip() if self.strip_query else query
             if self.hook is not None:
                 values |= HOOKS[self.hook](row)
             if self.choices is not None:
@@ -155,22 +180,80 @@ class Task:
                 choices = list(_get(row, self.choices_field))
             else:
                 choices = [_get(row, f) for f in self.choices_field]
-            label = self.label(row)
-            q = self.query_template.format(**values)
-            full = [self.choice_template.format(**values, choice=c) for c in choices]
+            label = self.label(row, choices)
+            try:
+                q = self.query_template.format(**values)
+                full = [self.choice_template.format(**values, choice=c) for c in choices]
+            except KeyError as e:
+                raise ValueError(f"the template needs the field {e.args[0]!r}, which the row lacks (its fields: "
+                                 f"{', '.join(sorted(map(str, row)))})") from None
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e if isinstance(e, ValueError) else repr(e)}") from e
         if not 0 <= label < len(choices):
-            raise ValueError(f"{where}: label {label} out of range for {len(choices)} choices")
+            raise ValueError(f"{where}: label {label} out of range for {len(choices)} choices "
+                             f"({', '.join(map(str, choices))})")
         if not all(f.startswith(q) for f in full):
             raise ValueError(f"{where}: filled choice_template does not start with filled query_template")
         return Example(q, tuple(f[len(q):] for f in full), label, index, split)
 
+    def parse_demonstrations(self, text: str, source: str = "the demonstrations") -> list[Example]:
+        """Split a demonstration string on the separator (a blank line) and read each block's query and answer
+        from the choice template: a block must be the template filled with one of the task's choices. Blocks
+        that do not match are refused by number (1-based). Needs fixed choices."""
+        if self.choices is None:
+            raise ValueError(f"task {self.name!r} has per-item choices, which a demonstration text does not give: "
+                             "write the demonstrations as .jsonl rows in the task's layout")
+        blocks = text.replace("\r\n", "\n").split(SEPARATOR)          # a file saved with Windows line ends too
+        while blocks and not blocks[-1].strip():
+            blocks.pop()
+        if blocks and blocks[-1].endswith("\n"):
+            blocks[-1] = blocks[-1].rstrip("\n")            # a final single newline
+        pattern = self._pattern()
+        out = []
+        for n, block in enumerate(blocks, 1):
+            m = pattern.fullmatch(block)
+            if m is None:
+                shown = block if len(block) <= 80 else block[:77] + "..."
+                raise ValueError(f"{source}: demonstration {n} of {len(blocks)} does not match the template "
+                                 f"{self.choice_template!r} with a choice among {', '.join(self.choices)}: {shown!r} "
+                                 f"(demonstrations are separated by a blank line)")
+            values = {k[2:]: v for k, v in m.groupdict().items() if k.startswith("f_") and v is not None}
+            label = self.choices.index(m.group("choice"))
+            q = self.query_template.format(**values)
+            full = [self.choice_template.format(**values, choice=c) for c in self.choices]
+            out.append(Example(q, tuple(f[len(q):] for f in full), label, n - 1, "demonstrations"))
+        if not out:
+            raise ValueError(f"{source} holds no demonstrations")
+        return out
+
+    def _pattern(self) -> re.Pattern:
+        """A regex that matches choice_template filled with any fixed choice; fields are named groups f_<name>."""
+        parts, seen = [], set()
+        for literal, name, spec, conv in string.Formatter().parse(self.choice_template):
+            parts.append(re.escape(literal))
+            if name is None:
+                continue
+            if name == "choice":
+                parts.append("(?P<choice>" + "|".join(map(re.escape, sorted(self.choices, key=len, reverse=True)))
+                             + ")")
+            elif name in seen:
+                parts.append(f"(?P=f_{name})")
+            else:
+                seen.add(name)
+                parts.append(f"(?P<f_{name}>.*?)")
+        return re.compile("".join(parts), re.DOTALL)
+
+
+_FORMAT_HELP = {"int": "a 0-based index", "letter": "a letter A, B, ...", "one_based": "a 1-based index",
+                "names": "a 0-based index"}
+
 
 def _get(row: dict, path: str) -> Any:
+    top = row
     for key in path.split("."):
         if not isinstance(row, dict) or key not in row:
-            raise ValueError(f"missing field {path!r}")
+            has = f" (its fields: {', '.join(sorted(map(str, top)))})" if isinstance(top, dict) else ""
+            raise ValueError(f"missing field {path!r}{has}")
         row = row[key]
     return row
 
@@ -205,6 +288,51 @@ def load_task_file(path: str | Path) -> Task:
     except (OSError, json.JSONDecodeError, yaml.YAMLError) as e:
         raise ValueError(f"{path}: cannot read task file: {e}") from None
     return _from_mapping(data, str(path), path.resolve().parent)
+
+
+def task_from_template(template: str, choices: Sequence[str], train: str | Path | None = None,
+                       eval: str | Path | None = None, name: str | None = None) -> Task:
+    """The task `deepthink tune --template T --choices a,b,c` builds: rows hold the template's fields plus
+    `label` (a choice's name, or its 0-based index); query Q = the filled template; choice i's answer is
+    " " + choices[i] (as in the built-in tasks). `train` / `eval`: JSONL files of such rows (optional)."""
+    fields_ = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None] \
+        if isinstance(template, str) else []
+    if not isinstance(template, str) or not fields_:
+        raise ValueError(f"--template {template!r} names no field: write the prompt with the row's fields in braces, "
+                         "e.g. --template 'Ticket: {text}\\nUrgency:'")
+    if any(spec or conv for _, f, spec, conv in string.Formatter().parse(template) if f is not None):
+        raise ValueError(f"--template {template!r}: write plain fields such as {{text}}, without a format "
+                         "spec or conversion")
+    bad = [f for f in fields_ if not f.isidentifier() or f == "choice"]
+    if bad:
+        raise ValueError(f"--template {template!r}: {bad[0]!r} is not a usable field name (use plain names such as "
+                         "{text}; {choice} is reserved for the answer)")
+    choices = [c.strip() for c in choices]
+    if not choices or not all(choices):
+        raise ValueError("--choices needs non-empty label names, e.g. --choices low,medium,high")
+    if len(set(choices)) != len(choices):
+        raise ValueError(f"--choices has duplicate names: {', '.join(choices)}")
+    first = fields_[0]
+    query_template = "".join(_escape(lit) + ("" if f is None else "{" + ("query" if f == first else f) + "}")
+                             for lit, f, _, _ in string.Formatter().parse(template))
+    files = {k: str(Path(v)) for k, v in (("train", train), ("eval", eval)) if v is not None}
+    if name is None:
+        name = re.sub(r"[^\w.-]+", "-", Path(train).stem) if train is not None else "custom"
+    return Task(name=name or "custom", query_field=first, query_template=query_template,
+                choice_template=query_template + " {choice}", description=TEMPLATE_TASK,
+                data_files=files or None, choices=tuple(choices), label_format="names", sampling="stratified")
+
+
+def template_of(task: Task) -> str | None:
+    """The --template a task of `task_from_template` was built from (None for any other task)."""
+    if task.description != TEMPLATE_TASK:
+        return None
+    return "".join(_escape(lit) + ("" if f is None else "{" + (task.query_field if f == "query" else f) + "}")
+                   for lit, f, _, _ in string.Formatter().parse(task.query_template))
+
+
+def _escape(literal: str) -> str:
+    return literal.replace("{", "{{").replace("}", "}}")
 
 
 def list_tasks() -> list[str]:

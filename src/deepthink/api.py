@@ -1,0 +1,353 @@
+"""`deepthink.tune`: one call for every tuning method, the one `deepthink tune` makes.
+
+    ctx = deepthink.tune(lm, task)                        # gradient KV tuning (the default), T chosen on dev items
+    ctx = deepthink.tune(lm, text, task=task)             # text split into demonstrations by the task's template
+    ctx = deepthink.tune(lm, text, method="forward", steps=5)   # the paper's forward tuning, any text
+
+Two halves, so that the CLI can check everything before it loads a model: `resolve` finds the demonstrations
+(their text, their items, dev items, where they came from, and what to warn about) and `run` tunes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .io import readable_file
+from .tasks import SEPARATOR, Example, Task, get_task
+from .tuning.config import TuningConfig
+from .tuning.gradient import GradientConfig
+
+METHODS = ("grad_kv", "forward")
+SELECTIONS = ("dev-acc", "loo", "last")
+DEV_SIZE = 64         # the dev size the recommendation (benchmarks/results/ABLATIONS.md) was measured with
+
+
+@dataclass
+class Inputs:
+    """What is tuned: the demonstration string (or token ids, forward tuning only), the demonstrations as task
+    items (None: verbatim text), dev items, where they came from (context.json's "origin"), and warnings."""
+
+    text: str | list[int]
+    items: list[Example] | None = None
+    dev: list[Example] = field(default_factory=list)
+    origin: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    task: Task | None = None       # stored in the context (a copied context needs no task file)
+
+
+def _task(task) -> tuple[Task | None, Any]:
+    """(Task, how origin names it): a name or file path as given, else the task's name (its whole definition is
+    stored in the context beside the origin)."""
+    if task is None:
+        return None, None
+    if isinstance(task, Task):
+        return task, {"task": task.name}
+    if isinstance(task, (str, Path)):
+        return get_task(str(task)), {"task": str(task)}
+    raise TypeError(f"task must be a Task, a task name or a task file, got {type(task).__name__}")
+
+
+def _read_text(path: Path) -> str:
+    readable_file(path, "demonstrations file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise ValueError(f"{path} holds no demonstrations (it is empty or only whitespace): "
+                         "write the demonstration text into it")
+    return text
+
+
+def _joined(items: Sequence[Example]) -> str:
+    return "".join(e.demo_text + SEPARATOR for e in items)
+
+
+def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: int = 0, shots: int | None = None,
+            dev: Sequence[Example] | None = None, dev_size: int = DEV_SIZE, selection: str = "dev-acc",
+            data_dir=None) -> Inputs:
+    """The demonstrations to tune, without loading a model (so that a bad input fails fast).
+
+    demonstrations: None or a Task (drawn from the task's training data: `shots` per label, `seed`), a str (the
+    demonstration text), a Path (a file: .jsonl rows in the task's layout, any other file's text), a list of task
+    items (tasks.Example), or token ids (forward tuning only). Gradient KV tuning needs each demonstration's query
+    and answer: text is split on the blank line that ends each demonstration and read with the task's template.
+    Dev items (grad_kv, selection dev-acc): `dev` as given, else up to `dev_size` training rows of the task
+    that are not demonstrations, drawn as `deepthink eval` draws them.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if isinstance(demonstrations, Task):
+        if task is not None:
+            raise ValueError("give the task once: as the demonstrations or as task=, not both")
+        task, demonstrations = demonstrations, None
+    task, origin = _task(task)
+    grad = method == "grad_kv"
+    if isinstance(shots, bool) or shots is not None and (not isinstance(shots, int) or shots < 1):
+        raise ValueError(f"shots must be an integer >= 1, got {shots!r}")
+    if isinstance(dev_size, bool) or not isinstance(dev_size, int) or dev_size < 0:
+        raise ValueError(f"dev_size must be an integer >= 0, got {dev_size!r}")
+    if shots is not None and demonstrations is not None:
+        raise ValueError("shots sets the size of a draw from the task's training data (--shots); it cannot be "
+                         "combined with given demonstrations (--demos FILE)")
+    want_dev = grad and selection == "dev-acc" and dev_size > 0 and dev is None
+    out = Inputs(text="", task=task)
+
+    if demonstrations is None:
+        if task is None:
+            raise ValueError("give the demonstrations: a task (--task T, or --template/--choices with --train "
+                             "ROWS.jsonl) to draw them from its training data, or the demonstrations themselves "
+                             "(--demos FILE)")
+        from .data import make_plan
+
+        k = 1 if shots is None else shots
+        plan = make_plan(task, seed, k, dev_size=dev_size if want_dev else 0, data_dir=data_dir, score=False)
+        out.text, out.items, out.origin = plan.demonstrations, list(plan.demos), {**origin, "seed": seed, "shots": k}
+        if want_dev:
+            out.dev = list(plan.dev)
+            why = "training rows left after the demonstrations"
+    else:
+        if isinstance(demonstrations, Path):
+            path = demonstrations
+            out.origin = {**(origin or {"task": None}), "demos_file": str(path)}
+            if path.suffix == ".jsonl":
+                if task is None:
+                    raise ValueError(f"{path} is JSONL: give --task T (or --template/--choices) so that its rows "
+                                     "can be formatted with the task's template (or pass a plain text file)")
+                from .data import read_demos_file
+
+                items = read_demos_file(path, task)
+                if not items:
+                    raise ValueError(f"{path} holds no demonstrations")
+                out.items, out.text = items, _joined(items)
+            else:
+                out.text = _read_text(path)
+            source = str(path)
+        else:
+            out.origin = origin
+            source = "the demonstrations"
+            if isinstance(demonstrations, str):
+                if not demonstrations.strip():
+                    raise ValueError("demonstrations are empty: pass the demonstration text (or a task to draw "
+                                     "them from; for a zero-shot baseline use deepthink.zero_shot(lm))")
+                out.text = demonstrations
+            elif isinstance(demonstrations, (list, tuple)) and demonstrations and all(
+                    isinstance(e, Example) for e in demonstrations):
+                out.items, out.text = list(demonstrations), _joined(demonstrations)
+            elif isinstance(demonstrations, (list, tuple)) and demonstrations and all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in demonstrations):
+                if grad:
+                    raise ValueError("grad_kv needs each demonstration's query and answer, which token ids do not "
+                                     "give: pass the text with a task, or method='forward'")
+                out.text = list(demonstrations)
+            else:
+                raise ValueError("demonstrations are empty or of an unknown kind: pass text, a Path, task items "
+                                 "(tasks.Example), token ids, or a Task to draw them from")
+        if grad and out.items is None:
+            if task is None:
+                raise ValueError(f"{source}: grad_kv (the default method) needs each demonstration's query and "
+                                 "answer: give the task whose template they follow (--task T, or --template and "
+                                 "--choices), so that the text can be split into demonstrations; or tune them with "
+                                 "--method forward (the paper's forward tuning takes any text)")
+            out.items = task.parse_demonstrations(out.text, source)
+            out.text = _joined(out.items)
+        if want_dev and task is not None:
+            out.dev, why = _dev_rows(task, seed, dev_size, data_dir, out.items)
+        elif want_dev:
+            why = "no task gives training rows"
+    if dev is not None:
+        out.dev = list(dev)
+    elif want_dev:
+        n = len(out.items or ())
+        if not out.dev:
+            out.warnings.append(
+                f"no dev items ({why}, {n} demonstrations): T is chosen by leave-one-out over the demonstrations, "
+                "an optimistic reading (those are the terms Adam fits). Add labelled rows to the training data, or "
+                "choose the rule yourself: --selection loo, or --selection last --steps T (--dev-size 0 also "
+                "silences this)")
+        elif len(out.dev) < dev_size:
+            out.warnings.append(
+                f"only {len(out.dev)} dev items ({why}) where --dev-size asks for {dev_size}: T is chosen on "
+                f"{len(out.dev)} items, a coarse choice; more labelled rows make it firmer (or --selection loo / "
+                "--selection last --steps T choose without dev items)")
+    return out
+
+
+def _dev_rows(task: Task, seed: int, dev_size: int, data_dir, items) -> tuple[list[Example], str]:
+    """Dev items for given demonstrations: the task's training rows drawn as `make_plan` draws them, less those
+    with a demonstration's text; ([], why) when the task has no training data."""
+    from .data import make_plan
+
+    try:
+        plan = make_plan(task, seed, 0, dev_size=dev_size, data_dir=data_dir, score=False)
+    except FileNotFoundError as e:
+        return [], f"no training data: {e}"
+    seen = {e.demo_text for e in items or ()}
+    return [e for e in plan.dev if e.demo_text not in seen], "training rows that are not demonstrations"
+
+
+# ---- running ---------------------------------------------------------------------------------------------------
+
+class StderrProgress:
+    """progress=True: one line per step on stderr (step, loss, dev accuracy, elapsed, ETA)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+
+    def start(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def __call__(self, info: dict) -> None:
+        parts = [f"step {info['step']:>{len(str(info['steps']))}}/{info['steps']}"]
+        if info.get("loss") is not None:
+            parts.append(f"loss {info['loss']:.4f}")
+        if info.get("dev_accuracy") is not None:
+            parts.append(f"dev acc {info['dev_accuracy']:.1f}%")
+        parts.append(f"elapsed {info['elapsed']:.1f} s")
+        if info["step"] < info["steps"]:
+            parts.append(f"ETA {info['eta']:.0f} s")
+        print("  ".join(parts), file=self.stream, flush=True)
+
+
+def _progress(progress) -> Callable | None:
+    if progress is True:
+        return StderrProgress()
+    if progress in (False, None):
+        return None
+    if not callable(progress):
+        raise TypeError(f"progress must be True, False or a callable taking a dict per step, got {progress!r}")
+    return progress
+
+
+def make_config(method: str, config=None, **options):
+    """The config of `method`: `config` as given (checked), or built from `options` (its fields)."""
+    from .methods.gradient import GradKVConfig
+
+    cls = GradKVConfig if method == "grad_kv" else TuningConfig
+    if config is not None and options:
+        raise ValueError(f"give either config= or options ({', '.join(sorted(options))}), not both")
+    if config is None:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"method {method!r} has no option(s) {unknown}; its options: {sorted(known)}")
+        return cls(**options)
+    if method == "grad_kv" and type(config) is GradientConfig:
+        return GradKVConfig(**config.to_dict())            # the bare tuner's config: its values, T chosen
+    if not isinstance(config, cls):
+        hint = "; method='forward' takes a TuningConfig" if method == "grad_kv" else ""
+        raise TypeError(f"method {method!r} takes a {cls.__name__}, got {type(config).__name__}{hint}")
+    return config
+
+
+def run(lm, inputs: Inputs, method: str = "grad_kv", config=None, selection: str = "dev-acc",
+        progress=False):
+    """Tune `inputs` (from `resolve`) with `method` and `config`; -> the TunedContext, its origin and (grad_kv)
+    its record under "method" (options, rule, chosen T) set, as `deepthink tune` saves it."""
+    config = make_config(method, config)
+    report = _progress(progress)
+    start = time.perf_counter()
+
+    def step(n: int, steps: int, loss=None, dev=None) -> None:
+        if report is not None:
+            elapsed = time.perf_counter() - start
+            report({"step": n, "steps": steps, "loss": loss, "dev_accuracy": dev, "elapsed": elapsed,
+                    "eta": elapsed / n * (steps - n)})
+
+    say = getattr(report, "start", None)
+    if method == "forward":
+        from .tuning.tuner import ForwardTuner
+
+        tuner = ForwardTuner(lm, inputs.text, config)
+        if say:
+            say(f"forward tuning {tuner.length} tokens of demonstrations, {config.steps} steps")
+        ctx = None
+        for ctx in tuner:
+            step(tuner.step_count, config.steps)
+    else:
+        ctx = _grad_kv(lm, inputs, config, selection, step, say)
+    ctx.origin = inputs.origin
+    ctx.task = inputs.task
+    return ctx
+
+
+def _grad_kv(lm, inputs: Inputs, cfg, selection: str, step, say):
+    from .context import TunedContext
+    from .methods import Setup
+    from .methods.gradient import GradKV, gradient_config
+    from .tuning.gradient import GradientTuner
+
+    items, dev = inputs.items, inputs.dev
+    options = gradient_config(cfg)
+    if say:
+        rule = {"last": f"the cache after step {cfg.steps}",
+                "loo": f"T in 1..{cfg.steps} chosen by leave-one-out over the demonstrations",
+                "dev-acc": (f"T in 1..{cfg.steps} chosen on {len(dev)} dev items" if dev else
+                            f"T in 1..{cfg.steps} chosen by leave-one-out (no dev items)")}[selection]
+        say(f"gradient KV tuning {len(items)} demonstrations, lr {cfg.lr:g}: {rule}")
+    if selection == "last":
+        tuner = GradientTuner(lm, inputs.text, items, options)
+        ctx = None
+        for ctx in tuner:
+            step(tuner.step_count, cfg.steps, loss=ctx.history[-1]["loss"] if len(ctx.history) == tuner.step_count
+                 else None)
+        ctx.method = {**ctx.method, "selection": {"rule": "last", "chosen_steps": ctx.steps_done}}
+        return ctx
+    cfg = dataclasses.replace(cfg, selection=selection)
+    setup = Setup(lm, inputs.text, dev, demos=items,
+                  on_step=lambda info: step(info["step"], cfg.steps, info["loss"], info["dev_accuracy"]))
+    prepared = GradKV(cfg).prepare(setup)
+    info, best = prepared.info, prepared.scorer
+    curve = ([round(c["sum"], 4) for c in info["dev_curve"]] if info["selection_used"] == "dev-acc"
+             else [round(c["acc"], 4) for c in info["loo_curve"]])
+    record = {"name": GradKV.name, "options": options.to_dict(),
+              "selection": {"rule": info["selection_used"], "chosen_steps": info["chosen_steps"],
+                            "dev_items": len(dev), "accuracy_curve": curve, "train_loss": info["train_loss"],
+                            **({"note": info["note"]} if info.get("note") else {})}}
+    return TunedContext(lm, best.keys, best.values, best.prefix_ids, config=None, demonstrations=inputs.text,
+                        steps_done=info["chosen_steps"], history=best.history if best.method else [],
+                        stopped=best.stopped, method=record)
+
+
+def tune(lm, demonstrations=None, config=None, *, method: str | None = None, task=None, seed: int = 0,
+         shots: int | None = None, dev: Sequence[Example] | None = None, dev_size: int = DEV_SIZE,
+         selection: str | None = None, data_dir=None, progress=False, **options):
+    """Tune demonstrations and return the TunedContext: what `deepthink tune` saves, with the same defaults.
+
+    method: "grad_kv" (the default: gradient KV tuning, Adam at lr 0.01, T in 1..15 chosen on dev items; its
+    config is a methods.gradient.GradKVConfig) or "forward" (the paper's forward tuning, a TuningConfig). A
+    TuningConfig passed as `config` without `method` means forward tuning.
+    Changed after deepthink 0.1.0: `tune(lm, text)` used to be forward tuning (steps 15, momentum 0.9); it is now gradient KV
+    tuning, which needs the demonstrations' queries and answers (a task). `tune(lm, text, TuningConfig(...))`
+    still forward-tunes, as before; `tune(lm, text, method="forward")` forward-tunes with TuningConfig's defaults.
+
+    demonstrations, task, seed, shots, dev, dev_size, data_dir: see `resolve` (a Task alone draws `shots` per
+    label from its training data; dev items are the training rows left after the demonstrations).
+    selection: grad_kv's rule for T: "dev-acc" (default; leave-one-out when there are no dev items, with a
+    warning), "loo", or "last" (the cache after config.steps). options: fields of the method's config
+    (e.g. steps=8, lr=0.001) instead of `config`. progress: True prints a line per step to stderr; a callable
+    gets {step, steps, loss, dev_accuracy, elapsed, eta} per step.
+    """
+    if method is None:
+        method = "forward" if isinstance(config, TuningConfig) else "grad_kv"
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    config = make_config(method, config, **options)
+    if method == "forward":
+        if selection is not None:
+            raise ValueError("selection chooses T for gradient KV tuning; forward tuning runs config.steps steps")
+        selection = "last"
+    else:
+        selection = config.selection if selection is None else selection
+        if selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {selection!r}; valid: {', '.join(SELECTIONS)}")
+    inputs = resolve(demonstrations, task=task, method=method, seed=seed, shots=shots, dev=dev, dev_size=dev_size,
+                     selection=selection, data_dir=data_dir)
+    for w in inputs.warnings:
+        warnings.warn(w, UserWarning, stacklevel=2)
+    return run(lm, inputs, method, config, selection, progress)
