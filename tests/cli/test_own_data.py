@@ -11,7 +11,8 @@ import deepthink
 from deepthink import api
 from deepthink.cli import main
 from deepthink.data import make_plan
-from deepthink.tasks import Task, load_task_file, task_from_template
+from deepthink.context_schema import task_definition, task_from_definition
+from deepthink.tasks import Task, load_task_file, task_from_template, template_of
 from conftest import approx
 
 TEMPLATE = "Ticket: {text}\\nUrgency:"          # as typed on a command line: \n is a newline
@@ -66,8 +67,8 @@ def test_six_tickets_tune_then_predict(tiny_model_dir, tmp_path, capsys):
     assert m["method"]["name"] == "grad_kv" and sel["rule"] == "dev-acc"
     assert sel["dev_items"] == 3                                   # 6 rows - 1 demonstration per label
     assert m["origin"] == {"task": "tickets", "seed": 0, "shots": 1}
-    assert m["task"]["template"] == "Ticket: {text}\nUrgency:"            # the whole task is stored: portable
-    assert m["task"]["choices"] == ["low", "medium", "high"]
+    assert m["task"]["query_template"] == "Ticket: {query}\nUrgency:"     # the whole task is stored: portable
+    assert m["task"]["query_field"] == "text" and m["task"]["choices"] == ["low", "medium", "high"]
     assert m["demonstrations"].count("\nUrgency: ") == 3 and m["demonstrations"].endswith("\n\n")
     # progress on stderr, one line per step, and the small dev set said plainly
     assert [line.split()[1] for line in err.splitlines() if line.startswith("step ")] == ["1/3", "2/3", "3/3"]
@@ -149,7 +150,9 @@ def test_a_template_with_two_fields(tmp_path):
     e = task.example({"subject": "Down", "body": "all of it", "label": "high"}, 0, "train")
     assert e.query == "Subject: Down\nBody: all of it\nUrgency:" and e.continuations == (" low", " high")
     assert isinstance(task, Task) and task.query_field == "subject"
-    assert api._task(task)[1]["template"] == "Subject: {subject}\nBody: {body}\nUrgency:"
+    assert template_of(task) == "Subject: {subject}\nBody: {body}\nUrgency:"
+    stored = task_from_definition(json.loads(json.dumps(task_definition(task))), "context.json")   # as stored
+    assert stored.example({"subject": "Down", "body": "all of it", "label": "high"}, 0, "input").query == e.query
 
 
 # ---------------------------------------------------------------- train-only data, dev items
