@@ -284,8 +284,7 @@ class PeftMethod(Method):
                 losses.append(loss.item())
             nbytes = sum(v.numel() * v.element_size() for v in states[-1].values())
         finally:
-            if model is not None:
-                self._remove(model)
+            self._remove(model)
         return Run(steps, states, losses, time.perf_counter() - start, trainable, nbytes)
 
     def _initialise(self, model, setup: Setup) -> None:
