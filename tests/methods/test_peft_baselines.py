@@ -64,11 +64,13 @@ def test_method_trains_chooses_on_dev_and_leaves_the_base_model(arch, name):
     assert_base_restored(lm, before, before_icl)
 
 
-@pytest.mark.parametrize("name", ["lora", "ia3", "prefix", "prompt", "cpt"])
-def test_scorer_equals_the_peft_models_own_forward(name):
+@pytest.mark.parametrize("arch, name", [("llama", n) for n in ["lora", "ia3", "prefix", "prompt", "cpt"]]
+                         + [("gpt2", "prefix"), ("bloom", "prefix"), ("gemma3", "prefix")])
+def test_scorer_equals_the_peft_models_own_forward(arch, name):
     """What deepthink scores with (the adapter in the model, or peft's prompt turned into a prefix cache) gives
-    peft's own forward's log-probabilities, by the scoring rule's tokenisation."""
-    setup = setup_for("llama")
+    peft's own forward's log-probabilities, by the scoring rule's tokenisation (prefix tuning also on the caches of
+    GPT-2, BLOOM and Gemma-3's sliding layers)."""
+    setup = setup_for(arch)
     method = make_method(name, {"steps": 2, "lr": 0.05})
     state = method.run(setup).states[-1]
     got = method.scorer(setup, state).score(QUERIES, CHOICE_LISTS).logprob
