@@ -174,3 +174,13 @@ def test_bad_options_say_what_to_fix(options, match):
 def test_demonstrations_without_items_are_refused():
     with pytest.raises(ValueError, match="demonstrations as items"):
         make_method("prompt").check(Setup(tiny_lm("llama"), TEXT, DEV))
+
+
+def test_the_log_line_names_the_chosen_step():
+    from deepthink.evaluation import EvalConfig, runner
+
+    cfg = EvalConfig(methods={"icl": {}, "lora": {}, "prefix": {}})
+    unit = {"model": "m", "task": "t", "seed": 0, "wall_s": {"total": 1.0},
+            "methods": {"icl": {}, "lora": {"chosen_step": 3}, "prefix": {"fails": "peft x prefix on y: E"}},
+            "accuracy": {"icl": {"sum": 50.0, "norm": 50.0}, "lora": {"sum": 62.5, "norm": 60.0}}}
+    assert runner.summary_line(unit, cfg) == "m t seed 0: ICL 50.0  LoRA (step 3) 62.5  prefix tuning fails  [1s]"

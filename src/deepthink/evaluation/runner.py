@@ -142,7 +142,8 @@ def summary_line(unit: dict, cfg: EvalConfig) -> str:
         if "fails" in info:
             parts.append(f"{method.title} fails")
             continue
-        chosen = f" (T={info['chosen_steps']})" if "chosen_steps" in info else ""
+        chosen = (f" (T={info['chosen_steps']})" if "chosen_steps" in info
+                  else f" (step {info['chosen_step']})" if "chosen_step" in info else "")   # T, or peft's updates
         parts.append(f"{method.title}{chosen} {unit['accuracy'][method.key]['sum']:.1f}")
     return f"{unit['model']} {unit['task']} seed {unit['seed']}: " + "  ".join(parts) + \
         f"  [{unit['wall_s']['total']:.0f}s]"

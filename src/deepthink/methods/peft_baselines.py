@@ -489,8 +489,10 @@ class Prompt(PromptMethod):
 
 @register_method
 class CPT(PromptMethod):
-    """peft CPT: the demonstrations (by the scoring rule) as the context, their embeddings tuned within CPT's
-    projection bounds; the training loss is CPT's (the context's answers and each training answer)."""
+    """peft CPT: the demonstrations' embeddings as the context, tuned within CPT's bounds; CPT's own loss.
+
+    The context is the demonstrations tokenised by the scoring rule; the training loss is CPT's (the context's
+    answers and each training answer)."""
 
     name, label, kind = "cpt", "CPT", "cpt"
     Config = CPTOptions
