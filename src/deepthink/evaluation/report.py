@@ -83,11 +83,18 @@ def load_units(dirs) -> list[dict]:
 
 
 def method_names(units: list[dict]) -> list[str]:
-    """The methods the units hold, in the order they were run (first seen first)."""
+    """The methods the units hold, in the order they were run (first seen first), and those that failed."""
     names: list[str] = []
     for u in units:
         names += [m for m in u["accuracy"] if m not in names]
+        names += [m for m, info in u["methods"].items() if "fails" in info and m not in names]
     return names
+
+
+def failure(units: list[dict], method: str) -> str | None:
+    """"fails: <reason>" when `method` failed in every one of `units` (the reasons of the first unit), else None."""
+    reasons = [u["methods"].get(method, {}).get("fails") for u in units]
+    return f"fails: {reasons[0]}" if reasons and all(reasons) else None
 
 
 def choosing(units: list[dict]) -> list[str]:
@@ -100,9 +107,11 @@ def mean_std(xs: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
-def fmt(ms: tuple[float, float | None] | None) -> str:
+def fmt(ms: tuple[float, float | None] | str | None) -> str:
     if ms is None:
         return "–"
+    if isinstance(ms, str):          # "fails: <reason>"
+        return ms
     return f"{ms[0]:.1f}" if ms[1] is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
 
 
@@ -118,14 +127,14 @@ def summarize(units: list[dict], metric: str = "sum") -> list[dict]:
         row = {"model": model, "task": task, "seeds": sorted(u["seed"] for u in us), "n_eval": us[0]["n_eval"]}
         for m in names:
             vals = [u["accuracy"][m][metric] for u in us if m in u["accuracy"]]
-            row[m] = mean_std(vals) if vals else None
+            row[m] = mean_std(vals) if vals else failure(us, m)
         row["chosen_steps"] = {m: [u["methods"].get(m, {}).get("chosen_steps") for u in us] for m in selecting}
         rows.append(row)
     return rows
 
 
 def difference(row: dict, method: str, reference: str = REFERENCE) -> str:
-    if row.get(method) is None or row.get(reference) is None:
+    if not isinstance(row.get(method), tuple) or not isinstance(row.get(reference), tuple):
         return "–"
     return f"{row[method][0] - row[reference][0]:+.1f}"
 

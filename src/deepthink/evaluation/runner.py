@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..io import safe_name, write_atomic
 from ..kv import DemonstrationsTooLong
-from ..methods import Setup, accuracies
+from ..methods import MethodFailed, Setup, accuracies
 from ..scoring import Scores
 from .config import ORACLE, EvalConfig, upgrade_config
 from .distributed import Processes
@@ -40,8 +40,14 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
     bar = _bar(progress, total=len(methods), desc=f"{lm.name} {plan.task.name} seed {seed}")
     for method in methods:
         t = time.perf_counter()
-        prepared = method.prepare(setup)
-        scores[method.key] = setup.workspace.score(prepared.scorer, shard, cfg.batch_size)
+        try:
+            prepared = method.prepare(setup)
+            scores[method.key] = setup.workspace.score(prepared.scorer, shard, cfg.batch_size)
+        except MethodFailed as e:     # e.g. peft raising on this architecture: recorded as "fails: <reason>"
+            infos[method.key] = {"fails": str(e)}
+            times[method.key] = round(time.perf_counter() - t, 3)
+            bar.update(1)
+            continue
         if cfg.curve and prepared.curve:
             curves[method.key] = [setup.workspace.score(c, shard, cfg.batch_size) for c in prepared.curve]
         infos[method.key] = dict(prepared.info)
@@ -133,7 +139,11 @@ def summary_line(unit: dict, cfg: EvalConfig) -> str:
     parts = []
     for method in cfg.make_methods():
         info = unit["methods"].get(method.key, {})
-        chosen = f" (T={info['chosen_steps']})" if "chosen_steps" in info else ""
+        if "fails" in info:
+            parts.append(f"{method.title} fails")
+            continue
+        chosen = (f" (T={info['chosen_steps']})" if "chosen_steps" in info
+                  else f" (step {info['chosen_step']})" if "chosen_step" in info else "")   # T, or peft's updates
         parts.append(f"{method.title}{chosen} {unit['accuracy'][method.key]['sum']:.1f}")
     return f"{unit['model']} {unit['task']} seed {unit['seed']}: " + "  ".join(parts) + \
         f"  [{unit['wall_s']['total']:.0f}s]"

@@ -31,6 +31,12 @@ from ..tuning.tuner import ForwardTuner
 ENTRY_POINT_GROUP = "deepthink.methods"
 
 
+class MethodFailed(RuntimeError):
+    """A method that cannot run on this model for a reason outside deepthink (e.g. the peft library raising on an
+    architecture). An evaluation records "fails: <the message>" for it in the unit and goes on with the other
+    methods; the message says what failed and why."""
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """A method without options."""
