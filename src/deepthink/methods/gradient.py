@@ -103,7 +103,10 @@ class GradKV(Method):
         start = time.perf_counter()
         icl = setup.icl()
         tuner = GradientTuner(setup.lm, setup.demonstrations, setup.demos, gcfg, init=icl)
-        contexts = list(tuner)
+        contexts = []
+        for ctx in tuner:
+            contexts.append(ctx)
+            setup.workspace.progress(f"gradient step {len(contexts)}")
         contexts[0] = icl                 # the same object as every other method's step 1: scores are shared
         return tuner, contexts, time.perf_counter() - start, _peak_rss_mb()
 
