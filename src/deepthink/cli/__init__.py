@@ -22,7 +22,9 @@ class ShowDefaults:
             return text
         if action.required:
             return f"{text} (required)"
-        if action.nargs == 0:                       # a flag: store_true / store_false / store_const
+        if isinstance(action, argparse.BooleanOptionalAction):      # --x / --no-x
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.nargs == 0:                       # a flag: store_true / store_false / store_const, off unless given
             return f"{text} (default: off)"
         value = action.default
         if value is None or value == []:

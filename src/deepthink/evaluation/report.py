@@ -209,12 +209,8 @@ def verdicts(units: list[dict], reference: str = REFERENCE) -> list[dict]:
         ref = reference if reference in means else None
         others = [m for m in means if m not in (reference, ZERO_SHOT)]
         best = max(others, key=lambda m: means[m]) if others else None      # first on ties
-
-        def versus(m):
-            diffs = unit_diffs(us, m, ref) if ref and m else None
-            return paired_bootstrap({row["task"]: diffs}) if diffs else None
-
-        iv = versus(best)
+        diffs = unit_diffs(us, best, ref) if ref and best else None
+        iv = paired_bootstrap({row["task"]: diffs}) if diffs else None      # resamples (seed, item) pairs
         zs_wins = ZERO_SHOT in means and len(means) > 1 and all(means[ZERO_SHOT] > v for m, v in means.items()
                                                                 if m != ZERO_SHOT)
         head = f"{row['model']} {row['task']}: "
@@ -245,8 +241,8 @@ def verdicts(units: list[dict], reference: str = REFERENCE) -> list[dict]:
 
 
 def format_verdicts(entries: list[dict], reference: str = REFERENCE) -> str:
-    head = (f"verdict (accuracy by summed log-prob, mean over seeds; A vs {label(reference)}: difference in points "
-            "[95% paired bootstrap interval over seeds x items]):")
+    head = (f"verdict (mean accuracy over seeds, summed log-prob; \"vs {label(reference)}\": the difference in points "
+            "[its 95% paired bootstrap interval over seeds x items]):")
     return "\n".join([head] + [e["line"] for e in entries])
 
 
