@@ -1,5 +1,6 @@
 """The evaluation runner end to end on a tiny model folder: outputs, honesty, resume, reproducibility."""
 import json
+import re
 
 import pytest
 
@@ -50,6 +51,12 @@ def test_outputs_are_complete(finished):
         for s in SETTINGS:
             assert len(p[s]["logprob"]) == 2 and p[s]["pred"] in (0, 1)
     assert len(list((finished / "plots").glob("*.png"))) == 2
+    for row in res["summary"]["sum"] + res["summary"]["norm"]:     # labelled, not bare [mean, std] pairs
+        assert all(set(row[m]) == {"mean", "std"} and row[m]["std"] is not None for m in SETTINGS)
+    assert [(v["model"], v["task"]) for v in res["verdict"]] == [("tiny-llama0", "sentiment-demo"),
+                                                                  ("tiny-llama0", "sst2")]
+    report = (finished / "report.txt").read_text()
+    assert all(v["line"] in report for v in res["verdict"])
 
 
 def test_dev_choice_is_argmax_with_ties_to_smaller_T(finished):
@@ -110,6 +117,12 @@ def test_report_merges_runs(finished, tmp_path, capsys):
     assert cli.main(["report", str(finished), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "DT dev-T" in out and "sentiment-demo" in out and "sst2" in out
+    # the verdict: one line per task naming the best method with its interval against ICL, or zero-shot's win
+    verdict = out.split("verdict (", 1)[1].splitlines()[1:3]
+    for line, task in zip(verdict, ("sentiment-demo", "sst2")):
+        assert line.startswith(f"tiny-llama0 {task}: ")
+        assert "zero-shot wins" in line or "best method" in line
+        assert re.search(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", line)
     assert (tmp_path / "results.json").exists()
     assert cli.main(["report", str(tmp_path / "nothing")]) == 2
 
@@ -169,9 +182,13 @@ def test_reproduction_markdown_from_finished_units(finished, tmp_path):
     assert sum(l.startswith("| tiny-llama0 | ") for l in short.splitlines()) == 2 and "mean change" in short
 
 
-def test_all_ten_tasks_run_end_to_end_from_the_cli(tiny_model_dir, tmp_path):
+PER_ITEM_CHOICES = {"copa", "hellaswag", "obqa", "qasc", "winogrande"}     # no content-free query: no icl_cc
+
+
+def test_all_ten_tasks_run_end_to_end_from_the_cli(tiny_model_dir, tmp_path, capsys):
     """`deepthink eval` on every paper task from the local data: a unit per task with every default method (grad_kv
-    too where a task at --shots 1 gives one demonstration: plain ICL, said so)."""
+    too where a task at --shots 1 gives one demonstration: plain ICL, said so); calibrated ICL where it applies,
+    elsewhere "–" in the tables and the reason in the unit, and the run goes on."""
     from conftest import PAPER_TASKS, SHARED_DATA
 
     out = tmp_path / "all"
@@ -180,8 +197,17 @@ def test_all_ten_tasks_run_end_to_end_from_the_cli(tiny_model_dir, tmp_path):
                      "--quiet", "--out", str(out)]) == 0
     units = json.loads((out / "results.json").read_text())["units"]
     assert sorted(u["task"] for u in units) == sorted(PAPER_TASKS)
+    assert "icl_cc" in SETTINGS
+    printed = capsys.readouterr().out
+    table = printed.split("summed log-prob\n", 1)[1].split("\n\n")[0].splitlines()
+    column = table[0].index("ICL + CC")
     for u in units:
-        assert set(u["accuracy"]) == set(SETTINGS) and u["n_eval"] == 3 and u["n_dev"] == 2
+        ran = set(SETTINGS) - ({"icl_cc"} if u["task"] in PER_ITEM_CHOICES else set())
+        assert set(u["accuracy"]) == ran and u["n_eval"] == 3 and u["n_dev"] == 2
+        if u["task"] in PER_ITEM_CHOICES:
+            assert "per-item choices" in u["methods"]["icl_cc"]["not_applicable"]
+        (row,) = [l for l in table if l.split()[1:2] == [u["task"]]]
+        assert (row[column] == "–") == (u["task"] in PER_ITEM_CHOICES)
         one = len(u["demonstrations"]["items"]) == 1
         assert (u["methods"]["grad_kv"].get("note") is not None) == one
         assert not one or u["accuracy"]["grad_kv"] == u["accuracy"]["icl"]
@@ -273,3 +299,45 @@ def test_fit_shots_flag_reaches_the_units(tiny_model_dir, tmp_path):
     assert unit["config"]["fit_shots"] is True and unit["demonstrations"]["shots"] == 1
     with pytest.raises(ValueError, match="fit_shots must be True or False"):
         EvalConfig(fit_shots="yes")
+
+
+def test_a_run_whose_methods_all_do_not_apply_says_so(tiny_model_dir, tmp_path, capsys):
+    from conftest import SHARED_DATA
+
+    assert cli.main(["eval", "--model", str(tiny_model_dir), "--task", "copa", "--methods", "icl_cc", "--max-eval",
+                     "2", "--dev-size", "0", "--data-dir", str(SHARED_DATA), "--quiet", "--out", str(tmp_path)]) == 2
+    assert "no selected method applies to copa: icl_cc: calibration needs one set of choices" in capsys.readouterr().err
+
+
+class RecordingBar:
+    def __init__(self, **kw):
+        self.kw, self.n, self.postfixes = kw, 0, []
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfixes.append(text)
+
+    def close(self):
+        pass
+
+
+def test_progress_moves_with_every_tuning_step_not_only_every_method(monkeypatch):
+    """The bar sat still for minutes while a method tuned: now it moves after every tuning step and scoring pass
+    and names the method and its step."""
+    from conftest import SHARED_DATA, tiny_lm
+
+    bars = []
+    monkeypatch.setattr(runner, "_bar", lambda progress, **kw: bars.append(RecordingBar(**kw)) or bars[-1])
+    cfg = EvalConfig(shots=1, dev_size=2, max_eval=3, methods={"icl": {}, "dt_fixed": {"steps": 3},
+                                                               "grad_kv": {"steps": 4}})
+    runner.run_unit(tiny_lm("llama"), "sst2", 0, cfg, data_dir=SHARED_DATA)
+    (bar,) = bars
+    assert bar.n == len(bar.postfixes) > 3 * 2                   # far more moves than methods
+    assert [p for p in bar.postfixes if p.endswith(": done")] == ["icl (1/3): done", "dt_fixed (2/3): done",
+                                                                  "grad_kv (3/3): done"]
+    assert [p for p in bar.postfixes if "dt_fixed" in p and "forward step" in p] == [
+        f"dt_fixed (2/3): forward step {t}" for t in range(1, 4)]
+    assert [p for p in bar.postfixes if "gradient step" in p] == [f"grad_kv (3/3): gradient step {t}"
+                                                                  for t in range(1, 5)]

@@ -3,7 +3,7 @@ import pytest
 
 import deepthink
 from deepthink import TuningConfig
-from deepthink.methods import METHODS, Setup, make_method
+from deepthink.methods import METHODS, NotApplicable, Setup, make_method
 from deepthink.methods.calibration import CalibratedScorer, calibrated, content_free_queries
 from deepthink.scoring import Scores
 from deepthink.tasks import Example, get_task
@@ -129,6 +129,10 @@ def test_calibration_is_refused_where_it_is_undefined():
     for task in ("copa", "hellaswag"):
         with pytest.raises(ValueError, match=f"task '{task}' has per-item choices"):
             make_method("icl_cc").prepare(Setup(lm, DEMOS, DEV, task=get_task(task)))
+        # not a setting to fix but the task's nature: `check` says so, and an evaluation run goes on without it
+        with pytest.raises(NotApplicable, match=f"task '{task}' has per-item choices"):
+            make_method("icl_cc").check(Setup(lm, DEMOS, DEV, task=get_task(task)))
+    make_method("icl_cc").check(Setup(lm, DEMOS, DEV, task=get_task("sst2")))
     with pytest.raises(ValueError, match="scores='mean'.*sum, norm"):
         make_method("icl_cc", {"scores": "mean"})
     with pytest.raises(ValueError, match="content_free"):

@@ -15,8 +15,8 @@ DEV = [Example(query=q, continuations=tuple(CHOICES), label=i % 2, split="train"
        for i, q in enumerate(QUERIES)]
 
 
-def test_default_methods_are_the_baselines_the_paper_and_the_recommended_method():
-    assert list(DEFAULT_METHODS) == ["zero_shot", "icl", "dt_fixed", "dt_dev", "grad_kv"]
+def test_default_methods_are_the_baselines_the_bar_the_paper_and_the_recommended_method():
+    assert list(DEFAULT_METHODS) == ["zero_shot", "icl", "icl_cc", "dt_fixed", "dt_dev", "grad_kv"]
     assert set(DEFAULT_METHODS) <= set(METHODS)
 
 

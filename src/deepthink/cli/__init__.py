@@ -10,6 +10,39 @@ import sys
 SUBCOMMANDS = ["tasks", "methods", "demo", "evaluate", "report", "tune", "predict", "generate", "serve", "lm_eval"]
 
 
+class ShowDefaults:
+    """Help formatter mixin: every option's help line ends with its default, unless its text already states one:
+    "(default: VALUE)", "(default: off)" for a flag, "(default: none)" for an unset option, "(required)" for a
+    required one. Set on every subcommand's parser by build_parser, so no help string has to repeat its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower()
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if isinstance(action, argparse.BooleanOptionalAction):      # --x / --no-x
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.nargs == 0:                       # a flag: store_true / store_false / store_const, off unless given
+            return f"{text} (default: off)"
+        value = action.default
+        if value is None or value == []:
+            shown = "none"
+        elif isinstance(value, (list, tuple)):
+            shown = " ".join(map(str, value))
+        else:
+            shown = str(value)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give `parser` (keeping its own formatter, e.g. raw descriptions) the ShowDefaults mixin."""
+    if not issubclass(parser.formatter_class, ShowDefaults):
+        parser.formatter_class = type(f"ShowDefaults{parser.formatter_class.__name__}",
+                                      (ShowDefaults, parser.formatter_class), {})
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..version import __version__
 
@@ -19,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f".{name}", __name__).register(sub)
+    for p in [parser, *sub.choices.values()]:
+        show_defaults(p)
     return parser
 
 

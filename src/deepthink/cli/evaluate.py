@@ -65,7 +65,8 @@ def register(sub) -> None:
     p.add_argument("--dev-size", type=int, default=128, help="dev items drawn from training data, disjoint "
                    "from the demonstrations (0: no dev set; dt_dev then uses --steps, grad_kv chooses T by "
                    "leave-one-out over the demonstrations)")
-    p.add_argument("--max-eval", type=int, default=None, help="score a seeded random subset of N eval items")
+    p.add_argument("--max-eval", type=int, default=None, help="score a seeded random subset of N eval items "
+                   "(default: every eval item)")
     p.add_argument("--curve", action="store_true", help="also score eval at every step (an oracle curve, "
                    "for analysis only; no reported number uses it)")
     p.add_argument("--batch-size", type=int, default=16, help="queries per forward pass")

@@ -14,15 +14,19 @@ def describe() -> str:
     from ..tuning import RULES
 
     load_entry_points()
+    options = {name: [(f.name, repr(f.default if f.default is not MISSING else None), f.metadata.get("help", ""))
+                      for f in fields(cls.Config)] for name, cls in METHODS.items()}
+    # one width per column over every method and rule, so that each column starts at the same place throughout
+    name_w = max(len(n) for n in [*METHODS, *RULES])
+    opt_w = max((len(o) for opts in options.values() for o, _, _ in opts), default=0)
+    val_w = max((len(v) for opts in options.values() for _, v, _ in opts), default=0)
     lines = ["methods (default set: " + " ".join(DEFAULT_METHODS) + "):"]
     for name, cls in METHODS.items():
         doc = (cls.__doc__ or "").strip().splitlines() or [""]
-        lines.append(f"  {name:<12} {cls.label}" + (f": {doc[0]}" if cls.__doc__ else ""))
-        for f in fields(cls.Config):
-            default = f.default if f.default is not MISSING else None
-            lines.append(f"      {f.name} = {default!r:<12} {f.metadata.get('help', '')}")
+        lines.append(f"  {name:<{name_w}}  {cls.label}" + (f": {doc[0]}" if cls.__doc__ else ""))
+        lines += [f"      {o:<{opt_w}} = {v:<{val_w}}  {h}".rstrip() for o, v, h in options[name]]
     lines.append("update rules (TuningConfig.rule, -o METHOD.rule=NAME):")
-    lines += [f"  {name:<12} {rule.help}" for name, rule in RULES.items()]
+    lines += [f"  {name:<{name_w}}  {rule.help}" for name, rule in RULES.items()]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import statistics
+import textwrap
 from pathlib import Path
 
 from ..io import safe_name, write_atomic
@@ -83,11 +84,13 @@ def load_units(dirs) -> list[dict]:
 
 
 def method_names(units: list[dict]) -> list[str]:
-    """The methods the units hold, in the order they were run (first seen first), and those that failed."""
+    """The methods the units hold, in the order they were run (first seen first), those not applicable to a
+    unit's task (no accuracy, a reason in its info) and those that failed ("fails": a reason) included."""
     names: list[str] = []
     for u in units:
-        names += [m for m in u["accuracy"] if m not in names]
-        names += [m for m, info in u["methods"].items() if "fails" in info and m not in names]
+        info = u.get("methods", {})
+        ran = [m for m in info if m in u["accuracy"] or "not_applicable" in info[m] or "fails" in info[m]]
+        names += [m for m in dict.fromkeys(ran + list(u["accuracy"])) if m not in names]
     return names
 
 
@@ -95,6 +98,16 @@ def failure(units: list[dict], method: str) -> str | None:
     """"fails: <reason>" when `method` failed in every one of `units` (the reasons of the first unit), else None."""
     reasons = [u["methods"].get(method, {}).get("fails") for u in units]
     return f"fails: {reasons[0]}" if reasons and all(reasons) else None
+
+
+def not_applicable(units: list[dict]) -> dict[str, dict[str, str]]:
+    """{method: {task: why}} for methods a unit recorded as not applicable to its task."""
+    out: dict[str, dict[str, str]] = {}
+    for u in units:
+        for m, info in u.get("methods", {}).items():
+            if "not_applicable" in info:
+                out.setdefault(m, {}).setdefault(u["task"], info["not_applicable"])
+    return out
 
 
 def choosing(units: list[dict]) -> list[str]:
@@ -105,6 +118,11 @@ def choosing(units: list[dict]) -> list[str]:
 def mean_std(xs: list[float]) -> tuple[float, float | None]:
     """Mean and sample std over seeds (None with a single seed: no spread was measured)."""
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def labelled(row: dict) -> dict:
+    """A summary row as results.json holds it: each method's (mean, std) as {"mean": ..., "std": ...}."""
+    return {k: ({"mean": v[0], "std": v[1]} if isinstance(v, tuple) else v) for k, v in row.items()}
 
 
 def fmt(ms: tuple[float, float | None] | str | None) -> str:
@@ -156,6 +174,86 @@ def format_table(rows: list[dict], metric: str = "sum", reference: str = REFEREN
     return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(l) for l in lines])
 
 
+def format_not_applicable(units: list[dict]) -> str:
+    """The footnote for "–" cells of methods that do not apply to some tasks ("" when every method ran)."""
+    lines = []
+    for m, tasks in not_applicable(units).items():
+        reason = next(iter(tasks.values())).split(":")[0].split(", but ")[0]     # the general part of the reason
+        lines.append(f"– {label(m)}: not applicable to {', '.join(tasks)} ({reason}; each unit records why)")
+    return "\n".join(lines)
+
+
+ZERO_SHOT = "zero_shot"
+
+
+def unit_diffs(units: list[dict], method: str, reference: str) -> list[int] | None:
+    """Per (seed, item) of `units`, correct(method) - correct(reference); None if a unit's predictions are gone."""
+    diffs = []
+    for u in units:
+        try:
+            correct = unit_correct(u)
+        except (KeyError, OSError):
+            return None
+        a, b = correct.get(method), correct.get(reference)
+        if a is None or b is None:
+            return None
+        diffs += [a[i] - b[i] for i in a if i in b]
+    return diffs
+
+
+def verdicts(units: list[dict], reference: str = REFERENCE) -> list[dict]:
+    """Per (model, task): which method did best by mean accuracy (summed log-prob) over seeds, with its paired
+    bootstrap interval against the reference (ICL), resampling (seed, item) pairs; whether zero-shot beat every
+    method; whether the best method beats the reference (interval above 0). Each entry has a one-line `line`."""
+    from .stats import paired_bootstrap
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for u in units:
+        groups.setdefault((u["model"], u["task"]), []).append(u)
+    out = []
+    for row in summarize(units, "sum"):
+        us = groups[(row["model"], row["task"])]
+        means = {m: row[m][0] for m in method_names(us) if row.get(m) is not None}
+        ref = reference if reference in means else None
+        others = [m for m in means if m not in (reference, ZERO_SHOT)]
+        best = max(others, key=lambda m: means[m]) if others else None      # first on ties
+        diffs = unit_diffs(us, best, ref) if ref and best else None
+        iv = paired_bootstrap({row["task"]: diffs}) if diffs else None      # resamples (seed, item) pairs
+        zs_wins = ZERO_SHOT in means and len(means) > 1 and all(means[ZERO_SHOT] > v for m, v in means.items()
+                                                                if m != ZERO_SHOT)
+        head = f"{row['model']} {row['task']}: "
+        ref_text = f"{label(ref)} ({means[ref]:.1f})" if ref else ""
+        best_text = f"{label(best)} {means[best]:.1f}" if best else ""
+        if zs_wins:
+            text = f"zero-shot wins ({means[ZERO_SHOT]:.1f}): it beats every method" + (
+                f", {ref_text} included" if ref else "")
+            if best:
+                text += f"; best method {best_text}" + (f", {iv} vs {label(ref)}" if iv else "")
+        elif best is None:
+            text = "only baselines ran: " + ", ".join(f"{label(m)} {v:.1f}" for m, v in means.items())
+        elif ref is None:
+            text = f"best method {best_text} ({label(reference)} did not run: no interval)"
+        elif iv is None:
+            text = f"best method {best_text}, {means[best] - means[ref]:+.1f} vs {ref_text} (per-item predictions " \
+                   "missing: no interval)"
+        elif iv.above_zero:
+            text = f"best method {best_text} beats {ref_text} by {iv}"
+        else:
+            why = "the interval includes 0" if iv.high >= 0 else f"{label(ref)} is better"
+            text = f"no method beats {ref_text}: best method {best_text}, {iv} vs {label(ref)} ({why})"
+        out.append({"model": row["model"], "task": row["task"], "best": best, "reference": ref,
+                    "means": means, "best_vs_reference": None if iv is None else
+                    {"mean": iv.mean, "low": iv.low, "high": iv.high, "level": iv.level},
+                    "zero_shot_wins": zs_wins, "beats_reference": bool(iv and iv.above_zero), "line": head + text})
+    return out
+
+
+def format_verdicts(entries: list[dict], reference: str = REFERENCE) -> str:
+    head = (f"verdict (mean accuracy over seeds, summed log-prob; \"vs {label(reference)}\": the difference in points "
+            "[its 95% paired bootstrap interval over seeds x items]):")
+    return "\n".join([head] + [e["line"] for e in entries])
+
+
 def plot(units: list[dict], out: Path) -> list[Path]:
     """Per (model, task): accuracy vs step of every method that chose T on dev (eval oracle dashed when
     present), and per-layer ||dK||, ||dV|| vs step of the longest tuning run recorded."""
@@ -187,7 +285,7 @@ def plot(units: list[dict], out: Path) -> list[Path]:
                     ys = [p["sum"] for p in info["eval_curve"]["points"]]
                     ax.plot(range(1, len(ys) + 1), ys, ls="--", alpha=0.6,
                             label=f"{tag}eval {ORACLE}, seed {u['seed']}")
-        ax.set(xlabel="step T", ylabel="accuracy %", title=f"{model} / {task}: accuracy vs step")
+        ax.set(xlabel="step T", ylabel="accuracy %", title="accuracy vs step (dotted: T chosen on dev)")
         if ax.lines:
             ax.legend(fontsize=7)
         if runs:
@@ -204,7 +302,12 @@ def plot(units: list[dict], out: Path) -> list[Path]:
                     axis.plot(range(2, n_steps + 1), ys, color=cmap(layer / max(1, n_layers - 1)), lw=1)
                 # a log scale where every norm is positive (V does not move under some controls: linear then)
                 axis.set(xlabel="step T", yscale="log" if n_steps > 2 and positive else "linear",
-                         title=f"{label(longest)}: per-layer ‖Δ{key[1].upper()}‖ (mean over seeds; dark = first layer)")
+                         title=f"per-layer ‖Δ{key[1].upper()}‖ per step, {label(longest)}")
+        # what the three panels share goes above them, so that no panel's title runs into its neighbour's
+        fig.suptitle(textwrap.fill(f"{model} / {task}", 110) + ("\nnorms: mean over seeds; dark = first layer"
+                                                                if runs else ""), fontsize=10)
+        for axis in (ax, axk, axv):
+            axis.set_title(textwrap.fill(axis.get_title(), 48), fontsize=9)
         fig.tight_layout()
         path = out / f"{safe_name(model)}__{safe_name(task)}.png"
         fig.savefig(path, dpi=90)
@@ -218,8 +321,10 @@ def write_report(dirs, out, log=print) -> dict:
     out = Path(out)
     units = load_units(dirs)
     rows = {m: summarize(units, m) for m in ("sum", "norm")}
+    verdict = verdicts(units)
     results = {"environment": environment(), "settings": {m: label(m) for m in method_names(units)},
-               "summary": rows, "units": [{k: v for k, v in u.items() if k != "_file"} for u in units]}
+               "summary": {m: [labelled(r) for r in rs] for m, rs in rows.items()},
+               "verdict": verdict, "units": [{k: v for k, v in u.items() if k != "_file"} for u in units]}
     write_atomic(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False))
     preds = []
     for u in units:
@@ -228,10 +333,13 @@ def write_report(dirs, out, log=print) -> dict:
             preds.append(p.read_text(encoding="utf-8"))
     write_atomic(out / "predictions.jsonl", "".join(preds))
     plots = plot(units, out / "plots")
-    log(format_table(rows["sum"], "sum"))
-    log("")
-    log(format_table(rows["norm"], "norm"))
-    log(f"\nwrote {out / 'results.json'}, {out / 'predictions.jsonl'} and {len(plots)} plot(s) in {out / 'plots'}")
+    footnote = format_not_applicable(units)
+    text = "\n\n".join([format_table(rows["sum"], "sum") + (f"\n{footnote}" if footnote else ""),
+                         format_table(rows["norm"], "norm"), format_verdicts(verdict)])
+    write_atomic(out / "report.txt", text + "\n")
+    log(text)
+    log(f"\nwrote {out / 'results.json'}, {out / 'report.txt'} (tables and verdict), {out / 'predictions.jsonl'} "
+        f"and {len(plots)} plot(s) in {out / 'plots'}")
     return results
 
 

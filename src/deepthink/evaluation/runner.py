@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..io import safe_name, write_atomic
 from ..kv import DemonstrationsTooLong
-from ..methods import MethodFailed, Setup, accuracies
+from ..methods import MethodFailed, NotApplicable, Setup, accuracies
 from ..scoring import Scores
 from .config import ORACLE, EvalConfig, upgrade_config
 from .distributed import Processes
@@ -33,12 +33,25 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
     procs.size-th eval item and the scores are gathered, so every process returns the whole unit."""
     t_start = time.perf_counter()
     methods = cfg.make_methods()
-    plan, setup = _fitting_plan(lm, task, seed, cfg, methods, data_dir)
+    plan, setup, not_applicable = _fitting_plan(lm, task, seed, cfg, methods, data_dir)
     gold = [e.label for e in plan.eval]
     shard = plan.eval if procs is None or procs.size == 1 else plan.eval[procs.rank::procs.size]
     scores, curves, infos, times = {}, {}, {}, {}
-    bar = _bar(progress, total=len(methods), desc=f"{lm.name} {plan.task.name} seed {seed}")
-    for method in methods:
+    # the bar moves with every tuning step and scoring pass (Workspace.on_progress) and every finished method;
+    # its postfix says which method is at which step
+    bar = _bar(progress, unit="step", desc=f"{lm.name} {plan.task.name} seed {seed}")
+    current = [""]
+
+    def tick(what: str) -> None:
+        bar.set_postfix_str(f"{current[0]}: {what}", refresh=False)
+        bar.update(1)
+
+    setup.workspace.on_progress = tick
+    for i, method in enumerate(methods):
+        if method.key in not_applicable:
+            infos[method.key] = {"not_applicable": not_applicable[method.key]}
+            continue
+        current[0] = f"{method.key} ({i + 1}/{len(methods)})"
         t = time.perf_counter()
         try:
             prepared = method.prepare(setup)
@@ -52,7 +65,8 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
             curves[method.key] = [setup.workspace.score(c, shard, cfg.batch_size) for c in prepared.curve]
         infos[method.key] = dict(prepared.info)
         times[method.key] = round(time.perf_counter() - t, 3)
-        bar.update(1)
+        tick("done")
+    setup.workspace.on_progress = None
     bar.close()
     if shard is not plan.eval:
         scores, curves = _gather(procs, scores, curves)
@@ -92,18 +106,24 @@ FITTED = "shots fitted to the model:"     # how a unit's note on fewer shots tha
 
 
 def _fitting_plan(lm, task, seed: int, cfg: EvalConfig, methods: list, data_dir=None):
-    """The unit's plan and Setup, once every method has accepted them (every refusal comes before any method
-    computes anything). With cfg.fit_shots, demonstrations too long for the model are drawn again with one fewer
-    shot until every method accepts them; the plan's notes say what was refused."""
+    """(plan, Setup, {method key: why it does not apply to this task}), once every other method has accepted them
+    (every refusal comes before any method computes anything). With cfg.fit_shots, demonstrations too long for
+    the model are drawn again with one fewer shot until every method accepts them; the plan's notes say what was
+    refused. A method that is not applicable to the task (NotApplicable, e.g. calibration on per-item choices) is
+    left out of the unit with its reason; if no method applies, the run stops saying why."""
     from ..data import make_plan
 
     refused = []
     for shots in range(cfg.shots, 0, -1):
         plan = make_plan(task, seed, shots=shots, dev_size=cfg.dev_size, max_eval=cfg.max_eval, data_dir=data_dir)
         setup = Setup(lm, plan.demonstrations, plan.dev, cfg.batch_size, task=plan.task, demos=plan.demos)
+        not_applicable = {}
         try:
             for method in methods:
-                method.check(setup)
+                try:
+                    method.check(setup)
+                except NotApplicable as e:
+                    not_applicable[method.key] = str(e)
         except DemonstrationsTooLong as e:
             if not cfg.fit_shots:
                 raise DemonstrationsTooLong(f"{lm.name} {plan.task.name} seed {seed}, {shots} shots: {e} (or let "
@@ -111,9 +131,12 @@ def _fitting_plan(lm, task, seed: int, cfg: EvalConfig, methods: list, data_dir=
                                             "EvalConfig(fit_shots=True), or --fit-shots on the command line)") from None
             refused.append(f"shots={shots} refused by {method.key} ({e})")
             continue
+        if len(not_applicable) == len(methods):
+            raise ValueError(f"no selected method applies to {plan.task.name}: "
+                             + "; ".join(f"{k}: {why}" for k, why in not_applicable.items()))
         if refused:
             plan.notes.append(f"{FITTED} {'; '.join(refused)}; shots={shots} used")
-        return plan, setup
+        return plan, setup, not_applicable
     raise DemonstrationsTooLong(f"{lm.name} {plan.task.name} seed {seed}: even 1 shot is too long for the model: "
                                 f"{refused[-1]}")
 
@@ -135,7 +158,8 @@ def _gather(procs, scores: dict, curves: dict) -> tuple[dict, dict]:
 
 
 def summary_line(unit: dict, cfg: EvalConfig) -> str:
-    """One log line per unit: each method's accuracy (summed log-prob), with the T it chose where it chose."""
+    """One log line per unit: each method's accuracy (summed log-prob), with the T it chose where it chose ("–" for
+    a method not applicable to the task)."""
     parts = []
     for method in cfg.make_methods():
         info = unit["methods"].get(method.key, {})
@@ -144,7 +168,8 @@ def summary_line(unit: dict, cfg: EvalConfig) -> str:
             continue
         chosen = (f" (T={info['chosen_steps']})" if "chosen_steps" in info
                   else f" (step {info['chosen_step']})" if "chosen_step" in info else "")   # T, or peft's updates
-        parts.append(f"{method.title}{chosen} {unit['accuracy'][method.key]['sum']:.1f}")
+        acc = unit["accuracy"].get(method.key)
+        parts.append(f"{method.title}{chosen} " + (f"{acc['sum']:.1f}" if acc else "–"))
     return f"{unit['model']} {unit['task']} seed {unit['seed']}: " + "  ".join(parts) + \
         f"  [{unit['wall_s']['total']:.0f}s]"
 

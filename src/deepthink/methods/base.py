@@ -45,10 +45,15 @@ class NoOptions:
 class Workspace:
     """What the methods of one (model, demonstrations) share, so that nothing is computed twice: tuning runs
     (one per TuningConfig apart from its step count, extended on demand), the step-1 context (plain ICL, the
-    same object for every tuning run), the zero-shot context, and the scores of a scorer on a list of items."""
+    same object for every tuning run), the zero-shot context, and the scores of a scorer on a list of items.
 
-    def __init__(self, lm, demonstrations: str):
+    `on_progress(what)`, when set, is called after each piece of work (a tuning step, a scoring pass), so that a
+    caller can show movement within a method (the runner's progress bar); methods that run steps of their own
+    call `progress(...)` too."""
+
+    def __init__(self, lm, demonstrations: str, on_progress: Callable[[str], None] | None = None):
         self.lm, self.demonstrations = lm, demonstrations
+        self.on_progress = on_progress
         self._runs: dict[tuple, tuple[ForwardTuner, list[TunedContext]]] = {}
         self._step1: TunedContext | None = None
         self._zero_shot: TunedContext | None = None
@@ -66,11 +71,17 @@ class Workspace:
             tuner.check_lengths()
         while len(ctxs) < config.steps:
             ctx = tuner.step()
+            self.progress(f"forward step {tuner.step_count}")
             if tuner.step_count == 1:            # step 1 is plain ICL whatever the config: one shared object
                 self._step1 = self._step1 or ctx
                 ctx = self._step1
             ctxs.append(ctx)
         return ctxs[:config.steps]
+
+    def progress(self, what: str) -> None:
+        """Report one finished piece of work (e.g. "gradient step 3") to `on_progress`, if set."""
+        if self.on_progress is not None:
+            self.on_progress(what)
 
     def shared(self, key: tuple, make: Callable[[], Any]) -> Any:
         """`make()` once per `key` (hashable) for all methods of this workspace: e.g. a gradient tuning run that
@@ -103,6 +114,7 @@ class Workspace:
                 s = scorer.combine([self.score(p, examples, batch_size) for p in scorer.parts], queries, choices)
             else:
                 s = score_grouped(scorer.score, queries, choices, batch_size=batch_size)
+                self.progress(f"scored {len(examples)} items")
             self._scores[key] = (scorer, examples, s)    # holding both keeps their ids from being reused
         return self._scores[key][2]
 
@@ -153,6 +165,12 @@ class Prepared:
     curve: Sequence = ()
 
 
+class NotApplicable(ValueError):
+    """Raised by `Method.check` when a method cannot answer a task by its nature (e.g. calibration on a task whose
+    choices differ per item), not because of a setting the user can fix: an evaluation run records the reason in
+    the unit and shows "–" for that method and task instead of stopping."""
+
+
 class Method:
     """Base class of a registered method; subclasses set `name`, `label`, `Config` and `prepare`."""
 
@@ -171,8 +189,9 @@ class Method:
 
     def check(self, setup: Setup) -> None:
         """Raise ValueError, saying what to fix, if this method cannot run on `setup` (e.g. demonstrations too long
-        for the model). Cheap: a run checks every method before any of them computes anything, so that a refusal
-        does not come after the other methods' work. Default: nothing to check."""
+        for the model), or NotApplicable if it cannot answer this task at all. Cheap: a run checks every method
+        before any of them computes anything, so that a refusal does not come after the other methods' work.
+        Default: nothing to check."""
 
     def adapt(self, scorer, setup: Setup):
         """How this method reads a scorer's scores: the scorer itself here. A wrapper that changes scores (e.g.
@@ -194,10 +213,11 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
-# the baselines, the paper's method in its two settings, and the recommended method of
-# benchmarks/results/ABLATIONS.md (grad_kv: lr 0.01, T chosen on dev); every one runs on every task (icl_cc,
-# the bar for classification tasks, is left out: it cannot calibrate tasks whose choices differ per item)
-DEFAULT_METHODS = ("zero_shot", "icl", "dt_fixed", "dt_dev", "grad_kv")
+# the baselines, calibrated ICL (the bar for classification tasks), the paper's method in its two settings, and the
+# recommended method of benchmarks/results/ABLATIONS.md (grad_kv: lr 0.01, T chosen on dev). Every one runs on
+# every task but icl_cc, which is not applicable to tasks whose choices differ per item (NotApplicable: the run
+# records why and goes on; tables show "–")
+DEFAULT_METHODS = ("zero_shot", "icl", "icl_cc", "dt_fixed", "dt_dev", "grad_kv")
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -33,7 +33,7 @@ from dataclasses import field, make_dataclass
 from typing import Sequence
 
 from ..scoring import Scores, score_grouped
-from .base import METHODS, Method, Prepared, Setup, register_method
+from .base import METHODS, Method, NotApplicable, Prepared, Setup, register_method
 
 CONTENT_FREE = "N/A||[MASK]"       # "|"-separated: "N/A", "" and "[MASK]"
 MODES = ("sum", "norm")
@@ -51,12 +51,12 @@ def content_free_queries(task, inputs: Sequence[str]) -> list[str]:
         raise ValueError("calibration needs the task (its query template) to build content-free queries; these "
                          "demonstrations come without one: run it on a task (deepthink eval --task ...)")
     if task.choices is None:
-        raise ValueError(f"calibration needs one set of choices shared by every item, but task {task.name!r} has "
-                         f"per-item choices ({task.choices_field}): there is no content-free query with the same "
-                         "choices. Use the uncalibrated method on this task")
+        raise NotApplicable(f"calibration needs one set of choices shared by every item, but task {task.name!r} "
+                            f"has per-item choices ({task.choices_field}): there is no content-free query with the "
+                            "same choices. Use the uncalibrated method on this task")
     if task.hook is not None:
-        raise ValueError(f"calibration cannot build a content-free query for task {task.name!r}: its query comes "
-                         f"from the row hook {task.hook!r}, not from one input field")
+        raise NotApplicable(f"calibration cannot build a content-free query for task {task.name!r}: its query "
+                            f"comes from the row hook {task.hook!r}, not from one input field")
     queries = []
     for text in inputs:
         q = task.query_template.format(query=text.strip() if task.strip_query else text)
@@ -125,6 +125,10 @@ class Calibrated:
             memo[key] = (scorer, CalibratedScorer(super().adapt(scorer, setup), queries, self.config.scores,
                                                   setup.batch_size))
         return memo[key][1]
+
+    def check(self, setup: Setup) -> None:
+        content_free_queries(setup.task, content_free_inputs(self.config.content_free))   # NotApplicable: no task
+        super().check(setup)
 
     def prepare(self, setup: Setup) -> Prepared:
         content_free_queries(setup.task, content_free_inputs(self.config.content_free))   # refuse early

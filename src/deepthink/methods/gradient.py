@@ -108,6 +108,7 @@ class GradKV(Method):
             if tuner.step_count == 1:
                 ctx = icl                 # the same object as every other method's step 1: scores are shared
             contexts.append(ctx)
+            setup.workspace.progress(f"gradient step {len(contexts)}")
             if setup.on_step is not None:  # dev scores are cached by the workspace: prepare reads them again free
                 last = tuner.history[-1]
                 setup.on_step({"step": tuner.step_count,

@@ -123,7 +123,7 @@ def leave_one_out(method, setup: Setup, contexts, tuning: TuningConfig):
     loglik = [0.0] * tuning.steps
     for i, held in enumerate(demos):
         rest = "".join(e.demo_text + "\n\n" for j, e in enumerate(demos) if j != i)
-        ws, items = Workspace(setup.lm, rest), [held]
+        ws, items = Workspace(setup.lm, rest, on_progress=setup.workspace.on_progress), [held]
         for t, ctx in enumerate(ws.contexts(tuning)):
             s = ws.score(method.adapt(ctx, setup), items, setup.batch_size)
             correct[t].append(s.predictions()[0] == held.label)
