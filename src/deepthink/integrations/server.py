@@ -107,7 +107,7 @@ def _sampling_field(name: str):
     def check(cls, v):
         problem = sampling_problem(v, 1.0) if name == "temperature" else sampling_problem(0, v)
         if problem:
-            raise ValueError(problem)
+            raise ValueError(problem[1])
         return v
     return field_validator(name)(classmethod(check))
 

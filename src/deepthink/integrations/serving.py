@@ -24,14 +24,14 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _FLOATS = {"batch_wait_ms": 0.0, "graceful_timeout": 0.0, "read_timeout": None}     # name -> least value (None: > 0)
 
 
-def sampling_problem(temperature, top_p) -> str | None:
-    """Why (temperature, top_p) cannot be sampled with, naming the parameter; None when they are fine."""
+def sampling_problem(temperature, top_p) -> tuple[str, str] | None:
+    """(parameter, what is wrong with it) when (temperature, top_p) cannot be sampled with; None when fine."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-        return (f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, "
-                f"got {temperature!r}")
+        return "temperature", (f"must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, "
+                               f"got {temperature!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not MIN_TOP_P <= top_p <= 1:
-        return f"top_p must be between {MIN_TOP_P:g} and 1 (1 = no nucleus cut), got {top_p!r}"
+        return "top_p", f"must be between {MIN_TOP_P:g} and 1 (1 = no nucleus cut), got {top_p!r}"
     return None
 
 
