@@ -74,7 +74,15 @@ def _valid_text(s: str) -> str:
     return s
 
 
+def _non_empty_text(s: str) -> str:
+    if not s:
+        raise ValueError("must not be empty")
+    return _valid_text(s)
+
+
 Text = Annotated[str, AfterValidator(_valid_text)]     # a string the tokeniser can take (no lone surrogate)
+NonEmptyText = Annotated[str, AfterValidator(_non_empty_text)]  # (pydantic's min_length would refuse a surrogate
+#                                                                  with a message that names no cause)
 
 
 def _bad_text_in(value, limit: int = 100_000) -> str | None:
@@ -167,7 +175,7 @@ class PredictResponse(BaseModel):
 
 class GenerateRequest(_Body):
     context: Text = Field(description="name of a served context")
-    prompt: Text = Field(min_length=1, description="text to continue, placed right after the tuned prefix")
+    prompt: NonEmptyText = Field(description="text to continue, placed right after the tuned prefix")
     max_new_tokens: int = Field(64, ge=1, description="at most this many new tokens (the server caps it: "
                                                        "--max-new-tokens)")
     temperature: float = Field(0.0, description="0 = greedy; else sampling, between 0.001 and 100")
