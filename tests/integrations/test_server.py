@@ -203,6 +203,10 @@ def test_other_errors(client):
                                   "max_new_tokens_too_large")["message"]
     error(client.post("/v1/generate", json=gen | {"top_p": 0}), 422, "invalid_request")
     error(client.post("/v1/generate", json=gen | {"prompt": ""}), 422, "invalid_request")
+    assert "the prompt is 2001 characters; this server takes at most 2000 (--max-query-chars)" in error(
+        client.post("/v1/generate", json=gen | {"prompt": "x" * 2001, "max_new_tokens": 8}), 413, "query_too_long")["message"]
+    assert re.search(r"the prompt is \d+ tokens; this server takes at most 100 \(--max-query-tokens\)", error(
+        client.post("/v1/generate", json=gen | {"prompt": "word " * 100, "max_new_tokens": 8}), 413, "query_too_long")["message"])
     assert "/v1/score" in error(client.post("/v1/predict", json={"context": "plain", "rows": ["r"]}),
                                 422, "no_task")["message"]
     assert "row 1: missing field 'sentence'" in error(client.post("/v1/predict", json={"context": "sent", "rows": [ROWS[0], {"text": 1}]}),
@@ -221,7 +225,8 @@ class SpyTokenizer:
         self.tokenizer, self.calls = tokenizer, []
 
     def __call__(self, texts, **kw):
-        self.calls.append((threading.current_thread().name, max(map(len, [texts] if isinstance(texts, str) else texts))))
+        longest = len(texts) if isinstance(texts, str) else max(map(len, texts))
+        self.calls.append((threading.current_thread().name, longest))
         return self.tokenizer(texts, **kw)
 
     def __getattr__(self, name):
@@ -246,8 +251,8 @@ def test_lengths_are_checked_by_characters_first_then_tokens_off_the_event_loop(
 
 
 @pytest.mark.parametrize("path, body, says", [
-    ("/v1/score", {"context": "sent", "queries": ["a\ud800"], "choices": CHOICES}, "queries.0: Value error, contains a "
-                                                                                  "lone surrogate U+D800 at character 1"),
+    ("/v1/score", {"context": "sent", "queries": ["a\ud800"], "choices": CHOICES},
+     "queries.0: Value error, contains a lone surrogate U+D800 at character 1"),
     ("/v1/score", {"context": "sent", "queries": ["a"], "choices": [" x", "\udfff"]}, "lone surrogate U+DFFF"),
     ("/v1/score", {"context": "s\ud800", "queries": ["a"], "choices": CHOICES}, "context: Value error"),
     ("/v1/predict", {"context": "sent", "rows": [ROWS[0], {"sentence": "bad \ud800"}]},

@@ -151,8 +151,8 @@ def test_slow_requests_are_answered_408_and_closed(guarded):
 
 
 def test_a_flood_of_connections_is_refused_and_cleared(guarded):
-    """300 connections that never finish their headers, against 8 allowed and 256 open files: the 9th on is
-    answered 503 at once, the 8 held are closed after the read timeout; the server never runs out of files, says
+    """300 connections that never finish their headers, against 8 allowed and 256 open files: while 8 are open
+    the next is answered 503 at once, the 8 held are closed after the read timeout; the server never runs out of files, says
     so in a few log lines, and answers everyone afterwards, while the flood's sockets are still open here."""
     server = psutil.Process(guarded.proc.pid)
     files_before = server.num_fds()
@@ -164,7 +164,8 @@ def test_a_flood_of_connections_is_refused_and_cleared(guarded):
         statuses = [status_of(r) for r in got]
         assert None not in statuses, "the server left connections open"
         refused = [r for r, s in zip(got, statuses) if s == 503]
-        assert len(refused) >= 300 - 8 and set(statuses) <= {503, 408}
+        # 8 are let in and time out (408); how many more are let in later depends on how fast 300 connect here
+        assert set(statuses) == {503, 408} and statuses.count(408) >= 8
         assert body_of(refused[0])["error"]["type"] == "too_many_connections"
         assert httpx.get(guarded.url + "/healthz", timeout=10).status_code == 200 and score_ok(guarded.url)
         assert server.num_fds() <= files_before + 4
@@ -187,27 +188,33 @@ def test_the_key_comes_from_a_file_and_no_path_is_shown(guarded, tiny_model_dir,
 # ---------------------------------------------------------------- shutdown
 
 def post_in_thread(url: str, path: str, body: dict) -> tuple[threading.Thread, dict]:
-    out = {}
+    """POST on a connection the server has already accepted (a /healthz first, kept alive), from a thread;
+    returns once the POST is on its way."""
+    out, connected = {}, threading.Event()
 
     def go():
-        try:
-            out["response"] = httpx.post(url + path, json=body, timeout=60)
-        except httpx.TransportError as e:
-            out["error"] = e
+        with httpx.Client(base_url=url, timeout=60) as client:
+            client.get("/healthz")
+            connected.set()
+            try:
+                out["response"] = client.post(path, json=body)
+            except httpx.TransportError as e:
+                out["error"] = e
     t = threading.Thread(target=go)
     t.start()
+    assert connected.wait(30)
+    time.sleep(0.3)
     return t, out
 
 
 def test_sigterm_with_an_unfinished_upload_answers_the_rest_and_exits(ctx_dir, tmp_path):
     """A client stuck mid-body does not hold the shutdown: it gets 503 at once; a complete request in flight is
     answered; the process exits (the read timeout is 30 s here, so it is not what ends the upload)."""
-    server = Server(ctx_dir, tmp_path, "--read-timeout", 30, "--graceful-timeout", 10)
+    server = Server(ctx_dir, tmp_path, "--read-timeout", 30, "--graceful-timeout", 30)
     try:
         stuck = connect(server.port, PARTIAL_HEADERS + b"Content-Length: 1000\r\n\r\n" + b'{"context":')
         t, out = post_in_thread(server.url, "/v1/generate", {"context": "sent", "prompt": "Review: witty",
-                                                             "max_new_tokens": 256, "stop_at_eos": False})
-        time.sleep(0.3)
+                                                             "max_new_tokens": 32, "stop_at_eos": False})
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         [answer] = answers([stuck], seconds=10)
@@ -215,7 +222,7 @@ def test_sigterm_with_an_unfinished_upload_answers_the_rest_and_exits(ctx_dir, t
         assert server.proc.wait(20) in (0, -signal.SIGTERM)
         assert time.monotonic() - signalled < 20
         t.join(30)
-        assert out["response"].status_code == 200 and out["response"].json()["tokens"] == 256
+        assert out["response"].status_code == 200 and out["response"].json()["tokens"] == 32
         stuck.close()
     finally:
         server.stop()
@@ -226,11 +233,11 @@ def test_sigterm_cancels_what_outlasts_the_graceful_timeout(ctx_dir, tmp_path):
     try:
         t, out = post_in_thread(server.url, "/v1/generate", {"context": "sent", "prompt": "Review: witty",
                                                              "max_new_tokens": 1500, "stop_at_eos": False})
-        time.sleep(0.5)
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(20) in (0, -signal.SIGTERM)
         t.join(30)
-        assert "response" not in out or out["response"].status_code != 200
+        assert out["response"].status_code == 503, out["response"].text     # cut by the graceful timeout
+        assert out["response"].json()["error"]["type"] == "shutting_down"
         assert "timeout graceful shutdown exceeded" in server.log()
     finally:
         server.stop()
@@ -241,7 +248,6 @@ def test_a_second_sigterm_exits_at_once(ctx_dir, tmp_path):
     try:
         t, out = post_in_thread(server.url, "/v1/generate", {"context": "sent", "prompt": "Review: witty",
                                                              "max_new_tokens": 1500, "stop_at_eos": False})
-        time.sleep(0.5)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         server.proc.send_signal(signal.SIGTERM)

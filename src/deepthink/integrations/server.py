@@ -57,6 +57,8 @@ from .serving import (API_KEY_ENV, NAME, ServeConfig, load_contexts, parse_conte
 OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")   # no API key needed
 CLIENT_CLOSED = 499     # the status recorded in /metrics for a client that went away before its answer (nginx's)
 ENDPOINTS = ("/v1/contexts", "/v1/score", "/v1/predict", "/v1/generate", "/healthz", "/metrics")
+BACKLOG = 128               # listen backlog: asyncio accepts up to this many connections at once, before closing any
+DRAIN_GRACE = 1.0           # seconds a body still arriving when shutdown begins gets before its 503
 MAX_MESSAGE_CHARS = 1000    # error messages are cut here, and a name a client sent at 80 characters: never echo a body
 LOG = logging.getLogger("uvicorn.error.deepthink")   # a child of uvicorn's logger: its format, level and handlers
 
@@ -109,15 +111,6 @@ def _bad_text_in(value, limit: int = 100_000) -> str | None:
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)    # "yes" is not a bool, 1.5 and true are not ints
-
-
-def _sampling_field(name: str):
-    def check(cls, v):
-        problem = sampling_problem(v, 1.0) if name == "temperature" else sampling_problem(0, v)
-        if problem:
-            raise ValueError(problem[1])
-        return v
-    return field_validator(name)(classmethod(check))
 
 
 class ScoreRequest(_Body):
@@ -186,8 +179,13 @@ class GenerateRequest(_Body):
                              "these strings (at most 16; generation itself ends at max_new_tokens or end-of-sequence)")
     stop_at_eos: bool = Field(True, description="end at the end-of-sequence token")
 
-    _temperature = _sampling_field("temperature")
-    _top_p = _sampling_field("top_p")
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _samplable(cls, v, info):
+        problem = sampling_problem(v, 1.0) if info.field_name == "temperature" else sampling_problem(0, v)
+        if problem:
+            raise ValueError(problem[1])
+        return v
 
 
 class GenerateResponse(BaseModel):
@@ -506,8 +504,16 @@ class _Front:
                 code, kind, message = body
                 return await _send_json(send_noting, code, _error_body(code, kind, message),
                                         [(b"connection", b"close")])
-            if not await self._run_watched(scope, receive, send_noting, body) and not started:
-                status[0] = CLIENT_CLOSED
+            try:
+                if not await self._run_watched(scope, receive, send_noting, body) and not started:
+                    status[0] = CLIENT_CLOSED
+            except asyncio.CancelledError:
+                if started or not (self.drain.event and self.drain.event.is_set()):
+                    raise
+                # uvicorn cancels what outlasts --graceful-timeout: say so in JSON (it would answer a bare 500)
+                await _send_json(send_noting, 503, _error_body(
+                    503, "shutting_down", "the server shut down before this request was answered "
+                                          "(--graceful-timeout): send it again later"), [(b"connection", b"close")])
         finally:
             self.metrics.observe_request(endpoint, status[0], time.perf_counter() - start)
 
@@ -571,11 +577,15 @@ class _Front:
         try:
             while True:
                 get = asyncio.ensure_future(receive())
-                done, _ = await asyncio.wait({get, stopping}, timeout=max(0.0, deadline - loop.time()),
+                waits = {get} if stopping.done() else {get, stopping}
+                done, _ = await asyncio.wait(waits, timeout=max(0.0, deadline - loop.time()),
                                              return_when=asyncio.FIRST_COMPLETED)
+                if get not in done and stopping in done:    # shutdown began: a body in transit gets one more second
+                    deadline = min(deadline, loop.time() + DRAIN_GRACE)
+                    done, _ = await asyncio.wait({get}, timeout=max(0.0, deadline - loop.time()))
                 if get not in done:
                     get.cancel()
-                    if stopping in done:
+                    if stopping.done():
                         return 503, "shutting_down", "the server is shutting down: send the request again later"
                     LOG.warning("408: a request body did not arrive within %g s (--read-timeout)", timeout)
                     return 408, "request_timeout", (f"the request body did not arrive within {timeout:g} s "
@@ -653,8 +663,10 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
         if code == 400 and exc.__cause__ is not None:   # the body did not parse: invalid UTF-8, a 5000-digit number
             why = str(exc.__cause__).split("; use sys.set_int_max_str_digits")[0]
             return JSONResponse(_error_body(400, "invalid_json", f"the request body is not valid JSON: {why}"), 400)
-        kind = http.HTTPStatus(code).phrase.lower().replace(" ", "_") if code in http.HTTPStatus._value2member_map_ \
-            else "http_error"
+        try:
+            kind = http.HTTPStatus(code).phrase.lower().replace(" ", "_")
+        except ValueError:
+            kind = "http_error"
         return JSONResponse(_error_body(code, kind, str(exc.detail)), code, headers=exc.headers)
 
     @app.exception_handler(Exception)
@@ -682,17 +694,20 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
             raise ApiError(413, "too_many_choices", f"{pairs} query-choice pairs in one request; this server takes "
                            f"at most {config.max_request_choices} (--max-request-choices): split the request")
 
-    async def check_length(ctx: TunedContext, queries: list[str], choices: list[list[str]], what="query") -> None:
-        """Characters first (no tokenising), then tokens, counted on the tokeniser thread."""
+    async def check_length(ctx: TunedContext, queries: list[str], choices: list[list[str]]) -> None:
+        """Characters first (no tokenising), then tokens, counted on the tokeniser thread. choices [[""]]: a prompt."""
+        prompt = choices == [[""]]
         for i, (q, cs) in enumerate(zip(queries, choices)):
             n = len(q) + max(map(len, cs))
             if n > config.max_query_chars:
-                raise ApiError(413, "query_too_long", f"{what} {i} with its longest choice is {n} characters; this "
-                               f"server takes at most {config.max_query_chars} (--max-query-chars): shorten it")
+                what = "the prompt is" if prompt else f"query {i} with its longest choice is"
+                raise ApiError(413, "query_too_long", f"{what} {n} characters; this server takes at most "
+                               f"{config.max_query_chars} (--max-query-chars): shorten it")
         long = await worker.tokenize(_first_too_long, ctx.lm.tokenizer, queries, choices, config.max_query_tokens)
         if long is not None:
-            raise ApiError(413, "query_too_long", f"{what} {long[0]} with one of its choices is {long[1]} tokens; "
-                           f"this server takes at most {config.max_query_tokens} (--max-query-tokens): shorten it")
+            what = "the prompt is" if prompt else f"query {long[0]} with one of its choices is"
+            raise ApiError(413, "query_too_long", f"{what} {long[1]} tokens; this server takes at most "
+                           f"{config.max_query_tokens} (--max-query-tokens): shorten it")
 
     async def score(name: str, ctx: TunedContext, queries: list[str], choices: list[list[str]], normalize: bool):
         check_choices(choices)
@@ -776,7 +791,7 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
                            f"server's limit of {config.max_new_tokens} (--max-new-tokens)")
         if any(not s for s in req.stop):
             raise ApiError(422, "invalid_request", "stop strings must be non-empty")
-        await check_length(ctx, [req.prompt], [[""]], what="prompt")
+        await check_length(ctx, [req.prompt], [[""]])
         gone = threading.Event()        # the client went away, or shutdown ran out of time: stop generating
 
         def stop(ids) -> bool:
@@ -833,7 +848,7 @@ def serve(contexts: dict[str, TunedContext], config: ServeConfig | None = None, 
     app = create_app(contexts, config, api_key)
     _ensure_open_files(config.max_connections)
     uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_guarded_protocol(config),
-                        timeout_graceful_shutdown=config.graceful_timeout)
+                        backlog=BACKLOG, timeout_graceful_shutdown=config.graceful_timeout)
     limit_repeated_warnings()           # after uvicorn.Config, which configures logging
     _Server(uv, app.state.drain).run()
 
@@ -925,7 +940,7 @@ def _ensure_open_files(max_connections: int) -> None:
     except ImportError:         # not on this platform (Windows): nothing to check
         return
     open_now = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
-    needed = open_now + max_connections + 32
+    needed = open_now + max_connections + BACKLOG + 32
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return

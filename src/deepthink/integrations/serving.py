@@ -105,7 +105,8 @@ def read_api_key(flag: str | None, file: str | None, env: dict) -> str | None:
         raise ValueError(f"{where} is empty: an empty key would turn authentication off; give a key, or unset "
                          f"it to serve without one")
     if key != key.strip() or any(not 32 <= ord(ch) < 127 for ch in key):
-        raise ValueError(f"{where}: the key must be printable ASCII, without leading or trailing spaces (it travels in an HTTP header)")
+        raise ValueError(f"{where}: the key must be printable ASCII, without leading or trailing spaces (it "
+                         "travels in an HTTP header)")
     return key
 
 
