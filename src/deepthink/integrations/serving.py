@@ -51,7 +51,7 @@ class ServeConfig:
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted (413 above)"})
     max_queries: int = field(default=256, metadata={"help": "most queries (or rows) in one request (413 above)"})
     max_choices: int = field(default=64, metadata={"help": "most choices for one query (413 above)"})
-    max_request_choices: int = field(default=2048, metadata={
+    max_request_choices: int = field(default=1024, metadata={
         "help": "most query-choice pairs in one request, summed over its queries (413 above)"})
     max_query_chars: int = field(default=20_000, metadata={
         "help": "most characters in one query with its longest choice, or in one prompt, checked before any "
