@@ -3,6 +3,7 @@
 
     python benchmarks/serve_load.py                                   # 10,000 items at concurrency 8, smollm2-135m
     python benchmarks/serve_load.py --items 300 --serial-items 100    # a smoke run (a few minutes)
+    python benchmarks/serve_load.py --abuse --items 1500              # normal clients, clean and under abuse
 
 Items are the sentiment-demo test reviews (20, with labels) cycled to --items rows. The context is tuned once
 (`deepthink tune --task sentiment-demo --shots 1 --method forward --steps 10`) unless --context DIR names one.
@@ -22,6 +23,17 @@ Every good answer is checked against the offline run: a different prediction, or
 Writes <out>.json (the numbers, the command, git hash, machine) and <out>.md (the table for docs/serve.md).
 Targets (issue 13, on the 2-core machine with smollm2-135m): concurrent >= 3x serial, >= 0.75x offline,
 zero failures, resident memory growth < 5 %. The last line printed is one JSON object with those ratios.
+
+--abuse (issue 26) runs other phases on the same server (default limits, so a 10 s read timeout):
+  clean       --items items from --concurrency clients, nothing else; its answers are the reference
+  abuse       the same again while --abusers clients loop over abusive requests (a 200 KB query with 10 choices
+              and a query with 5,000 choices: 413; a body that stops after 11 of 1000 bytes and headers that never
+              end: 408 after the read timeout; hang-ups right after the body or the headers), --abuse-held uploads
+              are kept open at all times (each reopened when the server closes it), and /healthz is timed twice
+              a second
+Targets: the normal clients' p99 latency under abuse <= 2x the clean run's, their answers unchanged (1e-4),
+every abusive request answered as above, resident memory growth (after warm-up -> after abuse) < 5 %.
+Writes <out>.json and <out>.md (default benchmarks/results/serve_abuse).
 """
 from __future__ import annotations
 
@@ -58,11 +70,18 @@ def main() -> int:
     p.add_argument("--fault-every", type=int, default=50,
                    help="in the concurrent phase, one bad request or hang-up after every this many good requests "
                         "(0: none; default: 50)")
+    p.add_argument("--abuse", action="store_true",
+                   help="instead of the phases above: a clean concurrent run, then the same under abuse")
+    p.add_argument("--abusers", type=int, default=4, help="with --abuse: clients sending abusive requests (default: 4)")
+    p.add_argument("--abuse-held", type=int, default=50,
+                   help="with --abuse: unfinished uploads kept open at all times (default: 50)")
     p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds (default: 3600)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load"),
-                   help="write OUT.json and OUT.md (default: benchmarks/results/serve_load)")
+    p.add_argument("--out", default=None,
+                   help="write OUT.json and OUT.md (default: benchmarks/results/serve_load, or serve_abuse with "
+                        "--abuse)")
     args = p.parse_args()
-    for name in ("items", "concurrency", "rows_per_request", "max_batch"):
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / ("serve_abuse" if args.abuse else "serve_load"))
+    for name in ("items", "concurrency", "rows_per_request", "max_batch", "abusers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     args.serial_items = args.items if args.serial_items is None else args.serial_items
@@ -71,7 +90,7 @@ def main() -> int:
     deadline = time.monotonic() + args.timeout
     args.git = git_hash()          # the code this run starts with (the server imports it right after)
     with tempfile.TemporaryDirectory(prefix="serve_load-") as tmp:
-        return run(args, Path(tmp), deadline)
+        return (run_abuse if args.abuse else run)(args, Path(tmp), deadline)
 
 
 def deepthink_cmd(*argv) -> list[str]:
@@ -88,11 +107,7 @@ def run(args, tmp: Path, deadline: float) -> int:
     items_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:args.items]))
     (tmp / "one.jsonl").write_text(json.dumps(rows[0]) + "\n")
 
-    ctx = Path(args.context) if args.context else tmp / "ctx"
-    if not args.context:
-        log(f"tuning a context with {args.model} ...")
-        check(deepthink_cmd("tune", "--model", args.model, "--task", "sentiment-demo", "--seed", 0, "--shots", 1,
-                            "--method", "forward", "--steps", 10, "--out", ctx), deadline)
+    ctx = context_dir(args, tmp, deadline)
 
     log(f"offline: deepthink predict on {args.items} items ...")
     t_one = timed(deepthink_cmd("predict", "--context", ctx, "--input", tmp / "one.jsonl", "--output",
@@ -158,6 +173,15 @@ def run(args, tmp: Path, deadline: float) -> int:
     return 0
 
 
+def context_dir(args, tmp: Path, deadline: float) -> Path:
+    ctx = Path(args.context) if args.context else tmp / "ctx"
+    if not args.context:
+        log(f"tuning a context with {args.model} ...")
+        check(deepthink_cmd("tune", "--model", args.model, "--task", "sentiment-demo", "--seed", 0, "--shots", 1,
+                            "--method", "forward", "--steps", 10, "--out", ctx), deadline)
+    return ctx
+
+
 async def load(args, url, rows, reference, deadline, proc) -> dict:
     import httpx
 
@@ -209,7 +233,7 @@ async def phase(client, rows, concurrency, per_request, reference, deadline, fau
                 errors.append(f"{r.status_code}: {r.text[:200]}")
                 continue
             for row in r.json()["results"]:
-                want = reference[row["query"]]
+                want = reference.setdefault(row["query"], row)      # a clean run's first answer is its reference
                 gap = max(abs(a - b) for a, b in zip(row["logprob"], want["logprob"]))
                 worst = max(worst, gap)
                 if row["prediction"] != want["prediction"] or gap > 1e-4:
@@ -273,6 +297,222 @@ class Faults:
         await writer.drain()
         writer.close()
         await writer.wait_closed()
+
+
+# ---------------------------------------------------------------- --abuse (issue 26)
+
+def run_abuse(args, tmp: Path, deadline: float) -> int:
+    import httpx
+    import psutil
+
+    base = [json.loads(line) for line in DEMO_TEST.read_text().splitlines() if line.strip()]
+    rows = [base[i % len(base)] for i in range(args.items)]
+    ctx = context_dir(args, tmp, deadline)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(deepthink_cmd("serve", "--context", f"bench={ctx}", "--port", port, "--log-level",
+                                            "warning", "--batch-wait-ms", args.batch_wait_ms, "--max-batch",
+                                            args.max_batch),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(url, server, deadline)
+        result = asyncio.run(abuse_load(args, url, rows, deadline, psutil.Process(server.pid)))
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+    server_log = server.stdout.read()
+    if code not in (0, -signal.SIGTERM):
+        raise SystemExit(f"the server exited with {code} after SIGTERM:\n{server_log[-3000:]}")
+    clean, abused, a = result["clean"], result["abuse"], result["abusive"]
+    summary = {
+        "mode": "abuse", "items": args.items, "concurrency": args.concurrency, "abusers": args.abusers,
+        "abuse_held": args.abuse_held, "model": args.model if not args.context else f"context {ctx}",
+        "batch_wait_ms": args.batch_wait_ms, "max_batch": args.max_batch, **result,
+        "server_log_lines": len(server_log.splitlines()), "server_log_tail": server_log.splitlines()[-5:],
+        "server_exit_code": code,
+        "ratios": {"p99_abuse_vs_clean": abused["p99_ms"] / clean["p99_ms"],
+                   "rss_growth_pct": 100 * (result["rss_after"] / result["rss_before"] - 1)},
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "git": args.git, "cpus": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    r = summary["ratios"]
+    summary["targets_met"] = {"p99 under abuse <= 2x clean": r["p99_abuse_vs_clean"] <= 2,
+                              "zero failures": clean["failures"] == 0 and abused["failures"] == 0,
+                              "abusive requests answered as expected": a["wrong"] == 0,
+                              "rss growth < 5 %": r["rss_growth_pct"] < 5}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown_abuse(summary))
+    log(markdown_abuse(summary))
+    print(json.dumps({"p99_abuse_vs_clean": round(r["p99_abuse_vs_clean"], 2), "failures": abused["failures"],
+                      "abusive_wrong": a["wrong"], "rss_growth_pct": round(r["rss_growth_pct"], 2),
+                      "targets_met": all(summary["targets_met"].values())}))
+    return 0
+
+
+async def abuse_load(args, url, rows, deadline, proc) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        for i in range(20):                                                     # warm-up
+            await client.post("/v1/predict", json={"context": "bench", "rows": [rows[i % len(rows)]]})
+        rss_before = proc.memory_info().rss
+        log(f"server resident memory after warm-up: {rss_before / 2**20:.0f} MiB")
+        reference: dict = {}
+        log(f"clean: {args.items} items from {args.concurrency} clients ...")
+        clean = await phase(client, rows, args.concurrency, args.rows_per_request, reference, deadline)
+        clean["healthz_max_ms"] = None
+        rss_clean = proc.memory_info().rss
+        log(f"  {clean['items_per_s']:.1f} items/s, p50 {clean['p50_ms']:.0f} ms, p99 {clean['p99_ms']:.0f} ms, "
+            f"failures {clean['failures']}; resident memory {rss_clean / 2**20:.0f} MiB")
+        log(f"abuse: the same with {args.abusers} abusive clients and {args.abuse_held} uploads held open ...")
+        abuse = Abuse(url)
+        async with httpx.AsyncClient(base_url=url, timeout=120) as bad_client:
+            tasks = [asyncio.ensure_future(abuse.client_loop(bad_client, i)) for i in range(args.abusers)]
+            tasks += [asyncio.ensure_future(abuse.hold()) for _ in range(args.abuse_held)]
+            tasks.append(asyncio.ensure_future(abuse.probe_health(bad_client)))
+            await asyncio.sleep(1.0)                                            # let the abuse start
+            try:
+                abused = await phase(client, rows, args.concurrency, args.rows_per_request, reference, deadline)
+            finally:
+                abuse.stop.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        abused["healthz_max_ms"] = max(abuse.health_ms) if abuse.health_ms else None
+        rss_after = proc.memory_info().rss
+        log(f"  {abused['items_per_s']:.1f} items/s, p50 {abused['p50_ms']:.0f} ms, p99 {abused['p99_ms']:.0f} ms, "
+            f"failures {abused['failures']}; abusive {abuse.summary()}")
+    return {"clean": clean, "abuse": abused, "abusive": abuse.summary(), "rss_before": rss_before,
+            "rss_clean": rss_clean, "rss_after": rss_after}
+
+
+class Abuse:
+    """Abusive clients beside the normal ones; each request's answer is checked against what the server promises."""
+
+    EXPECT = {"long query": 413, "many choices": 413, "slow body": 408, "unfinished headers": 408,
+              "hang-up after body": None, "hang-up after headers": None, "held upload": 408}
+    LOOP = ["long query", "many choices", "hang-up after body", "slow body", "hang-up after headers",
+            "unfinished headers"]
+
+    def __init__(self, url: str):
+        self.host, port = url.removeprefix("http://").split(":")
+        self.port = int(port)
+        self.stop = asyncio.Event()
+        self.counts: dict[str, dict[str, int]] = {k: {} for k in self.EXPECT}
+        self.wrong, self.errors, self.health_ms = 0, [], []
+
+    def note(self, kind: str, status) -> None:
+        self.counts[kind][str(status)] = self.counts[kind].get(str(status), 0) + 1
+        if status != self.EXPECT[kind]:
+            self.wrong += 1
+            self.errors.append(f"{kind}: expected {self.EXPECT[kind]}, got {status}")
+
+    def summary(self) -> dict:
+        return {"sent": sum(sum(c.values()) for c in self.counts.values()), "wrong": self.wrong,
+                "by_kind": self.counts, "errors": self.errors[:10]}
+
+    async def client_loop(self, client, i: int) -> None:
+        k = i
+        while not self.stop.is_set():
+            kind = self.LOOP[k % len(self.LOOP)]
+            k += 1
+            try:
+                if kind == "long query":
+                    r = await client.post("/v1/score", json={"context": "bench", "queries": ["x " * 100_000],
+                                                             "choices": [f" c{j}" for j in range(10)]})
+                    status = r.status_code
+                elif kind == "many choices":
+                    r = await client.post("/v1/score", json={"context": "bench",
+                                                             "queries": ["Review: fine\nSentiment:"],
+                                                             "choices": [f" choice {j}" for j in range(5000)]})
+                    status = r.status_code
+                else:
+                    status = await self.raw(kind)
+            except Exception as e:  # noqa: BLE001  (counted: the point is to count them)
+                status = f"{type(e).__name__}: {e}"
+            self.note(kind, status)
+            await asyncio.sleep(0.25)
+
+    async def raw(self, kind: str):
+        """One abusive request on its own connection; the status the server answered (None: closed, no answer)."""
+        body = json.dumps({"context": "bench", "rows": ["a fine film"] * 8}).encode()
+        head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        data = {"slow body": head + body[:11], "unfinished headers": head[:40], "held upload": head + body[:11],
+                "hang-up after body": head + body, "hang-up after headers": head}[kind]
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write(data)
+            await writer.drain()
+            if kind.startswith("hang-up"):
+                return None
+            answer = await asyncio.wait_for(reader.read(), timeout=60)          # until the server closes it
+            return int(answer.split(b" ", 2)[1]) if answer else None
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+    async def hold(self) -> None:
+        while not self.stop.is_set():
+            try:
+                status = await self.raw("held upload")
+            except Exception as e:  # noqa: BLE001
+                status = f"{type(e).__name__}: {e}"
+            if not self.stop.is_set():
+                self.note("held upload", status)
+
+    async def probe_health(self, client) -> None:
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            r = await client.get("/healthz")
+            if r.status_code == 200:
+                self.health_ms.append(1000 * (time.perf_counter() - t))
+            await asyncio.sleep(0.5)
+
+
+def markdown_abuse(s: dict) -> str:
+    c, a, r, ab = s["clean"], s["abuse"], s["ratios"], s["abusive"]
+    mb = 2 ** 20
+    kinds = "; ".join(f"{k}: " + ", ".join(f"{n}x {st}" for st, n in sorted(v.items())) for k, v in
+                      ab["by_kind"].items() if v)
+    lines = [
+        f"`{s['command']}` ({s['date']}, git {s['git']}, {s['cpus']} CPUs; model {s['model']}; server defaults "
+        f"(--read-timeout 10, --max-connections 256), --batch-wait-ms {s['batch_wait_ms']:g} --max-batch "
+        f"{s['max_batch']})",
+        "",
+        "| normal clients | items | items/s | p50 ms | p99 ms | failures | slowest /healthz ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| clean, concurrency {s['concurrency']} | {c['items']} | {c['items_per_s']:.1f} | {c['p50_ms']:.0f} | "
+        f"{c['p99_ms']:.0f} | {c['failures']} | |",
+        f"| under abuse ({s['abusers']} abusive clients, {s['abuse_held']} uploads held) | {a['items']} | "
+        f"{a['items_per_s']:.1f} | {a['p50_ms']:.0f} | {a['p99_ms']:.0f} | {a['failures']} | "
+        f"{a['healthz_max_ms'] or 0:.0f} |",
+        "",
+        "| check | measured | target | met |",
+        "| --- | ---: | ---: | :---: |",
+        f"| p99 under abuse / clean | {r['p99_abuse_vs_clean']:.2f}x | <= 2x | "
+        f"{yes(s['targets_met']['p99 under abuse <= 2x clean'])} |",
+        f"| failed items (answers under abuse checked against the clean run's; max log-prob gap "
+        f"{a['max_logprob_gap']:.1e}) | {c['failures'] + a['failures']} | 0 | "
+        f"{yes(s['targets_met']['zero failures'])} |",
+        f"| abusive requests answered otherwise than promised | {ab['wrong']} of {ab['sent']} | 0 | "
+        f"{yes(s['targets_met']['abusive requests answered as expected'])} |",
+        f"| server resident memory, after warm-up -> after clean -> after abuse | {s['rss_before'] / mb:.0f} -> "
+        f"{s['rss_clean'] / mb:.0f} -> {s['rss_after'] / mb:.0f} MiB ({r['rss_growth_pct']:+.1f} %) | < 5 % | "
+        f"{yes(s['targets_met']['rss growth < 5 %'])} |",
+        f"| server log lines over the whole run | {s['server_log_lines']} | | |",
+        "",
+        f"Abusive requests (status received; None = closed without an answer, as a hang-up expects): {kinds}.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(s: dict) -> str:

@@ -21,8 +21,9 @@ def register(sub) -> None:
     add_context_args(p)
     p.add_argument("--prompt", required=True, help="text to continue (- reads it from stdin)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default: 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); else sampling, between 0.001 and 100")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, between 0.001 and 1 (default: 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: unseeded)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="cut the text before the first occurrence of TEXT (repeatable; \\n is a newline)")
@@ -32,10 +33,20 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..integrations.serving import sampling_problem, text_problem
+
+    bad = sampling_problem(args.temperature, args.top_p)
+    if bad:
+        raise ValueError(f"--{bad[0].replace('_', '-')} {bad[1]}")
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     if any(not s for s in stops):
         raise ValueError("--stop strings must be non-empty")
+    for s in stops:
+        if text_problem(s):
+            raise ValueError(f"--stop {text_problem(s)}")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if text_problem(prompt):        # e.g. bytes that are not UTF-8 in the argument
+        raise ValueError(f"--prompt {text_problem(prompt)}")
     ctx = load_context(args)
     decode = ctx.lm.tokenizer.decode
     ids = ctx.generate_tokens(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -14,10 +14,12 @@ Each --context NAME=DIR is loaded and verified at start-up for the model it reco
 loaded once); clients name contexts, never paths. Endpoints: GET /v1/contexts, POST /v1/score, POST
 /v1/predict, POST /v1/generate, GET /healthz, GET /metrics; every field is documented at /docs.
 
-Binds to 127.0.0.1 unless --host says otherwise. With --api-key (or $DEEPTHINK_API_KEY) every endpoint but
-/healthz and /docs asks for 'Authorization: Bearer KEY' (or 'X-API-Key: KEY'). Concurrent score and predict
-requests for one context are gathered (--batch-wait-ms, --max-batch) into one shared-prefix model call.
-SIGTERM or Ctrl-C finishes the requests in flight, then exits. Needs `pip install deepthink[serve]`.
+Binds to 127.0.0.1 unless --host says otherwise. With a key ($DEEPTHINK_API_KEY or --api-key-file FILE keep
+it out of `ps`; --api-key KEY works too) every endpoint but /healthz and /docs asks for 'Authorization: Bearer
+KEY' (or 'X-API-Key: KEY'); an empty key is refused. Concurrent score and predict requests for one context are
+gathered (--batch-wait-ms, --max-batch) into one shared-prefix model call. The limits below answer 413, 422,
+408 or 503 (docs/serve.md lists them). SIGTERM or Ctrl-C gives the requests in flight --graceful-timeout
+seconds, then exits; a second signal exits at once. Needs `pip install deepthink[serve]`.
 """
 
 
@@ -32,7 +34,10 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key", default=None,
-                   help=f"require this key from clients (default: ${API_KEY_ENV} if set, else no key)")
+                   help=f"require this key from clients (visible in `ps`: prefer ${API_KEY_ENV} or --api-key-file; "
+                        f"default: ${API_KEY_ENV} if set, else no key)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="read the key from this file (its first line; trailing newline ignored)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default: info)")
     add_model_args(p, from_context=True)
@@ -67,7 +72,7 @@ def run(args) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a port number (0-65535)")
     specs = serving.parse_context_specs(args.context)
-    api_key = args.api_key if args.api_key is not None else os.environ.get(serving.API_KEY_ENV) or None
+    api_key = serving.read_api_key(args.api_key, args.api_key_file, os.environ)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"deepthink serve: warning: listening on {args.host} without an API key: anyone who can reach this "
               f"port can use the model (set --api-key or ${serving.API_KEY_ENV})", file=sys.stderr)

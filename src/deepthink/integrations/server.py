@@ -12,15 +12,24 @@ a modified key/value cache as a prefix, so this one does. FastAPI + uvicorn (`pi
   runs each context's share as one shared-prefix `TunedContext.predict` call, then hands every request its
   own rows - the same rows it would get alone (to float32 rounding; tested). If a gathered call fails on one
   request's input, each request is run alone, so only the bad one gets the error.
-- Errors are JSON: {"error": {"status", "type", "message", ...}}. Limits: body bytes (413), queries per request
-  (413), tokens per query (413), max_new_tokens (422); unknown context (404, lists the names); malformed JSON
-  (400); invalid fields (422); missing or wrong API key (401).
+- Errors are JSON: {"error": {"status", "type", "message", ...}}, whatever the cause. Limits: body bytes (413),
+  queries, choices per query and query-choice pairs per request (413), characters per query, checked before any
+  tokenising, then tokens per query, counted on a tokeniser thread (413), max_new_tokens (422); unknown context
+  (404, lists the names); malformed JSON or invalid UTF-8 (400); invalid fields, lone surrogates, sampling
+  parameters out of range, labels that are not integers (422, naming the field); missing or wrong API key (401).
+- The connection guards (`serve`): at most --max-connections open (one more: 503, closed at once), request
+  headers and then the body due within --read-timeout (closed, or 408), SIGTERM waits --graceful-timeout for the
+  requests in flight (a second signal exits at once), repeated warnings logged at most once per 10 s.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import http
 import json
+import logging
+import os
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -28,32 +37,86 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Union
+from itertools import islice
+from typing import Annotated, Literal, Union
 
+import h11
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..context import TunedContext
 from ..version import __version__
-from .serving import API_KEY_ENV, NAME, ServeConfig, load_contexts, parse_context_specs  # noqa: F401 (re-exported)
+from .serving import (API_KEY_ENV, NAME, ServeConfig, load_contexts, parse_context_specs,  # noqa: F401 (re-exported)
+                      sampling_problem, text_problem)
 
 OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")   # no API key needed
 CLIENT_CLOSED = 499     # the status recorded in /metrics for a client that went away before its answer (nginx's)
 ENDPOINTS = ("/v1/contexts", "/v1/score", "/v1/predict", "/v1/generate", "/healthz", "/metrics")
+BACKLOG = 128               # listen backlog: asyncio accepts up to this many connections at once, before closing any
+DRAIN_GRACE = 1.0           # seconds a body still arriving when shutdown begins gets before its 503
+MAX_MESSAGE_CHARS = 1000    # error messages are cut here, and a name a client sent at 80 characters: never echo a body
+LOG = logging.getLogger("uvicorn.error.deepthink")   # a child of uvicorn's logger: its format, level and handlers
+
+
+def _short(text, limit: int = 80) -> str:
+    """repr(text), cut to about `limit` characters (a client's string in an error message)."""
+    r = repr(text)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(text)} characters)"
+
+
+def _valid_text(s: str) -> str:
+    problem = text_problem(s)
+    if problem:
+        raise ValueError(problem)
+    return s
+
+
+def _non_empty_text(s: str) -> str:
+    if not s:
+        raise ValueError("must not be empty")
+    return _valid_text(s)
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]     # a string the tokeniser can take (no lone surrogate)
+NonEmptyText = Annotated[str, AfterValidator(_non_empty_text)]  # (pydantic's min_length would refuse a surrogate
+#                                                                  with a message that names no cause)
+
+
+def _bad_text_in(value, limit: int = 100_000) -> str | None:
+    """Where in a JSON value (a row) the first string the tokeniser cannot take is, and why; None if none."""
+    stack = [("", value)]
+    while stack and limit > 0:
+        limit -= 1
+        where, v = stack.pop()
+        if isinstance(v, str):
+            problem = text_problem(v)
+            if problem:
+                return f"{where or 'the row'}: {problem}"
+        elif isinstance(v, dict):
+            for k, x in reversed(list(v.items())):
+                if text_problem(k):
+                    return f"a field name in {where or 'the row'}: {text_problem(k)}"
+                stack.append((f"{where}.{k}" if where else f"field {k!r}", x))
+        elif isinstance(v, list):
+            stack += [(f"{where}[{i}]" if where else f"[{i}]", x) for i, x in reversed(list(enumerate(v)))]
+    return None
 
 
 # ---------------------------------------------------------------- request and response bodies
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)    # "yes" is not a bool, 1.5 and true are not ints
 
 
 class ScoreRequest(_Body):
-    context: str = Field(description="name of a served context (GET /v1/contexts lists them)")
-    queries: list[str] = Field(min_length=1, description="query texts, each placed right after the tuned prefix")
-    choices: Union[list[str], list[list[str]]] = Field(
+    context: Text = Field(description="name of a served context (GET /v1/contexts lists them)")
+    queries: list[Text] = Field(min_length=1, description="query texts, each placed right after the tuned prefix")
+    choices: Union[list[Text], list[list[Text]]] = Field(
         description="the continuations to score: one list shared by every query, or one list per query; a choice "
                     "is the exact text appended to its query (e.g. \" positive\", with its leading space)")
     normalize: bool = Field(False, description="pick `answer` by per-token log-probability instead of the sum")
@@ -75,11 +138,20 @@ class ScoreResponse(BaseModel):
 
 
 class PredictRequest(_Body):
-    context: str = Field(description="name of a served context that was tuned on a task")
+    context: Text = Field(description="name of a served context that was tuned on a task")
     rows: list[Union[dict, str]] = Field(
         min_length=1, description="rows in the context's task layout (like its eval.jsonl; the label field is "
                                   "optional), or plain strings for tasks whose query is one field")
     normalize: bool = Field(False, description="pick `answer` by per-token log-probability instead of the sum")
+
+    @field_validator("rows")
+    @classmethod
+    def _rows_are_text(cls, rows):
+        for i, row in enumerate(rows):
+            problem = _bad_text_in(row)
+            if problem:
+                raise ValueError(f"row {i}, {problem}")
+        return rows
 
 
 class PredictResult(ScoreResult):
@@ -95,16 +167,25 @@ class PredictResponse(BaseModel):
 
 
 class GenerateRequest(_Body):
-    context: str = Field(description="name of a served context")
-    prompt: str = Field(min_length=1, description="text to continue, placed right after the tuned prefix")
+    context: Text = Field(description="name of a served context")
+    prompt: NonEmptyText = Field(description="text to continue, placed right after the tuned prefix")
     max_new_tokens: int = Field(64, ge=1, description="at most this many new tokens (the server caps it: "
                                                        "--max-new-tokens)")
-    temperature: float = Field(0.0, ge=0, description="0 = greedy; > 0 samples")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass, in (0, 1]")
-    seed: int | None = Field(None, description="seed for sampling; the same seed gives the same text")
-    stop: list[str] = Field([], description="cut the text before the first occurrence of any of these strings "
-                                            "(generation itself ends at max_new_tokens or end-of-sequence)")
+    temperature: float = Field(0.0, description="0 = greedy; else sampling, between 0.001 and 100")
+    top_p: float = Field(1.0, description="nucleus sampling mass, between 0.001 and 1")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed for sampling, 0 to 2**63-1; the same "
+                                                                   "seed gives the same text")
+    stop: list[Text] = Field([], max_length=16, description="cut the text before the first occurrence of any of "
+                             "these strings (at most 16; generation itself ends at max_new_tokens or end-of-sequence)")
     stop_at_eos: bool = Field(True, description="end at the end-of-sequence token")
+
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _samplable(cls, v, info):
+        problem = sampling_problem(v, 1.0) if info.field_name == "temperature" else sampling_problem(0, v)
+        if problem:
+            raise ValueError(problem[1])
+        return v
 
 
 class GenerateResponse(BaseModel):
@@ -117,7 +198,7 @@ class GenerateResponse(BaseModel):
 
 class ContextInfo(BaseModel):
     name: str = Field(description="the name clients use for this context (from --context NAME=DIR)")
-    model: dict = Field(description="name and source of the model the context was tuned with")
+    model: dict = Field(description="name of the model the context was tuned with (never a path on disk)")
     dtype: str = Field(description="dtype of the model and the tuned keys/values, e.g. float32")
     tokens: int = Field(description="prefix length L (tuned demonstration tokens)")
     steps: int = Field(description="forward-tuning steps done")
@@ -134,7 +215,17 @@ class ApiError(Exception):
 
 
 def _error_body(status: int, kind: str, message: str, **extra) -> dict:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + f"... ({len(message)} characters)"
     return {"error": {"status": status, "type": kind, "message": message, **extra}}
+
+
+def _raw_response(status: int, kind: str, message: str) -> bytes:
+    """A whole HTTP/1.1 error response, for the connection guards (which run below the ASGI app)."""
+    body = json.dumps(_error_body(status, kind, message)).encode()
+    head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode() + body
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
@@ -145,8 +236,8 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         where = f" at position {bad_json[0]['loc'][1]}" if len(bad_json[0].get("loc", ())) > 1 else ""
         return JSONResponse(_error_body(400, "invalid_json", f"the request body is not valid JSON{where}: "
                                         f"{ctx.get('error', bad_json[0].get('msg'))}"), 400)
-    details = [{"field": ".".join(str(x) for x in e.get("loc", ())[1:]) or "body", "message": e.get("msg", ""),
-                "type": e.get("type", "")} for e in errors]
+    details = [{"field": ".".join(str(x) for x in e.get("loc", ())[1:])[:200] or "body",
+                "message": e.get("msg", "")[:MAX_MESSAGE_CHARS], "type": e.get("type", "")} for e in errors[:20]]
     message = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
     return JSONResponse(_error_body(422, "invalid_request", message, details=details), 422)
 
@@ -228,11 +319,16 @@ class _Job:
 
 
 class Worker:
-    """One thread for all model work; score jobs gathered per context into one `predict` call."""
+    """One thread for all model work; score jobs gathered per context into one `predict` call.
+
+    A second thread counts tokens for the length checks, so that neither the event loop (which must keep
+    answering /healthz) nor the model thread waits on a large request's tokenising."""
 
     def __init__(self, contexts: dict[str, TunedContext], config: ServeConfig, metrics: Metrics):
         self.contexts, self.config, self.metrics = contexts, config, metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepthink-model")
+        self.tokenizer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepthink-tokenize")
+        self.aborting = threading.Event()       # set at shutdown: a generation still running stops at its next token
         self.queue: asyncio.Queue[_Job] | None = None
         self.task: asyncio.Task | None = None
 
@@ -241,17 +337,23 @@ class Worker:
         self.task = asyncio.create_task(self._batcher())
 
     async def stop(self) -> None:
+        self.aborting.set()
         if self.task is not None:
             self.task.cancel()
             try:
                 await self.task
             except asyncio.CancelledError:
                 pass
-        self.executor.shutdown(wait=True)
+        self.tokenizer_executor.shutdown(wait=True, cancel_futures=True)
+        self.executor.shutdown(wait=True, cancel_futures=True)   # a model call already running ends first
 
     async def call(self, fn, *args, **kwargs):
         """Run fn on the model thread (after the model work queued before it)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args, **kwargs))
+
+    async def tokenize(self, fn, *args):
+        """Run fn on the tokeniser thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_executor, partial(fn, *args))
 
     async def score(self, context: str, queries: list[str], choices: list[list[str]]) -> list[dict]:
         """TunedContext.predict rows (normalize=False), computed in a batch with other requests'."""
@@ -342,13 +444,38 @@ def _settle(fut: asyncio.Future, result=None, error: BaseException | None = None
         fut.set_result(result)
 
 
+def _first_too_long(tokenizer, queries: list[str], choices: list[list[str]], limit: int,
+                    chunk: int = 64) -> tuple[int, int] | None:
+    """(query index, tokens) of the first query that, with one of its choices, is over `limit` tokens; else None.
+
+    Tokenised `chunk` pairs at a time, so that memory stays small whatever the request holds."""
+    pairs = ((i, q + c) for i, (q, cs) in enumerate(zip(queries, choices)) for c in cs)
+    while batch := list(islice(pairs, chunk)):
+        ids = tokenizer([text for _, text in batch], add_special_tokens=False).input_ids
+        for (i, _), x in zip(batch, ids):
+            if len(x) > limit:
+                return i, len(x)
+    return None
+
+
 # ---------------------------------------------------------------- the app
 
-class _Front:
-    """ASGI middleware before routing: API key, body size limit, request metrics."""
+class _Drain:
+    """Set when the server starts to shut down: requests still reading their body are answered 503 at once."""
 
-    def __init__(self, app, config: ServeConfig, metrics: Metrics, api_key: str | None):
-        self.app, self.config, self.metrics, self.api_key = app, config, metrics, api_key
+    def __init__(self):
+        self.event: asyncio.Event | None = None     # made in the serving loop (lifespan start-up)
+
+    def start(self) -> None:
+        if self.event is not None:
+            self.event.set()
+
+
+class _Front:
+    """ASGI middleware before routing: API key, body size limit, body read timeout, request metrics."""
+
+    def __init__(self, app, config: ServeConfig, metrics: Metrics, api_key: str | None, drain: _Drain):
+        self.app, self.config, self.metrics, self.api_key, self.drain = app, config, metrics, api_key, drain
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -373,10 +500,20 @@ class _Front:
             if body is None:        # the client went away while sending
                 status[0] = CLIENT_CLOSED
                 return
-            if isinstance(body, JSONResponse):
-                return await body(scope, receive, send_noting)
-            if not await self._run_watched(scope, receive, send_noting, body) and not started:
-                status[0] = CLIENT_CLOSED
+            if isinstance(body, tuple):     # refused before the body was whole: answer and close the connection
+                code, kind, message = body
+                return await _send_json(send_noting, code, _error_body(code, kind, message),
+                                        [(b"connection", b"close")])
+            try:
+                if not await self._run_watched(scope, receive, send_noting, body) and not started:
+                    status[0] = CLIENT_CLOSED
+            except asyncio.CancelledError:
+                if started or not (self.drain.event and self.drain.event.is_set()):
+                    raise
+                # uvicorn cancels what outlasts --graceful-timeout: say so in JSON (it would answer a bare 500)
+                await _send_json(send_noting, 503, _error_body(
+                    503, "shutting_down", "the server shut down before this request was answered "
+                                          "(--graceful-timeout): send it again later"), [(b"connection", b"close")])
         finally:
             self.metrics.observe_request(endpoint, status[0], time.perf_counter() - start)
 
@@ -426,25 +563,45 @@ class _Front:
         return hmac.compare_digest(given.encode(), self.api_key.encode())
 
     async def _read_body(self, scope, receive):
-        limit = self.config.max_body_bytes
-        too_big = JSONResponse(_error_body(413, "body_too_large", f"the request body is larger than this server's "
-                                           f"limit of {limit} bytes (--max-body-bytes): send fewer or shorter "
-                                           "queries per request"), 413)
+        """The whole body; None if the client went away; (status, type, message) if it is refused."""
+        limit, timeout = self.config.max_body_bytes, self.config.read_timeout
+        too_big = (413, "body_too_large", f"the request body is larger than this server's limit of {limit} bytes "
+                                          "(--max-body-bytes): send fewer or shorter queries per request")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return too_big
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        stopping = asyncio.ensure_future(self.drain.event.wait() if self.drain.event else loop.create_future())
         chunks, n = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            n += len(chunk)
-            if n > limit:
-                return too_big
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            while True:
+                get = asyncio.ensure_future(receive())
+                waits = {get} if stopping.done() else {get, stopping}
+                done, _ = await asyncio.wait(waits, timeout=max(0.0, deadline - loop.time()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get not in done and stopping in done:    # shutdown began: a body in transit gets one more second
+                    deadline = min(deadline, loop.time() + DRAIN_GRACE)
+                    done, _ = await asyncio.wait({get}, timeout=max(0.0, deadline - loop.time()))
+                if get not in done:
+                    get.cancel()
+                    if stopping.done():
+                        return 503, "shutting_down", "the server is shutting down: send the request again later"
+                    LOG.warning("408: a request body did not arrive within %g s (--read-timeout)", timeout)
+                    return 408, "request_timeout", (f"the request body did not arrive within {timeout:g} s "
+                                                    "(--read-timeout): send it whole, without pauses")
+                message = get.result()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                n += len(chunk)
+                if n > limit:
+                    return too_big
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+        finally:
+            stopping.cancel()
 
 
 async def _send_json(send, status: int, body: dict, headers=()):
@@ -464,11 +621,15 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
     for name in contexts:
         if not NAME.fullmatch(name):
             raise ValueError(f"context name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError("api_key is empty: an empty key would turn authentication off; give a key, or None")
     metrics = Metrics()
     worker = Worker(contexts, config, metrics)
+    drain = _Drain()
 
     @asynccontextmanager
     async def lifespan(app):
+        drain.event = asyncio.Event()
         await worker.start()
         try:
             yield
@@ -480,6 +641,7 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
                               "compiled into a key/value cache). Errors are JSON: "
                               '{"error": {"status", "type", "message"}}.')
     app.state.contexts, app.state.config, app.state.metrics, app.state.worker = contexts, config, metrics, worker
+    app.state.drain = drain
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -489,14 +651,23 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
     async def _invalid(request: Request, exc: RequestValidationError):
         return _validation_error(exc)
 
-    @app.exception_handler(404)
-    async def _not_found(request: Request, exc):
-        return JSONResponse(_error_body(404, "not_found", f"no endpoint {request.url.path}; see /docs"), 404)
-
-    @app.exception_handler(405)
-    async def _not_allowed(request: Request, exc):
-        return JSONResponse(_error_body(405, "method_not_allowed",
-                                        f"{request.method} is not allowed on {request.url.path}; see /docs"), 405)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        """FastAPI's and Starlette's own errors ({"detail": ...}), in this server's shape."""
+        code, path = exc.status_code, _short(request.url.path)
+        if code == 404:
+            return JSONResponse(_error_body(404, "not_found", f"no endpoint {path}; see /docs"), 404)
+        if code == 405:
+            return JSONResponse(_error_body(405, "method_not_allowed",
+                                            f"{request.method} is not allowed on {path}; see /docs"), 405)
+        if code == 400 and exc.__cause__ is not None:   # the body did not parse: invalid UTF-8, a 5000-digit number
+            why = str(exc.__cause__).split("; use sys.set_int_max_str_digits")[0]
+            return JSONResponse(_error_body(400, "invalid_json", f"the request body is not valid JSON: {why}"), 400)
+        try:
+            kind = http.HTTPStatus(code).phrase.lower().replace(" ", "_")
+        except ValueError:
+            kind = "http_error"
+        return JSONResponse(_error_body(code, kind, str(exc.detail)), code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
@@ -504,7 +675,7 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
 
     def get(name: str) -> TunedContext:
         if name not in contexts:
-            raise ApiError(404, "unknown_context", f"no context named {name!r}; this server has: "
+            raise ApiError(404, "unknown_context", f"no context named {_short(name)}; this server has: "
                            f"{', '.join(sorted(contexts))}", contexts=sorted(contexts))
         return contexts[name]
 
@@ -513,17 +684,34 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
             raise ApiError(413, "too_many_queries", f"{n} {what} in one request; this server takes at most "
                            f"{config.max_queries} (--max-queries): split the request")
 
-    def check_tokens(ctx: TunedContext, queries: list[str], choices: list[list[str]]) -> None:
-        texts = [q + c for q, cs in zip(queries, choices) for c in cs]
-        lengths = iter(len(ids) for ids in ctx.lm.tokenizer(texts, add_special_tokens=False).input_ids)
-        for i, cs in enumerate(choices):
-            n = max(next(lengths) for _ in cs)
-            if n > config.max_query_tokens:
-                raise ApiError(413, "query_too_long", f"query {i} with its longest choice is {n} tokens; this server "
-                               f"takes at most {config.max_query_tokens} (--max-query-tokens): shorten it")
+    def check_choices(choices: list[list[str]]) -> None:
+        most = max(range(len(choices)), key=lambda i: len(choices[i]))
+        if len(choices[most]) > config.max_choices:
+            raise ApiError(413, "too_many_choices", f"query {most} has {len(choices[most])} choices; this server "
+                           f"takes at most {config.max_choices} per query (--max-choices)")
+        pairs = sum(map(len, choices))
+        if pairs > config.max_request_choices:
+            raise ApiError(413, "too_many_choices", f"{pairs} query-choice pairs in one request; this server takes "
+                           f"at most {config.max_request_choices} (--max-request-choices): split the request")
+
+    async def check_length(ctx: TunedContext, queries: list[str], choices: list[list[str]]) -> None:
+        """Characters first (no tokenising), then tokens, counted on the tokeniser thread. choices [[""]]: a prompt."""
+        prompt = choices == [[""]]
+        for i, (q, cs) in enumerate(zip(queries, choices)):
+            n = len(q) + max(map(len, cs))
+            if n > config.max_query_chars:
+                what = "the prompt is" if prompt else f"query {i} with its longest choice is"
+                raise ApiError(413, "query_too_long", f"{what} {n} characters; this server takes at most "
+                               f"{config.max_query_chars} (--max-query-chars): shorten it")
+        long = await worker.tokenize(_first_too_long, ctx.lm.tokenizer, queries, choices, config.max_query_tokens)
+        if long is not None:
+            what = "the prompt is" if prompt else f"query {long[0]} with one of its choices is"
+            raise ApiError(413, "query_too_long", f"{what} {long[1]} tokens; this server takes at most "
+                           f"{config.max_query_tokens} (--max-query-tokens): shorten it")
 
     async def score(name: str, ctx: TunedContext, queries: list[str], choices: list[list[str]], normalize: bool):
-        check_tokens(ctx, queries, choices)
+        check_choices(choices)
+        await check_length(ctx, queries, choices)
         try:
             rows = await worker.score(name, queries, choices)
         except ValueError as e:
@@ -545,7 +733,7 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
 
     @app.get("/v1/contexts", response_model=list[ContextInfo], summary="the served contexts")
     async def list_contexts():
-        return [ContextInfo(name=name, model={"name": c.lm.name, "source": c.lm.source},
+        return [ContextInfo(name=name, model={"name": c.lm.name},
                             dtype=str(c.lm.dtype).removeprefix("torch."), tokens=c.length, steps=c.steps_done,
                             tuning=c.config.to_dict() if c.config else None, origin=c.origin, stopped=c.stopped)
                 for name, c in contexts.items()]
@@ -579,10 +767,15 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
         if task is None:
             raise ApiError(422, "no_task", f"context {req.context!r} was not tuned on a task (its demonstrations "
                            "came from a file), so it has no row layout: use /v1/score with queries and choices")
+        bad_label = _label_problem(task, req.rows)
+        if bad_label:
+            raise ApiError(422, "invalid_row", bad_label)
         try:
             queries, choices, labels = task_queries(task, list(req.rows))
         except (ValueError, KeyError) as e:
             raise ApiError(422, "invalid_row", str(e)) from None
+        if not all(choices):
+            raise ApiError(422, "invalid_row", f"row {choices.index([])} has no choices")
         rows = await score(req.context, ctx, queries, choices, req.normalize)
         key = "prediction_normalized" if req.normalize else "prediction"
         results = [{"index": i, **r, "label": label} for i, (r, label) in enumerate(zip(rows, labels))]
@@ -598,13 +791,20 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
                            f"server's limit of {config.max_new_tokens} (--max-new-tokens)")
         if any(not s for s in req.stop):
             raise ApiError(422, "invalid_request", "stop strings must be non-empty")
-        check_tokens(ctx, [req.prompt], [[""]])
+        await check_length(ctx, [req.prompt], [[""]])
+        gone = threading.Event()        # the client went away, or shutdown ran out of time: stop generating
+
+        def stop(ids) -> bool:
+            return gone.is_set() or worker.aborting.is_set()
         try:
             ids = await worker.call(ctx.generate_tokens, req.prompt, max_new_tokens=req.max_new_tokens,
                                     temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                    stop_at_eos=req.stop_at_eos)
+                                    stop_at_eos=req.stop_at_eos, stop=stop)
         except ValueError as e:
             raise ApiError(422, "invalid_request", str(e)) from None
+        except asyncio.CancelledError:
+            gone.set()
+            raise
         text = ctx.lm.tokenizer.decode(ids)
         cuts = [i for i in (text.find(s) for s in req.stop) if i >= 0]
         if cuts:
@@ -613,14 +813,179 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
             reason = "length" if len(ids) == req.max_new_tokens else "eos"
         return {"context": req.context, "text": text, "tokens": len(ids), "finish_reason": reason}
 
-    app.add_middleware(_Front, config=config, metrics=metrics, api_key=api_key)
+    app.add_middleware(_Front, config=config, metrics=metrics, api_key=api_key, drain=drain)
     return app
+
+
+def _label_problem(task_name: str, rows: list) -> str | None:
+    """Why a row's label is not one the task can read exactly (1.5 and true are not the label 1); None if fine."""
+    from ..tasks import get_task
+
+    task = get_task(task_name)
+    for i, row in enumerate(rows):
+        value = row
+        for key in task.label_field.split("."):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            if task.label_format == "letter":
+                ok = isinstance(value, str)
+                want = "a letter string, e.g. \"A\""
+            else:
+                ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+                    isinstance(value, str) and value.isascii() and value.isdigit())
+                want = "an integer" + (" from 1" if task.label_format == "one_based" else " from 0")
+            if not ok:
+                return f"row {i}: field {task.label_field!r} must be {want}, got {_short(value, 40)}"
+    return None
 
 
 def serve(contexts: dict[str, TunedContext], config: ServeConfig | None = None, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, log_level: str = "info") -> None:
-    """Run the server until SIGINT/SIGTERM; requests in flight are finished before it exits."""
-    import uvicorn
-
+    """Run the server until SIGINT/SIGTERM: requests in flight get --graceful-timeout seconds to finish."""
+    config = config or ServeConfig()
     app = create_app(contexts, config, api_key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    _ensure_open_files(config.max_connections)
+    uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_guarded_protocol(config),
+                        backlog=BACKLOG, timeout_graceful_shutdown=config.graceful_timeout)
+    limit_repeated_warnings()           # after uvicorn.Config, which configures logging
+    _Server(uv, app.state.drain).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, and: shutdown tells the app first (bodies still arriving get 503); a second signal exits
+    at once (uvicorn's own force-exit on a second Ctrl-C still waits for a model call in progress)."""
+
+    def __init__(self, config: uvicorn.Config, drain: _Drain):
+        super().__init__(config)
+        self.drain = drain
+
+    def handle_exit(self, sig, frame):
+        if self.should_exit and sig in (signal.SIGINT, signal.SIGTERM):
+            LOG.warning("a second %s: exiting now, without the requests in flight", signal.Signals(sig).name)
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+            return
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None):
+        self.drain.start()
+        await super().shutdown(sockets)
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with two guards below the ASGI app, where a connection that never sends a whole
+    request can be seen: at most --max-connections open (one more is answered 503 and closed at once), and the
+    request headers due within --read-timeout of the connection or of their first byte (else 408, closed).
+    uvicorn's own limit_concurrency answers only once a request's headers are in, so it can do neither."""
+
+    limits = ServeConfig()          # set per server by _guarded_protocol
+    refused = False
+    header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport):
+        if len(self.connections) >= self.limits.max_connections:
+            self.refused, self.transport = True, transport
+            LOG.warning("refused a connection: %d are open (--max-connections)", len(self.connections))
+            transport.write(_raw_response(503, "too_many_connections", f"this server has {len(self.connections)} "
+                                          "connections open (--max-connections): try again shortly"))
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc):
+        self._disarm()
+        if not self.refused:
+            super().connection_lost(exc)
+
+    def data_received(self, data):
+        if self.refused:
+            return
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self.header_timer is None:       # the first bytes of a request: its headers are now due
+                self._arm()
+        else:
+            self._disarm()
+
+    def _arm(self):
+        self._disarm()
+        self.header_timer = self.loop.call_later(self.limits.read_timeout, self._headers_late)
+
+    def _disarm(self):
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _headers_late(self):
+        self.header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            t = self.limits.read_timeout
+            LOG.warning("closed a connection whose request headers did not arrive within %g s (--read-timeout)", t)
+            self.transport.write(_raw_response(408, "request_timeout", f"the request headers did not arrive within "
+                                               f"{t:g} s (--read-timeout)"))
+            self.transport.close()
+
+
+def _guarded_protocol(config: ServeConfig) -> type:
+    return type("GuardedH11Protocol", (_GuardedH11,), {"limits": config})
+
+
+def _ensure_open_files(max_connections: int) -> None:
+    """Raise the soft open-file limit to what --max-connections needs (up to the hard limit), or refuse to start."""
+    try:
+        import resource
+    except ImportError:         # not on this platform (Windows): nothing to check
+        return
+    open_now = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    needed = open_now + max_connections + BACKLOG + 32
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    except (ValueError, OSError):
+        pass
+    if soft < needed:
+        raise ValueError(f"--max-connections {max_connections} needs about {needed} open files, but this process "
+                         f"may open {soft} (ulimit -n): lower --max-connections or raise the limit")
+
+
+class RepeatFilter(logging.Filter):
+    """At most one warning per `interval` seconds for each (logger, level, message template); the next one let
+    through says how many were dropped. Records below WARNING pass untouched. `clock` is for tests."""
+
+    def __init__(self, interval: float = 10.0, clock=time.monotonic):
+        super().__init__()
+        self.interval, self.clock = interval, clock
+        self.seen: dict[tuple, list] = {}           # key -> [time let through, dropped since]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, str(record.msg).split("\n", 1)[0][:200])
+        now = self.clock()
+        last = self.seen.get(key)
+        if last is not None and now - last[0] < self.interval:
+            last[1] += 1
+            return False
+        if last is not None and last[1]:
+            record.msg = (f"{record.getMessage()} ({last[1]} more like this in the last {now - last[0]:.0f} s, "
+                          "not shown)")
+            record.args = None
+        if len(self.seen) >= 1000:
+            self.seen.clear()
+        self.seen[key] = [now, 0]
+        return True
+
+
+def limit_repeated_warnings(interval: float = 10.0) -> None:
+    """RepeatFilter on the loggers a flood of bad clients fills: asyncio's (accept() out of files), uvicorn's, ours."""
+    for name in ("asyncio", "uvicorn.error", LOG.name):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+            logger.addFilter(RepeatFilter(interval))

@@ -16,15 +16,55 @@ API_KEY_ENV = "DEEPTHINK_API_KEY"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+# generation's sampling rule, shared by /v1/generate and `deepthink generate`: temperature is 0 (greedy) or in
+# [MIN_TEMPERATURE, MAX_TEMPERATURE]; top_p is in [MIN_TOP_P, 1]. Below the minimums sampling is greedy in all but
+# name, and far below them the division by the temperature overflows (1e-45) or the nucleus keeps no token (1e-300).
+MIN_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_P = 1e-3, 100.0, 1e-3
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_FLOATS = {"batch_wait_ms": 0.0, "graceful_timeout": 0.0, "read_timeout": None}     # name -> least value (None: > 0)
+
+
+def sampling_problem(temperature, top_p) -> tuple[str, str] | None:
+    """(parameter, what is wrong with it) when (temperature, top_p) cannot be sampled with; None when fine."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        return "temperature", (f"must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, "
+                               f"got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not MIN_TOP_P <= top_p <= 1:
+        return "top_p", f"must be between {MIN_TOP_P:g} and 1 (1 = no nucleus cut), got {top_p!r}"
+    return None
+
+
+def text_problem(s: str) -> str | None:
+    """Why `s` cannot be tokenised (a lone UTF-16 surrogate, e.g. from the JSON escape \\ud800); None if fine."""
+    bad = _SURROGATE.search(s)
+    if bad is None:
+        return None
+    return (f"contains a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}: send valid Unicode "
+            "(a \\ud800-\\udfff escape must be one half of a pair)")
+
+
 @dataclass
 class ServeConfig:
     """Limits and batching of the server; every field is a `deepthink serve` flag (--max-body-bytes, ...)."""
 
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted (413 above)"})
     max_queries: int = field(default=256, metadata={"help": "most queries (or rows) in one request (413 above)"})
+    max_choices: int = field(default=64, metadata={"help": "most choices for one query (413 above)"})
+    max_request_choices: int = field(default=1024, metadata={
+        "help": "most query-choice pairs in one request, summed over its queries (413 above)"})
+    max_query_chars: int = field(default=20_000, metadata={
+        "help": "most characters in one query with its longest choice, or in one prompt, checked before any "
+                "tokenising (413 above)"})
     max_query_tokens: int = field(default=512, metadata={
         "help": "most tokens in one query with its longest choice (413 above)"})
     max_new_tokens: int = field(default=512, metadata={"help": "largest max_new_tokens a client may ask (422 above)"})
+    read_timeout: float = field(default=10.0, metadata={
+        "help": "seconds a client has to send a request's headers, and again its body (closed, or 408, after)"})
+    max_connections: int = field(default=256, metadata={
+        "help": "most open connections; one more is answered 503 and closed at once"})
+    graceful_timeout: float = field(default=5.0, metadata={
+        "help": "seconds SIGTERM waits for the requests in flight before it cancels them and exits"})
     batch_wait_ms: float = field(default=5.0, metadata={
         "help": "how long the batcher waits for more score/predict requests before a model call"})
     max_batch: int = field(default=64, metadata={
@@ -34,11 +74,40 @@ class ServeConfig:
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "batch_wait_ms":
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                    raise ValueError(f"ServeConfig.batch_wait_ms must be a number >= 0, got {v!r}")
+            if f.name in _FLOATS:
+                least = _FLOATS[f.name]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (
+                        v <= 0 if least is None else v < least):
+                    raise ValueError(f"ServeConfig.{f.name} must be a number {'> 0' if least is None else '>= 0'}, "
+                                     f"got {v!r}")
             elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ServeConfig.{f.name} must be a positive integer, got {v!r}")
+
+
+def read_api_key(flag: str | None, file: str | None, env: dict) -> str | None:
+    """The API key from --api-key, --api-key-file or $DEEPTHINK_API_KEY (in that order); None for no key.
+
+    An empty key is refused rather than read as "no authentication"."""
+    if flag is not None and file is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if file is not None:
+        try:
+            key, where = Path(file).read_text(encoding="utf-8").strip("\r\n"), f"--api-key-file {file}"
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--api-key-file {file}: cannot read it: {e}") from None
+    elif flag is not None:
+        key, where = flag, "--api-key"
+    elif API_KEY_ENV in env:
+        key, where = env[API_KEY_ENV], f"${API_KEY_ENV}"
+    else:
+        return None
+    if not key.strip():
+        raise ValueError(f"{where} is empty: an empty key would turn authentication off; give a key, or unset "
+                         f"it to serve without one")
+    if key != key.strip() or any(not 32 <= ord(ch) < 127 for ch in key):
+        raise ValueError(f"{where}: the key must be printable ASCII, without leading or trailing spaces (it "
+                         "travels in an HTTP header)")
+    return key
 
 
 # ---------------------------------------------------------------- loading
