@@ -112,7 +112,7 @@ class Setup:
     workspace: Workspace | None = None
     task: Any = None              # the tasks.Task the items come from (None outside a task, e.g. a demos file)
     demos: Sequence = ()          # the demonstrations as tasks.Example items, in prompt order, when known:
-                                  # demonstrations == "".join(e.demo_text + "\n\n" for e in demos)
+                                  # demonstrations == "".join(e.block for e in demos)
 
     def __post_init__(self):
         if self.workspace is None:
