@@ -38,16 +38,18 @@ the options they had before this benchmark existed; StaICC's calibrations with S
 Resumable: each (model, dataset, seed) unit is written when it finishes under benchmarks/results/staicc/units/ (with
 per-item probabilities beside it); run the same command again to continue. Every run appends to sittings.jsonl.
 
-Cost (estimated, CPU, before any real-model unit ran): from the ablation benchmark's smollm2-135m units
-(benchmarks/results/ablations/confirm/units/smollm2-135m__sst2__seed3.json: 17 s to score 300 items with ICL,
-186 s for DT dev-T with T <= 10 on 64 dev items, 319 s for grad KV with 15 steps on 64 dev items, 8 demonstrations
-of 147 tokens), one unit here is about 512 test items x 4 prefix readouts (~0.06 s each: 2 min), 1,024 + 512 +
-3 x 128 full-prompt forwards through StaICC's kernel for its sampler, its fixed-set pass and its three trained
-calibrations (~0.1 s each: 3 min), DT ~3 min and grad KV ~5 min: ~13 min for smollm2-135m, so 30 units (10 datasets
-x 3 seeds) ~6.5 h; gemma3-270m ~2x and qwen2.5-coder-0.5b ~3.5x that (their ablation units' ratio): ~13 h and ~23 h;
-all three models ~42 h on this CPU, a few hours on one GPU. The diagnosis (one model, 10 datasets) adds 9 + 8 grad KV
-tunings per dataset (one per template and per demonstration set) and ~2,000 kernel forwards: ~1.5 h per dataset for
-smollm2-135m, ~15 h for all ten; `--datasets` narrows it.
+Cost (estimated on this 2-core CPU before any real-model unit ran; a tiny-model unit proves the flow, see below).
+From the ablation benchmark's confirmation units of smollm2-135m (benchmarks/results/ablations/confirm/units/, 300
+items, wall_s): ICL scoring 17-49 s (0.06-0.16 s an item), DT dev-T 54-147 s, grad KV 109-275 s (8-12 demonstrations;
+here 4). StaICC's prompts average 680 characters (~170 tokens; AGNews 1,275). One unit here: 4 x 512 prefix readouts
+(zero-shot, ICL, DT's and grad KV's chosen contexts; ~0.07 s each: ~2.5 min), DT ~1 min and grad KV ~2.5 min besides
+their test readouts, and 1,024 + 512 + 3 x 128 whole-prompt forwards through StaICC's kernel (its sampler, its
+fixed-set pass, three trained calibrations; ~0.1 s each: ~3 min): ~9-10 min, so 30 units (10 datasets x 3 seeds)
+~5 h for smollm2-135m. gemma3-270m ran at ~0.9x and qwen2.5-coder-0.5b at ~2.3x smollm2's time in those units:
+~4.5 h and ~11.5 h; the three models ~21 h on this CPU (qwen2.5-coder-1.5b, ~3x qwen2.5-coder-0.5b, ~35 h more).
+The diagnosis on one model adds per dataset 9 + 8 grad KV tunings (one per template and per demonstration set,
+~2.5 min each), ~2,000 kernel forwards and ~3,800 prefix readouts: ~50 min per dataset for smollm2-135m, ~8 h for
+all ten (`--datasets` narrows it).
 """
 from __future__ import annotations
 
@@ -137,7 +139,8 @@ def demonstration_text(exp, demos: list[int]) -> str:
     full = exp.prompt_former.write_prompt(demos, 0)
     q = query_text(exp, exp.test_set().get_input_text(0))
     if not full.endswith(q):
-        raise ValueError(f"StaICC's prompt does not end with its query part {q!r}: a template this adapter does not know")
+        raise ValueError(f"StaICC's prompt does not end with its query part {q!r}: a template this adapter does not "
+                         "know")
     return full[:len(full) - len(q)]
 
 
@@ -301,7 +304,7 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None) -> tu
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    exp = exp or experimentor(dataset)
+    exp = experimentor(dataset) if exp is None else exp
     space, n = exp.get_label_space(), len(exp.test_set())
     demos, dev = draw(exp, seed)
     setup = make_setup(lm, exp, demos, dev)
@@ -397,7 +400,8 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None) -> tu
     for i, e in enumerate(tests):
         row = {"index": e.index, "gold": e.label}
         row.update({k: [round(x, 6) for x in p[i]] for k, p in probs.items()})
-        row["icl_staicc"] = [[round(float(x), 6) for x in default["probs"][r * n + i]] for r in range(len(default["probs"]) // n)]
+        row["icl_staicc"] = [[round(float(x), 6) for x in default["probs"][r * n + i]]
+                             for r in range(len(default["probs"]) // n)]         # StaICC's sampler: each item twice
         rows.append(row)
     return unit, rows
 
@@ -459,6 +463,7 @@ class Router:
         self.lm, self.exp, self.sets, self.method, self.seed_of = lm, exp, sets, method, seed_of
         self.contexts: dict[str, object] = {}
         self.info: list[dict] = []
+        self.merged = 0          # queries tokenised apart from their prefix (a template whose label affix is " ")
 
     def context(self, demos: list[int]):
         from deepthink.methods import make_method
@@ -486,7 +491,8 @@ class Router:
                 raise ValueError(f"prompt {i} starts with none of the fixed demonstration sets")
             groups.setdefault(text, []).append(i)
         for text, idx in groups.items():
-            s, _ = readout(ctxs[text], [prompt[i][len(text):] for i in idx], labels)
+            s, merged = readout(ctxs[text], [prompt[i][len(text):] for i in idx], labels)
+            self.merged += merged
             for i, row in zip(idx, s.logprob):
                 out[i] = softmax(row)
         return out
@@ -500,7 +506,8 @@ def diagnose(lm, dataset: str, progress: bool = True, exps: dict | None = None) 
     sampler, and of ICL and grad KV under fixed sets (seed 0's set for every template; seeds 0-7's sets as the 8
     sets): consistency of the prediction across templates / sets, %; higher = less sensitive. `exps`: StaICC's
     Template_sens and Demo_sens experimentors of the dataset (built here when None; tests pass smaller ones)."""
-    exps = exps or {"template": experimentor(dataset, "Template_sens"), "demo": experimentor(dataset, "Demo_sens")}
+    if exps is None:
+        exps = {"template": experimentor(dataset, "Template_sens"), "demo": experimentor(dataset, "Demo_sens")}
     out, t0 = {"model": lm.name, "dataset": dataset, "results": {}, "contexts": {}}, time.perf_counter()
     for kind, exp in exps.items():
         with quiet():
@@ -519,6 +526,7 @@ def diagnose(lm, dataset: str, progress: bool = True, exps: dict | None = None) 
                 res, _ = exp.auto_run(forward_inference=router, batched_inference=True)
             out["results"].setdefault(method, {})[kind] = round(100 * res["sensitivity"]["consistency"], 4)
             out["contexts"].setdefault(method, {})[kind] = router.info
+            out.setdefault("boundary_merges", {}).setdefault(method, {})[kind] = router.merged
     out["wall_s"] = round(time.perf_counter() - t0, 3)
     return out
 
@@ -586,11 +594,13 @@ def group_section(model: str, units: list[dict], datasets: list[str], title: str
     lines += ["", "Δ accuracy, points [paired 95 % bootstrap interval over (seed, item)]; best StaICC calibration = "
               "the one with the highest mean accuracy on that dataset (chosen on test: a high bar).", "",
               "| | " + " | ".join(ds) + " | all |", "|---|" + "---|" * (len(ds) + 1)]
-    rows = [("grad KV − ICL (fixed set)", "grad_kv", "icl"), ("grad KV − best StaICC cal.", "grad_kv", best_calibration),
+    rows = [("grad KV − ICL (fixed set)", "grad_kv", "icl"),
+            ("grad KV − best StaICC cal.", "grad_kv", best_calibration),
             ("ICL fixed set − StaICC's sampler", "icl", "icl_staicc")]
     for name, a, b in rows:
         cells = [str(delta(per[d], a, b) or "–") for d in ds]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta([u for us in per.values() for u in us], a, b) or '–'} |")
+        every = delta([u for us in per.values() for u in us], a, b)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {every or '–'} |")
     lines.append("| best StaICC cal. | " + " | ".join(LABELS.get(best_calibration(per[d]), "–") for d in ds) + " | |")
     return lines + [""]
 
@@ -613,6 +623,12 @@ def diagnosis_section(root: Path | None = None) -> list[str]:
         lines.append(f"| {r['model']} | {r['dataset']} | " + " | ".join(
             cell(res.get(m, {}).get(kind)) for kind in ("template", "demo") for m in ("icl_staicc", "icl", "grad_kv"))
             + " |")
+    merged = {f"{r['model']} {r['dataset']}": r.get("boundary_merges", {}).get("icl", {}).get("template", 0)
+              for r in runs}
+    lines += ["", "Where a template ends each demonstration with a space (3 of the 9), a prefix cannot end inside the "
+              "token that space joins in the whole prompt: those queries are tokenised apart from their prefix, for "
+              "ICL and grad KV alike (queries so read, per run: "
+              + ", ".join(f"{k}: {v}" for k, v in merged.items()) + ")."]
     return lines + [*sitting_lines_of(d / "sittings.jsonl")]
 
 
@@ -626,10 +642,11 @@ def sitting_lines_of(path: Path) -> list[str]:
 def readme_summary(units: list[dict]) -> str:
     if not units:
         return "No StaICC unit has finished yet."
-    lines = ["StaICC-Normal (k = 4, its templates and test sets; fixed demonstration set per seed), Δ accuracy of grad "
-             "KV in points [paired 95 % interval]. Full tables: [benchmarks/results/STAICC.md]"
+    lines = ["StaICC-Normal (k = 4, its templates and test sets; fixed demonstration set per seed), Δ accuracy of "
+             "grad KV in points [paired 95 % interval]. Full tables: [benchmarks/results/STAICC.md]"
              "(benchmarks/results/STAICC.md).", "",
-             "| model | units | tuned-on five: − ICL | − best StaICC cal. | never-tuned five: − ICL | − best StaICC cal. |",
+             "| model | units | tuned-on five: − ICL | − best StaICC cal. | never-tuned five: − ICL "
+             "| − best StaICC cal. |",
              "|---|---|---|---|---|---|"]
     for m in sorted({u["model"] for u in units}):
         mu = [u for u in units if u["model"] == m]
@@ -651,7 +668,8 @@ def write_markdown() -> Path:
     lines = ["# StaICC: deepthink's methods on a standard in-context classification benchmark", "",
              "Produced by `python benchmarks/staicc.py` (resumable; units and per-item probabilities in "
              "`benchmarks/results/staicc/`). Protocol in the script's docstring: StaICC-Normal 0.1.1 unchanged (its "
-             "ten datasets, splits, templates, label spaces, 512 test items, k = 4, metrics), one demonstration set per "
+             "ten datasets, splits, templates, label spaces, 512 test items, k = 4, metrics), one demonstration set "
+             "per "
              "(dataset, seed) drawn from its demonstration split and given to every query through its "
              "`set_demonstration_sampler`; dev items for T from the same split, disjoint from the set.", "",
              "**A confirmation, not a tuning ground**: no option of any method was chosen from StaICC's numbers; grad "

@@ -101,3 +101,51 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
     with pytest.raises(ValueError, match="other settings"):       # resuming with other options is refused
         monkeypatch.setattr(st, "OURS", {"zero_shot": {}, "icl": {}, "dt_dev": {"steps": 3}, "grad_kv": {"steps": 2}})
         st.main(argv)
+
+
+def test_diagnosis_compares_icl_and_grad_kv_on_fixed_sets(sst2, tiny_model_dir, tmp_path, monkeypatch):
+    """The sensitivity diagnosis end to end, shrunk for cost (2 of StaICC's 9 templates, 2 of its 8 demonstration
+    sets, 10 test items): one context per template and per set, ICL through the adapter equal to StaICC's kernel on
+    the same fixed prompts, the table written."""
+    import functools
+
+    from StaICC.util import functional
+
+    st = load_benchmark("staicc")
+    monkeypatch.setattr(st, "RESULTS", tmp_path / "staicc")
+    monkeypatch.setattr(st, "MARKDOWN", tmp_path / "STAICC.md")
+    monkeypatch.setattr(st, "README", tmp_path / "README.md")
+    monkeypatch.setattr(st, "DEV_SIZE", 4)
+    monkeypatch.setattr(st, "OURS", {**st.OURS, "grad_kv": {"steps": 2}})
+    monkeypatch.setattr(st, "DIAG_SEEDS", [0, 1])
+    n, made = 10, {}
+
+    def shrunk(dataset, kind="Normal"):
+        exp = real(dataset, kind)
+        exp.triplet_dataset.test.cut_by_index(n)
+        exp.metrics = {"consistency": functools.partial(functional.consistency, loop_length=n)}
+        if kind == "Template_sens":
+            # two templates whose label affixes ("\n", "\t") end a token: the prefix path reads StaICC's tokens
+            exp.orthogonal_table, exp.test_times = [exp.orthogonal_table[0], exp.orthogonal_table[2]], 2
+        else:
+            exp._repeat_times = 2
+        made[kind] = exp
+        return exp
+    real = st.experimentor
+    monkeypatch.setattr(st, "experimentor", shrunk)
+    st.main(["--diagnose", "--models", str(tiny_model_dir), "--datasets", "glue_sst2", "--quiet"])
+    (path,) = (tmp_path / "staicc" / "diagnosis").glob("*__glue_sst2.json")
+    r = json.loads(path.read_text())
+    assert set(r["results"]) == {"icl_staicc", "icl", "grad_kv"}
+    assert all(0 < v <= 100 for res in r["results"].values() for v in res.values())
+    assert len(r["contexts"]["grad_kv"]["template"]) == 2 and len(r["contexts"]["grad_kv"]["demo"]) == 2
+    assert r["contexts"]["grad_kv"]["demo"][0]["demos"] != r["contexts"]["grad_kv"]["demo"][1]["demos"]
+    assert r["boundary_merges"] == {"icl": {"template": 0, "demo": 0}, "grad_kv": {"template": 0, "demo": 0}}
+    lm = tiny_lm("llama")
+    with st.quiet():                          # StaICC's own kernel on the same fixed prompts: the same consistency
+        res, _ = made["Template_sens"].auto_run(forward_inference=st.kernel(lm))
+    assert 100 * res["sensitivity"]["consistency"] == pytest.approx(r["results"]["icl"]["template"], abs=1e-3)
+    text = (tmp_path / "STAICC.md").read_text()
+    assert "## Diagnosis: template and demonstration sensitivity" in text
+    assert len([l for l in text.splitlines() if l.startswith("| tiny-llama")]) == 1
+    assert json.loads((tmp_path / "staicc" / "diagnosis" / "sittings.jsonl").read_text())["units"] == 1
