@@ -705,7 +705,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=None, help="run only these models (default: every registered one "
                    f"of {', '.join(MODELS)}; with --diagnose: smollm2-135m)")
-    p.add_argument("--datasets", nargs="+", default=None, choices=DATASETS, help="run only these StaICC datasets")
+    p.add_argument("--datasets", nargs="+", default=None, choices=DATASETS, metavar="DATASET",
+                   help=f"run only these StaICC datasets: {', '.join(DATASETS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help=f"run only these seeds (default {SEEDS})")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--write-only", action="store_true", help="only rewrite STAICC.md from finished units")
