@@ -65,7 +65,7 @@ def _read_text(path: Path) -> str:
 
 
 def _joined(items: Sequence[Example]) -> str:
-    return "".join(e.demo_text + SEPARATOR for e in items)
+    return "".join(e.block for e in items)          # each demonstration and the separator that ends it
 
 
 def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: int = 0, shots: int | None = None,

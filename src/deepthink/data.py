@@ -134,7 +134,7 @@ class Plan:
     @property
     def demonstrations(self) -> str:
         """The demonstration string: each gold-filled template followed by a blank line."""
-        return "".join(e.demo_text + "\n\n" for e in self.demos)
+        return "".join(e.block for e in self.demos)
 
 
 def make_plan(task: Task | str, seed: int, shots: int = 1, dev_size: int = 128,

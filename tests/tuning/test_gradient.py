@@ -171,6 +171,21 @@ def test_spans_are_the_demonstrations_tokens():
         assert spans[-1][1] == len(ids) and all(s[1] == n[0] for s, n in zip(spans, spans[1:]))
 
 
+def test_spans_follow_each_demonstrations_own_separator():
+    """A template that ends each demonstration with one newline (StaICC's label affix), not a blank line: the spans
+    cover each demonstration with its own separator, and the tuner accepts the items (issue 29)."""
+    from dataclasses import replace
+
+    items = [replace(e, separator="\n") for e in ITEMS]
+    text = "".join(e.demo_text + "\n" for e in items)
+    lm = tiny_lm("llama")
+    ids, spans = demonstration_spans(lm.tokenizer, text, items)
+    assert [lm.tokenizer.decode(ids[a:b]) for a, b in spans] == [e.block for e in items]
+    assert list(GradientTuner(lm, text, items, GradientConfig(steps=2)))[-1].length == len(ids)
+    with pytest.raises(ValueError, match="do not spell the demonstration text"):
+        demonstration_spans(lm.tokenizer, text, ITEMS)            # the blank-line items do not spell this text
+
+
 def test_row_logprobs_equal_scoring():
     lm = tiny_lm("mistral")
     ctx = deepthink.tune(lm, TEXT, TuningConfig(steps=1))

@@ -130,7 +130,7 @@ class Setup:
     workspace: Workspace | None = None
     task: Any = None              # the tasks.Task the items come from (None outside a task, e.g. a demos file)
     demos: Sequence = ()          # the demonstrations as tasks.Example items, in prompt order, when known:
-                                  # demonstrations == "".join(e.demo_text + "\n\n" for e in demos)
+                                  # demonstrations == "".join(e.block for e in demos)
     on_step: Callable | None = None   # called by step-by-step methods after each step: {step, loss, dev_accuracy}
 
     def __post_init__(self):

@@ -116,13 +116,13 @@ def leave_one_out(method, setup: Setup, contexts, tuning: TuningConfig):
     if len(demos) < 2:
         raise ValueError(f"selection 'loo' needs at least 2 demonstrations given as items (Setup.demos), got "
                          f"{len(demos)}: use more shots, or a dev-based selection (dev-acc)")
-    if "".join(e.demo_text + "\n\n" for e in demos) != setup.demonstrations:
+    if "".join(e.block for e in demos) != setup.demonstrations:
         raise ValueError("selection 'loo' needs Setup.demos to spell out Setup.demonstrations (each demonstration's "
-                         "text followed by a blank line); these demonstrations did not come from a task's items")
+                         "text followed by its separator); these demonstrations did not come from a task's items")
     correct = [[] for _ in range(tuning.steps)]
     loglik = [0.0] * tuning.steps
     for i, held in enumerate(demos):
-        rest = "".join(e.demo_text + "\n\n" for j, e in enumerate(demos) if j != i)
+        rest = "".join(e.block for j, e in enumerate(demos) if j != i)
         ws, items = Workspace(setup.lm, rest, on_progress=setup.workspace.on_progress), [held]
         for t, ctx in enumerate(ws.contexts(tuning)):
             s = ws.score(method.adapt(ctx, setup), items, setup.batch_size)

@@ -47,11 +47,18 @@ class Example:
     label: int
     index: int  # 0-based row in the source split file
     split: str  # name of the file it came from ("train", "eval", a demos file's stem)
+    separator: str = "\n\n"  # what follows the demonstration in a prompt (a blank line here; another
+                                # benchmark's template may end each demonstration otherwise, e.g. StaICC's "\n")
 
     @property
     def demo_text(self) -> str:
         """The full template F filled with the gold choice (one demonstration line)."""
         return self.query + self.continuations[self.label]
+
+    @property
+    def block(self) -> str:
+        """The demonstration as a prompt holds it: `demo_text` followed by its separator."""
+        return self.demo_text + self.separator
 
 
 def _opt(help: str, default: Any = MISSING, **kw: Any) -> Any:

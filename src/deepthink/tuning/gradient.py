@@ -131,13 +131,13 @@ def demonstration_spans(tokenizer, demonstrations: str, demos: Sequence) -> tupl
     assigned to the demonstration whose text it starts in (character offsets of a fast tokenizer); without
     offsets, the demonstrations are tokenised cumulatively and each must extend the previous ids exactly.
     """
-    texts = [e.demo_text + "\n\n" for e in demos]
+    texts = [e.block for e in demos]
     if not texts:
         raise ValueError("gradient tuning needs the demonstrations as items (Setup.demos / tasks.Example), "
                          "one per demonstration: got none")
     if "".join(texts) != demonstrations:
         raise ValueError("the demonstration items do not spell the demonstration text: expected "
-                         "demonstrations == ''.join(e.demo_text + '\\n\\n' for e in demos)")
+                         "demonstrations == ''.join(e.block for e in demos) (each demonstration's text and separator)")
     bounds = [0]
     for t in texts:
         bounds.append(bounds[-1] + len(t))

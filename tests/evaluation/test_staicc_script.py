@@ -1,0 +1,151 @@
+"""benchmarks/staicc.py on a tiny model: the adapter gives StaICC's own plain-ICL prompts and predictions for a fixed
+sampler (through StaICC's own kernel, driven by the same model), a unit resumes, the tables are written."""
+import json
+
+import pytest
+
+from conftest import load_benchmark, tiny_lm
+
+pytest.importorskip("StaICC")
+N_TEST = 12          # StaICC's test split cut to its first items (its own cut_by_index), for cost
+
+
+@pytest.fixture(scope="module")
+def sst2():
+    """StaICC-Normal's GLUE-SST2 experimentor, loaded once (its pickle takes seconds)."""
+    st = load_benchmark("staicc")
+    return st.experimentor("glue_sst2")
+
+
+def small(st, exp):
+    import copy
+
+    exp = copy.deepcopy(exp)
+    exp.triplet_dataset.test.cut_by_index(N_TEST)
+    return exp
+
+
+def test_adapter_gives_staiccs_own_icl_prompts_and_predictions(sst2):
+    st = load_benchmark("staicc")
+    lm = tiny_lm("llama")
+    exp = small(st, sst2)
+    demos, dev = st.draw(exp, 0)
+    assert len(demos) == st.K and not set(demos) & set(dev)                 # dev items disjoint from the set
+    setup = st.make_setup(lm, exp, demos, dev)
+    queries = [e.query for e in st.query_items(exp, range(N_TEST))]
+    with st.quiet():
+        exp.set_demonstration_sampler([list(demos) for _ in range(N_TEST)])
+    assert exp.prompt_set() == [setup.demonstrations + q for q in queries]    # the same prompts, StaICC's own
+    assert "".join(e.block for e in setup.demos) == setup.demonstrations and setup.demos[0].separator == "\n"
+    rec = st.Recorder()
+    with st.quiet():
+        theirs, _ = exp.auto_run(forward_inference=st.kernel(lm, calibration_function=rec))
+    s, merged = st.readout(setup.icl(), queries, st.label_ids(lm.tokenizer, exp.get_label_space()))
+    ours = [st.softmax(r) for r in s.logprob]
+    assert merged == 0
+    assert ours == [pytest.approx(r, rel=1e-5, abs=1e-6) for r in rec.probs]
+    assert [max((0, 1), key=r.__getitem__) for r in ours] == [max((0, 1), key=r.__getitem__) for r in rec.probs]
+    assert len({round(r[0], 3) for r in ours}) > 1                           # the queries are read, not a constant
+    metrics, correct = st.staicc_metrics(exp, ours)
+    assert metrics["accuracy"] == pytest.approx(100 * theirs["accuracy"], abs=1e-4)
+    assert metrics["macro_F1"] == pytest.approx(100 * theirs["macro_F1"], abs=1e-4)
+    assert len(correct) == N_TEST
+
+
+def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_path, monkeypatch):
+    st = load_benchmark("staicc")
+    monkeypatch.setattr(st, "RESULTS", tmp_path / "staicc")
+    monkeypatch.setattr(st, "MARKDOWN", tmp_path / "STAICC.md")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{st.README_MARK[0]}\nold\n{st.README_MARK[1]}\nend\n")
+    monkeypatch.setattr(st, "README", readme)
+    monkeypatch.setattr(st, "DEV_SIZE", 4)
+    monkeypatch.setattr(st, "CALIBRATION_NUMBER", 4)
+    monkeypatch.setattr(st, "OURS", {"zero_shot": {}, "icl": {}, "dt_dev": {"steps": 2}, "grad_kv": {"steps": 2}})
+    monkeypatch.setattr(st, "experimentor", lambda dataset, kind="Normal": small(st, sst2))
+    calls, real = [], st.run_unit
+
+    def interrupted(lm, dataset, seed, progress=True, exp=None):
+        calls.append(seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt                 # Ctrl-C during the second unit
+        return real(lm, dataset, seed, progress, exp)
+    monkeypatch.setattr(st, "run_unit", interrupted)
+    argv = ["--models", str(tiny_model_dir), "--datasets", "glue_sst2", "--seeds", "0", "1", "--quiet"]
+    with pytest.raises(KeyboardInterrupt):
+        st.main(argv)
+    first = sorted((tmp_path / "staicc" / "units").glob("*.json"))
+    assert first == [st.unit_path("glue_sst2", str(tiny_model_dir), 0)]
+    saved = first[0].read_text()
+    monkeypatch.setattr(st, "run_unit", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
+    st.main(argv)
+    assert calls == [0, 1, 1]                       # seed 0 not recomputed; seed 1 run again after the interrupt
+    assert first[0].read_text() == saved
+    unit = json.loads(saved)
+    assert set(unit["metrics"]) == set(st.COLUMNS) and unit["n_test"] == N_TEST
+    assert len(unit["correct"]["icl_staicc"]) == 2 * N_TEST and len(unit["correct"]["grad_kv"]) == N_TEST
+    assert unit["adapter_check"]["predictions_differ"] == 0 and unit["adapter_check"]["max_abs_prob_diff"] < 1e-5
+    assert unit["methods"]["grad_kv"]["chosen_steps"] in (1, 2) and unit["refused"] == {}
+    rows = (first[0].with_suffix(".predictions.jsonl")).read_text().splitlines()
+    assert len(rows) == N_TEST and len(json.loads(rows[0])["icl_staicc"]) == 2
+    sittings = [json.loads(l) for l in (tmp_path / "staicc" / "sittings.jsonl").read_text().splitlines()]
+    assert [s["units"] for s in sittings] == [1, 1] and sittings[0]["error"] == "KeyboardInterrupt"
+    text = (tmp_path / "STAICC.md").read_text()
+    assert "#### The five datasets we tuned on" in text and "#### The five datasets we never tuned on" in text
+    assert "A confirmation, not a tuning ground" in text
+    row = [l for l in text.splitlines() if l.startswith("| grad KV − ICL (fixed set) |")][0]
+    assert "[" in row                                # a paired interval
+    assert "| grad KV | " in text and " / " in [l for l in text.splitlines() if l.startswith("| grad KV | ")][0]
+    assert readme.read_text().startswith(f"top\n{st.README_MARK[0]}\nStaICC-Normal") and readme.read_text().endswith(
+        f"{st.README_MARK[1]}\nend\n")
+    with pytest.raises(ValueError, match="other settings"):       # resuming with other options is refused
+        monkeypatch.setattr(st, "OURS", {"zero_shot": {}, "icl": {}, "dt_dev": {"steps": 3}, "grad_kv": {"steps": 2}})
+        st.main(argv)
+
+
+def test_diagnosis_compares_icl_and_grad_kv_on_fixed_sets(sst2, tiny_model_dir, tmp_path, monkeypatch):
+    """The sensitivity diagnosis end to end, shrunk for cost (2 of StaICC's 9 templates, 2 of its 8 demonstration
+    sets, 10 test items): one context per template and per set, ICL through the adapter equal to StaICC's kernel on
+    the same fixed prompts, the table written."""
+    import functools
+
+    from StaICC.util import functional
+
+    st = load_benchmark("staicc")
+    monkeypatch.setattr(st, "RESULTS", tmp_path / "staicc")
+    monkeypatch.setattr(st, "MARKDOWN", tmp_path / "STAICC.md")
+    monkeypatch.setattr(st, "README", tmp_path / "README.md")
+    monkeypatch.setattr(st, "DEV_SIZE", 4)
+    monkeypatch.setattr(st, "OURS", {**st.OURS, "grad_kv": {"steps": 2}})
+    monkeypatch.setattr(st, "DIAG_SEEDS", [0, 1])
+    n, made = 10, {}
+
+    def shrunk(dataset, kind="Normal"):
+        exp = real(dataset, kind)
+        exp.triplet_dataset.test.cut_by_index(n)
+        exp.metrics = {"consistency": functools.partial(functional.consistency, loop_length=n)}
+        if kind == "Template_sens":
+            # two templates whose label affixes ("\n", "\t") end a token: the prefix path reads StaICC's tokens
+            exp.orthogonal_table, exp.test_times = [exp.orthogonal_table[0], exp.orthogonal_table[2]], 2
+        else:
+            exp._repeat_times = 2
+        made[kind] = exp
+        return exp
+    real = st.experimentor
+    monkeypatch.setattr(st, "experimentor", shrunk)
+    st.main(["--diagnose", "--models", str(tiny_model_dir), "--datasets", "glue_sst2", "--quiet"])
+    (path,) = (tmp_path / "staicc" / "diagnosis").glob("*__glue_sst2.json")
+    r = json.loads(path.read_text())
+    assert set(r["results"]) == {"icl_staicc", "icl", "grad_kv"}
+    assert all(0 < v <= 100 for res in r["results"].values() for v in res.values())
+    assert len(r["contexts"]["grad_kv"]["template"]) == 2 and len(r["contexts"]["grad_kv"]["demo"]) == 2
+    assert r["contexts"]["grad_kv"]["demo"][0]["demos"] != r["contexts"]["grad_kv"]["demo"][1]["demos"]
+    assert r["boundary_merges"] == {"icl": {"template": 0, "demo": 0}, "grad_kv": {"template": 0, "demo": 0}}
+    lm = tiny_lm("llama")
+    with st.quiet():                          # StaICC's own kernel on the same fixed prompts: the same consistency
+        res, _ = made["Template_sens"].auto_run(forward_inference=st.kernel(lm))
+    assert 100 * res["sensitivity"]["consistency"] == pytest.approx(r["results"]["icl"]["template"], abs=1e-3)
+    text = (tmp_path / "STAICC.md").read_text()
+    assert "## Diagnosis: template and demonstration sensitivity" in text
+    assert len([l for l in text.splitlines() if l.startswith("| tiny-llama")]) == 1
+    assert json.loads((tmp_path / "staicc" / "diagnosis" / "sittings.jsonl").read_text())["units"] == 1
