@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .context import TunedContext, context_task
 from .context_schema import DTYPES, show, task_differences
-from .io import readable_file
+from .io import readable_file, text_problem
 from .models import REGISTRY, load_model
 from .tasks import Task, get_task
 
@@ -50,6 +50,8 @@ def read_inputs(source: str, fmt: str = "auto") -> list:
         if fmt == "auto":
             fmt = "jsonl" if path.suffix in (".jsonl", ".json") else "lines"
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for n, line in lines:                     # stdin's undecodable bytes arrive as lone surrogates
+        _check_text(line, f"{source}, line {n}")
     if fmt == "lines":
         return [line for _, line in lines]
     parsed = []
@@ -64,8 +66,23 @@ def read_inputs(source: str, fmt: str = "auto") -> list:
             if fmt == "auto":
                 return [line for _, line in lines]
             raise ValueError(f"{source}, line {n}: expected a JSON object or string, got {type(value).__name__}")
+        _check_text(value, f"{source}, line {n}")
         parsed.append(value)
     return parsed
+
+
+def _check_text(value, where: str) -> None:
+    """Refuse text a tokenizer cannot take (a lone surrogate, e.g. the JSON escape \\ud800), naming where it is."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise ValueError(f"{where}: the text {problem}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(v, f"{where}, field {k!r}")
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, where)
 
 
 def raw_query(item, i: int) -> str:

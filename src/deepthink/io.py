@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -52,6 +53,18 @@ def same_file(a, b) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(s: str) -> str | None:
+    """Why `s` cannot be tokenised (a lone UTF-16 surrogate, e.g. from the JSON escape \\ud800); None if fine."""
+    bad = _SURROGATE.search(s)
+    if bad is None:
+        return None
+    return (f"contains a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}: send valid Unicode "
+            "(a \\ud800-\\udfff escape must be one half of a pair)")
 
 
 def safe_name(s: str) -> str:

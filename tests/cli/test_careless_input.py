@@ -118,3 +118,11 @@ def test_ctrl_c_while_the_libraries_load_exits_cleanly(tiny_model_dir, tmp_path)
     text = "\n".join(line for line in log.read_text().splitlines() if not line.startswith("import time:"))
     assert code == 130 and "Traceback" not in text, text
     assert text.strip().splitlines()[-1].startswith("deepthink"), text
+
+
+def test_a_lone_surrogate_in_the_input_is_named_by_line_and_field(ctx_dir, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n')
+    msg = error(capsys, "predict", "--context", ctx_dir, "--input", rows, "--choices", "a,b")
+    assert "line 2, field 'text'" in msg and "lone surrogate U+D800" in msg
+    assert "lone surrogate" in error(capsys, "predict", "--context", ctx_dir, "--input", rows)

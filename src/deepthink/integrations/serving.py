@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..context import TunedContext
+from ..io import text_problem  # noqa: F401  (re-exported: the server's and the CLI's check)
 from ..models import REGISTRY, load_model
 
 API_KEY_ENV = "DEEPTHINK_API_KEY"
@@ -20,7 +21,6 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # [MIN_TEMPERATURE, MAX_TEMPERATURE]; top_p is in [MIN_TOP_P, 1]. Below the minimums sampling is greedy in all but
 # name, and far below them the division by the temperature overflows (1e-45) or the nucleus keeps no token (1e-300).
 MIN_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_P = 1e-3, 100.0, 1e-3
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _FLOATS = {"batch_wait_ms": 0.0, "graceful_timeout": 0.0, "read_timeout": None}     # name -> least value (None: > 0)
 
 
@@ -33,15 +33,6 @@ def sampling_problem(temperature, top_p) -> tuple[str, str] | None:
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not MIN_TOP_P <= top_p <= 1:
         return "top_p", f"must be between {MIN_TOP_P:g} and 1 (1 = no nucleus cut), got {top_p!r}"
     return None
-
-
-def text_problem(s: str) -> str | None:
-    """Why `s` cannot be tokenised (a lone UTF-16 surrogate, e.g. from the JSON escape \\ud800); None if fine."""
-    bad = _SURROGATE.search(s)
-    if bad is None:
-        return None
-    return (f"contains a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}: send valid Unicode "
-            "(a \\ud800-\\udfff escape must be one half of a pair)")
 
 
 @dataclass
