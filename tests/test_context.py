@@ -191,13 +191,14 @@ def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy(saved):
                for s in range(2, 6)}
     assert len(samples | {tuple(a)}) > 1
     greedy = ctx.generate_tokens(QUERIES[0], 16, stop_at_eos=False)
-    assert ctx.generate_tokens(QUERIES[0], 16, temperature=1.5, top_p=1e-9, seed=3, stop_at_eos=False) == greedy
+    assert ctx.generate_tokens(QUERIES[0], 16, temperature=1.5, top_p=1e-3, seed=3, stop_at_eos=False) == greedy
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": True}, "max_new_tokens"),
     ({"temperature": -1.0}, "temperature"), ({"temperature": math.nan}, "temperature"),
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"temperature": 1e-45}, "temperature must be 0"), ({"top_p": 1e-300}, "top_p must be between"),   # overflowed
     ({"prompt": ""}, "tokenises to nothing"),
     ({"max_new_tokens": 250}, "exceed the model's 256 positions"),
 ])

@@ -24,7 +24,6 @@ already holds a context is replaced only with `overwrite=True`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -397,16 +396,32 @@ def _load(path, lm, device=None) -> TunedContext:
                         origin=meta.get("origin"), method=meta.get("method"), task=context_task(meta, path))
 
 
+# generation's sampling rule, shared by the library, /v1/generate and `deepthink generate`: temperature is 0
+# (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]; top_p is in [MIN_TOP_P, 1]. Below the minimums sampling is
+# greedy in all but name, and far below them the division by the temperature overflows (1e-45) or the nucleus keeps no token (1e-300).
+MIN_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_P = 1e-3, 100.0, 1e-3
+
+
+def sampling_problem(temperature, top_p) -> tuple[str, str] | None:
+    """(parameter, what is wrong with it) when (temperature, top_p) cannot be sampled with; None when fine."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        return "temperature", (f"must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, "
+                               f"got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not MIN_TOP_P <= top_p <= 1:
+        return "top_p", f"must be between {MIN_TOP_P:g} and 1 (1 = no nucleus cut), got {top_p!r}"
+    return None
+
+
 @torch.inference_mode()
 def _generate(ctx: TunedContext, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
               top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True, stop=None) -> list[int]:
     """New token ids continuing `prompt` after the tuned prefix: greedy at temperature 0, else nucleus sampling."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {top_p!r}")
+    bad = sampling_problem(temperature, top_p)
+    if bad:
+        raise ValueError(f"{bad[0]} {bad[1]}")
     lm = ctx.lm
     if isinstance(prompt, str):
         ids = lm.tokenizer(prompt, add_special_tokens=False).input_ids

@@ -9,7 +9,8 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..context import TunedContext
+from ..context import (MAX_TEMPERATURE, MIN_TEMPERATURE, MIN_TOP_P, TunedContext,  # noqa: F401  (the sampling rule,
+                       sampling_problem)                                              # re-exported for the server)
 from ..io import text_problem  # noqa: F401  (re-exported: the server's and the CLI's check)
 from ..models import REGISTRY, load_model
 
@@ -17,22 +18,9 @@ API_KEY_ENV = "DEEPTHINK_API_KEY"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-# generation's sampling rule, shared by /v1/generate and `deepthink generate`: temperature is 0 (greedy) or in
-# [MIN_TEMPERATURE, MAX_TEMPERATURE]; top_p is in [MIN_TOP_P, 1]. Below the minimums sampling is greedy in all but
-# name, and far below them the division by the temperature overflows (1e-45) or the nucleus keeps no token (1e-300).
-MIN_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_P = 1e-3, 100.0, 1e-3
 _FLOATS = {"batch_wait_ms": 0.0, "graceful_timeout": 0.0, "read_timeout": None}     # name -> least value (None: > 0)
 
 
-def sampling_problem(temperature, top_p) -> tuple[str, str] | None:
-    """(parameter, what is wrong with it) when (temperature, top_p) cannot be sampled with; None when fine."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-        return "temperature", (f"must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, "
-                               f"got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not MIN_TOP_P <= top_p <= 1:
-        return "top_p", f"must be between {MIN_TOP_P:g} and 1 (1 = no nucleus cut), got {top_p!r}"
-    return None
 
 
 @dataclass
