@@ -642,3 +642,16 @@ def test_the_server_names_the_context_a_refusal_is_about(copy_of):
     altered(copy_of, "layers", 10**9)
     with pytest.raises(ContextError, match=r"^context 'a': .*context.json: layers: 1000000000 is not an integer"):
         load_contexts({"a": copy_of})
+
+
+def test_a_model_loaded_from_gguf_saves_and_loads(tmp_path):
+    """A GGUF model's fingerprint is 'gguf-sha256:' and the file's sha256 (models.py): the schema takes it."""
+    lm = copy.copy(tiny_lm("llama"))         # a shallow copy: the cached model's own fingerprint stays as it is
+    lm._fingerprint = "gguf-sha256:" + "ab" * 32
+    ctx = deepthink.tune(lm, DEMOS, TuningConfig(steps=2))
+    loaded = TunedContext.load(ctx.save(tmp_path / "g"), lm)
+    assert json.loads((tmp_path / "g" / "context.json").read_text())["model"]["fingerprint"] == lm._fingerprint
+    assert_same_context(ctx, loaded)
+    lm._fingerprint = "gguf-sha256:xyz"
+    with pytest.raises(ContextError, match="model.fingerprint"):
+        ctx.save(tmp_path / "bad")

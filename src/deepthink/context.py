@@ -241,6 +241,13 @@ def check_output_dir(path, overwrite: bool = False) -> Path:
     return path
 
 
+
+def model_record(lm) -> dict:
+    """What context.json records of the model (checked against the model on load)."""
+    return {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint,
+            "tokenizer_fingerprint": lm.tokenizer_fingerprint, "model_type": lm.config.model_type,
+            "max_positions": kv.max_positions(lm.config), "sliding_window": kv.sliding_window(lm.config)}
+
 def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
     """Write `path/` atomically: both files to a temporary folder beside it, then one rename.
 
@@ -267,9 +274,7 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
         meta = {
             "format_version": FORMAT_VERSION,
             "deepthink_version": __version__,
-            "model": {"name": lm.name, "source": lm.source, "fingerprint": lm.fingerprint,
-                      "tokenizer_fingerprint": lm.tokenizer_fingerprint, "model_type": lm.config.model_type,
-                      "max_positions": kv.max_positions(lm.config), "sliding_window": kv.sliding_window(lm.config)},
+            "model": model_record(lm),
             "dtype": dtype,
             "tuning": ctx.config.to_dict() if ctx.config else None,
             "origin": ctx.origin,

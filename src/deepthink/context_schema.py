@@ -43,6 +43,8 @@ SAVING_METHODS = ("grad_kv",)       # methods whose cache `deepthink tune` saves
 TASK_NOT_FORMAT = ("name", "description", "hf_dataset", "hf_config", "hf_splits", "data_files", "sampling",
                    "scored_subset", "demo_pool", "quirks", "deviations")
 HEX64 = re.compile(r"[0-9a-f]{64}")
+# a model's weights fingerprint: the sha256 of its weights, or of the GGUF file it was loaded from (models.py)
+FINGERPRINT = re.compile(r"(gguf-sha256:)?[0-9a-f]{64}")
 TENSOR_NAME = re.compile(r"([kv])\.(0|[1-9][0-9]{0,5})")
 RESAVE = "re-run `deepthink tune`"
 
@@ -263,13 +265,20 @@ def _check_meta(meta, c: "_Check") -> int:
     return version
 
 
+def check_model(record: dict, file="context.json") -> None:
+    """The "model" record a context of this model would carry, checked as loading checks it: run before tuning, so
+    that hours of tuning never end in a save that refuses the model's own record."""
+    _check_model(_Check(file), record)
+
+
 def _check_model(c: _Check, m: dict) -> None:
     c.keys("model", m, MODEL_REQUIRED + MODEL_OPTIONAL)
     c.text("model.name", m["name"], empty=False)
     c.text("model.source", m["source"], empty=False)
     for k in ("fingerprint", "tokenizer_fingerprint"):
-        if not isinstance(m[k], str) or not HEX64.fullmatch(m[k]):
-            c.fail(f"model.{k}", f"{show(m[k])} is not a sha256 (64 hexadecimal digits)")
+        if not isinstance(m[k], str) or not FINGERPRINT.fullmatch(m[k]):
+            c.fail(f"model.{k}", f"{show(m[k])} is not a fingerprint (a sha256: 64 hexadecimal digits, or "
+                                 "'gguf-sha256:' and one for a model loaded from a GGUF file)")
     c.text("model.model_type", m.get("model_type"), limit=100, null=True)
     for k in ("max_positions", "sliding_window"):
         if m.get(k) is not None:

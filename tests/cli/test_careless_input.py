@@ -126,3 +126,14 @@ def test_a_lone_surrogate_in_the_input_is_named_by_line_and_field(ctx_dir, tmp_p
     msg = error(capsys, "predict", "--context", ctx_dir, "--input", rows, "--choices", "a,b")
     assert "line 2, field 'text'" in msg and "lone surrogate U+D800" in msg
     assert "lone surrogate" in error(capsys, "predict", "--context", ctx_dir, "--input", rows)
+
+
+def test_tune_checks_the_model_record_before_tuning(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A model record the save would refuse stops tune before any tuning step, not after all of them."""
+    from deepthink import api, context
+
+    real = context.model_record
+    monkeypatch.setattr(context, "model_record", lambda lm: {**real(lm), "fingerprint": "not-a-fingerprint"})
+    monkeypatch.setattr(api, "run", lambda *a, **k: pytest.fail("tuning ran"))
+    msg = error(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--out", tmp_path / "c")
+    assert "model.fingerprint" in msg and not (tmp_path / "c").exists()

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import MISSING, fields
 
 from ..context_schema import DTYPES
 from ..models import DEFAULT_MODEL, REGISTRY
+
+
+MODEL_ENV = "DEEPTHINK_MODEL"     # the model commands use when --model is not given
 
 
 def add_model_args(p: argparse.ArgumentParser, multiple: bool = False, from_context: bool = False) -> None:
@@ -14,10 +18,12 @@ def add_model_args(p: argparse.ArgumentParser, multiple: bool = False, from_cont
         p.add_argument("--model", default=None, help="model to load (default: the one the context records: its "
                        "registry name, else its folder or hub id); must be the model it was tuned with")
     else:
-        p.add_argument("--model", default=[DEFAULT_MODEL] if multiple else DEFAULT_MODEL,
+        default = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+        p.add_argument("--model", default=[default] if multiple else default,
                        nargs="+" if multiple else None,
                        help=f"{'one or more models: ' if multiple else ''}registry name ({', '.join(REGISTRY)}), "
-                            f"a local Hugging Face model folder, a hub id, or a .gguf file (default: {DEFAULT_MODEL})")
+                            f"a local Hugging Face model folder, a hub id, or a .gguf file (default: ${MODEL_ENV} "
+                            f"when set, else {DEFAULT_MODEL}; now {default})")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, or auto: spread a model "
                    "too big for one device over the GPUs, CPU memory and disk (accelerate; default: cpu)")
     p.add_argument("--quantize", default=None, choices=["8bit", "4bit"],

@@ -112,7 +112,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from .. import api
-    from ..context import check_output_dir
+    from ..context import check_output_dir, model_record
+    from ..context_schema import check_model
 
     config, grad = _configs(args)
     method = "grad_kv" if grad else "forward"
@@ -127,6 +128,7 @@ def run(args) -> int:
     if not args.quiet:
         print(f"deepthink tune: loading {args.model}", file=sys.stderr, flush=True)
     lm = load_lm(args)
+    check_model(model_record(lm), out / "context.json")   # before tuning: the save at the end will accept the model
     saving = False
     try:
         with warnings.catch_warnings():
