@@ -212,10 +212,13 @@ def test_one_demonstration_is_plain_icl_and_says_so():
 def test_eval_runs_ct_kv(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--seeds", "0", "--shots", "2",
-                 "--dev-size", "4", "--max-eval", "4", "--methods", "icl", "ct_kv", "-o", "ct_kv.epochs=4",
-                 "-o", "ct_kv.record_every=2", "--quiet", "--out", str(out)]) == 0
+                 "--dev-size", "4", "--max-eval", "4", "--methods", "icl", "ct_kv", "ct_kv@dev", "-o", "ct_kv.epochs=4",
+                 "-o", "ct_kv.record_every=2", "-o", "ct_kv@dev.epochs=4", "-o", "ct_kv@dev.record_every=2",
+                 "-o", "ct_kv@dev.selection=dev-acc", "--quiet", "--out", str(out)]) == 0
     (unit,) = (json.loads(p.read_text()) for p in (out / "units").glob("*seed0.json"))
-    assert set(unit["accuracy"]) == {"icl", "ct_kv"}
-    info = unit["methods"]["ct_kv"]
+    assert set(unit["accuracy"]) == {"icl", "ct_kv", "ct_kv@dev"}
+    info, dev = unit["methods"]["ct_kv"], unit["methods"]["ct_kv@dev"]
     assert [p["epoch"] for p in info["dev_record"]] == [0, 2, 4] and info["chosen_epoch"] == 4
+    assert dev["dev_record"] == info["dev_record"] and dev["selection_used"] == "dev-acc"
+    assert dev["chosen_steps"] == dev["chosen_epoch"] + 1
     assert unit["config"]["methods"]["ct_kv"]["epochs"] == 4 and unit["config"]["methods"]["ct_kv"]["clip"] == 1.0

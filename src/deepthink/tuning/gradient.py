@@ -79,7 +79,8 @@ class GradientConfig:
         "help": "loo-mask: each demonstration's span hidden from its own query; loo-reencode: its query reads "
                 "the other demonstrations encoded without it, plus the learnt change (leak-free, n encodings)",
         "choices": tuple(OBJECTIVES)})
-    seed: int = field(default=0, metadata={"help": "seed of the batch order (only matters with batch < n)"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the batch order (only matters with batch < n) and of token dropout's draws"})
     checkpointing: bool = field(default=False, metadata={
         "help": "recompute each layer's activations in the backward pass instead of keeping them (less memory)"})
     optimizer: str = field(default="adam", metadata={
