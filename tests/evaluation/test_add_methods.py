@@ -58,7 +58,8 @@ def test_a_rerun_with_more_methods_computes_only_those_and_keeps_the_rest(tmp_pa
     for k in ("demonstrations", "eval_indices", "dev_indices", "model_fingerprint", "environment", "notes"):
         assert new[k] == old[k]
     assert list(new["config"]["methods"]) == ["icl", "dt_fixed"] and new["config"]["methods"]["dt_fixed"]["steps"] == 2
-    assert new["added"][0]["methods"] == ["dt_fixed"] and new["added"][0]["model_fingerprint"] == old["model_fingerprint"]
+    (added,) = new["added"]
+    assert added["methods"] == ["dt_fixed"] and added["model_fingerprint"] == old["model_fingerprint"]
     old_lines, new_lines = pred_text.splitlines(), merged_preds.splitlines()
     assert len(old_lines) == len(new_lines) == 5
     for a, b in zip(old_lines, new_lines):

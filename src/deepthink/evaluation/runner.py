@@ -148,10 +148,10 @@ def lacking(out: Path, model: str, task: str, seed: int, cfg: EvalConfig) -> lis
     """The method keys of `cfg` that the unit in `out` lacks: None when there is no unit (or a damaged one: it is
     run whole), [] when it holds every one. Its other settings must be the same as cfg's, and so must the options
     of every method both hold (else a ValueError); methods the unit holds beyond cfg's stay in it."""
-    unit = read_unit(unit_path(out, model, task, seed))
+    path = unit_path(out, model, task, seed)
+    unit = read_unit(path)
     if unit is None:
         return None
-    path = unit_path(out, model, task, seed)
     saved, now = upgrade_config(unit.get("config", {})), cfg.to_dict()
     if saved["fit_shots"] != now["fit_shots"] and unit.get("demonstrations", {}).get("shots", saved["shots"]) \
             == saved["shots"]:
@@ -192,8 +192,8 @@ def merge_unit(path: Path, unit: dict, preds: list[dict], lm, dtype: str, quanti
     merged["wall_s"] = {**{k: v for k, v in old["wall_s"].items() if k != "total"},
                         **{k: v for k, v in unit["wall_s"].items() if k != "total"},
                         "total": round(old["wall_s"]["total"] + new_total, 3)}
-    config = upgrade_config(old["config"])
-    merged["config"] = {**config, "methods": {**config["methods"], **{k: unit["config"]["methods"][k] for k in added}}}
+    merged["config"] = {**old["config"], "methods": {**old["config"]["methods"],    # as saved, the new ones added
+                                                     **{k: unit["config"]["methods"][k] for k in added}}}
     merged["added"] = old.get("added", []) + [{
         "methods": added, "wall_s": new_total, "model_fingerprint": lm.fingerprint, "dtype": dtype,
         "quantize": quantize, "device": unit.get("device"), "environment": environment()}]

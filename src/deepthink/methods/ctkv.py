@@ -81,7 +81,7 @@ def recorded_epochs(epochs: int, every: int) -> list[int]:
 
 @register_method
 class CTKV(Method):
-    """Context Tuning (Lu et al., arXiv 2507.04221), the authors' recipe: AdamW 1e-3, cosine, 200 epochs, clip 1.0, token dropout 0.05.
+    """Context Tuning (Lu et al., arXiv 2507.04221), authors' recipe: AdamW 1e-3, cosine, 200 epochs, clip, dropout.
 
     The objective and the tuner are grad_kv's; only the recipe differs (docs/gradient.md, docs/methods.md)."""
 
