@@ -125,3 +125,31 @@ def test_eval_cli_adds_methods_to_a_finished_run(tiny_model_dir, tmp_path, capsy
     after = json.loads(next((out / "units").glob("*seed0.json")).read_text())
     assert after["accuracy"]["icl"] == before["accuracy"]["icl"] and "zero_shot" in after["accuracy"]
     assert {"icl", "zero_shot"} <= set(json.loads((out / "results.json").read_text())["units"][0]["accuracy"])
+
+
+def test_an_added_method_that_fails_is_recorded_once_and_not_retried(tmp_path):
+    from deepthink.methods import Method, register_method
+    from deepthink.methods.base import MethodFailed
+
+    @register_method
+    class Failing(Method):
+        name, label = "test_failing", "failing"
+        calls = 0
+
+        def prepare(self, setup):
+            type(self).calls += 1
+            raise MethodFailed("no such architecture here")
+
+    try:
+        out = tmp_path / "run"
+        run(out, ICL)
+        _, _, preds = files(out)
+        run(out, {**ICL, "test_failing": {}})
+        _, text, merged_preds = files(out)
+        unit = json.loads(text)
+        assert unit["methods"]["test_failing"] == {"fails": "no such architecture here"}
+        assert "test_failing" in unit["config"]["methods"] and "test_failing" not in unit["accuracy"]
+        assert merged_preds == preds                                   # nothing to add per item
+        assert "already done" in run(out, {**ICL, "test_failing": {}})[-1] and Failing.calls == 1
+    finally:
+        METHODS.pop("test_failing", None)

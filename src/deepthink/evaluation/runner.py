@@ -184,7 +184,7 @@ def merge_unit(path: Path, unit: dict, preds: list[dict], lm, dtype: str, quanti
     if [r["index"] for r in rows] != [p["index"] for p in preds]:
         raise ValueError(f"{pred_path} does not hold the unit's eval items one per line: methods cannot be added "
                          "to this unit; run them with a new --out")
-    added = list(unit["accuracy"])
+    added = list(unit["methods"])                # every method run, a failed one too ({"fails": ...}, no accuracy)
     merged = dict(old)
     merged["accuracy"] = {**old["accuracy"], **unit["accuracy"]}
     merged["methods"] = {**old["methods"], **unit["methods"]}
@@ -198,7 +198,7 @@ def merge_unit(path: Path, unit: dict, preds: list[dict], lm, dtype: str, quanti
         "methods": added, "wall_s": new_total, "model_fingerprint": lm.fingerprint, "dtype": dtype,
         "quantize": quantize, "device": unit.get("device"), "environment": environment()}]
     for row, p in zip(rows, preds):
-        row.update({k: p[k] for k in added})
+        row.update({k: p[k] for k in added if k in p})
     write_atomic(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_atomic(path, json.dumps(merged, indent=1, ensure_ascii=False))    # last: marks the methods done
     return merged
