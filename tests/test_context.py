@@ -426,6 +426,8 @@ GARBAGE = [
     ("history", lambda m: m["history"][1].update(dk=["x", 1]), "history[1].dk", "not a list of 2 finite numbers"),
     ("history", lambda m: m["history"][2].update(step=7), "history[2].step", "expected 3"),
     ("history", lambda m: m["history"][0].update(evil=[[[]]]), "history[0]", "unknown key(s)"),
+    ("history", lambda m: m["history"][1].update(lr="fast"), "history[1].lr", "not a finite number"),
+    ("history", lambda m: m["history"][1].update(grad_norm=[1.0]), "history[1].grad_norm", "not a finite number"),
     ("stopped", 5, "stopped", "not a one-line string"),
     ("stopped", {"why": "no"}, "stopped", "not a one-line string"),
     ("method", {"name": "grad_kv", "options": {}}, "method", "together with tuning"),

@@ -36,7 +36,7 @@ ADDED_IN_2 = ("json_sha256", "task")
 MODEL_REQUIRED = ("name", "source", "fingerprint", "tokenizer_fingerprint")
 MODEL_OPTIONAL = ("model_type", "max_positions", "sliding_window")
 ORIGIN_KEYS = ("task", "seed", "shots", "demos_file")
-HISTORY_KEYS = ("step", "dk", "dv", "loss", "batch")
+HISTORY_KEYS = ("step", "dk", "dv", "loss", "batch", "lr", "grad_norm")   # lr, grad_norm: gradient updates
 METHOD_KEYS = ("name", "options", "selection")
 SAVING_METHODS = ("grad_kv",)       # methods whose cache `deepthink tune` saves (tuning.gradient.METHOD_NAME)
 # task fields that do not change how a row becomes a query and its choices (compared when --task is also given)
@@ -346,8 +346,9 @@ def _check_history(c: _Check, history, steps: int, layers: int) -> None:
             c.fail(f"{where}.step", f"{show(h['step'])}, expected {i + 1}")
         for k in ("dk", "dv"):
             c.numbers(f"{where}.{k}", h[k], layers)
-        if "loss" in h and h["loss"] is not None and not _is_number(h["loss"]):
-            c.fail(f"{where}.loss", f"{show(h['loss'])} is not a finite number (or null)")
+        for k in ("loss", "lr", "grad_norm"):
+            if k in h and h[k] is not None and not _is_number(h[k]):
+                c.fail(f"{where}.{k}", f"{show(h[k])} is not a finite number (or null)")
         if "batch" in h and not (isinstance(h["batch"], list) and all(_is_int(x) and x >= 0 for x in h["batch"])):
             c.fail(f"{where}.batch", f"{show(h['batch'])} is not a list of demonstration indices")
 

@@ -8,7 +8,9 @@ it. `--curve` also scores eval at every step of methods that tune step by step; 
 (chosen on eval), is labelled so everywhere, and feeds no number.
 
 Each finished unit is written atomically to OUT/units/; re-running the same command skips finished
-units, so an interrupt loses at most the unit in flight.
+units, so an interrupt loses at most the unit in flight. A re-run that asks for methods a finished unit lacks
+computes only those, on the unit's own demonstrations, dev and eval items (checked against a fresh draw), and
+merges them into it; what the unit holds is left as it is.
 """
 from __future__ import annotations
 
@@ -26,14 +28,16 @@ from .provenance import environment, git_hash
 
 
 def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool = True,
-             procs=None) -> tuple[dict, list[dict]]:
+             procs=None, like: dict | None = None) -> tuple[dict, list[dict]]:
     """Evaluate one (model, task, seed) with every method of `cfg`; -> (unit result, per-item prediction rows).
 
     With `procs` (several launched processes working on this one unit), each process scores every
-    procs.size-th eval item and the scores are gathered, so every process returns the whole unit."""
+    procs.size-th eval item and the scores are gathered, so every process returns the whole unit.
+    With `like` (a finished unit that methods are added to), the draw must give exactly its demonstrations, dev
+    and eval items, at the shot count it used; anything else is refused before any method computes."""
     t_start = time.perf_counter()
     methods = cfg.make_methods()
-    plan, setup, not_applicable = _fitting_plan(lm, task, seed, cfg, methods, data_dir)
+    plan, setup, not_applicable = _fitting_plan(lm, task, seed, cfg, methods, data_dir, like)
     gold = [e.label for e in plan.eval]
     shard = plan.eval if procs is None or procs.size == 1 else plan.eval[procs.rank::procs.size]
     scores, curves, infos, times = {}, {}, {}, {}
@@ -105,17 +109,21 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
 FITTED = "shots fitted to the model:"     # how a unit's note on fewer shots than asked begins
 
 
-def _fitting_plan(lm, task, seed: int, cfg: EvalConfig, methods: list, data_dir=None):
+def _fitting_plan(lm, task, seed: int, cfg: EvalConfig, methods: list, data_dir=None, like: dict | None = None):
     """(plan, Setup, {method key: why it does not apply to this task}), once every other method has accepted them
     (every refusal comes before any method computes anything). With cfg.fit_shots, demonstrations too long for
     the model are drawn again with one fewer shot until every method accepts them; the plan's notes say what was
     refused. A method that is not applicable to the task (NotApplicable, e.g. calibration on per-item choices) is
-    left out of the unit with its reason; if no method applies, the run stops saying why."""
+    left out of the unit with its reason; if no method applies, the run stops saying why. With `like` (a finished
+    unit), only its shot count is drawn, and the draw must be its own."""
     from ..data import make_plan
 
     refused = []
-    for shots in range(cfg.shots, 0, -1):
+    first = like["demonstrations"]["shots"] if like is not None else cfg.shots
+    for shots in range(first, 0 if like is None else first - 1, -1):
         plan = make_plan(task, seed, shots=shots, dev_size=cfg.dev_size, max_eval=cfg.max_eval, data_dir=data_dir)
+        if like is not None:
+            same_items(plan, like)
         setup = Setup(lm, plan.demonstrations, plan.dev, cfg.batch_size, task=plan.task, demos=plan.demos)
         not_applicable = {}
         try:
@@ -125,6 +133,10 @@ def _fitting_plan(lm, task, seed: int, cfg: EvalConfig, methods: list, data_dir=
                 except NotApplicable as e:
                     not_applicable[method.key] = str(e)
         except DemonstrationsTooLong as e:
+            if like is not None:
+                raise DemonstrationsTooLong(f"{lm.name} {plan.task.name} seed {seed}: {method.key} refuses the "
+                                            f"finished unit's {shots}-shot demonstrations ({e}); it cannot be added "
+                                            "to that unit: run it with a new --out") from None
             if not cfg.fit_shots:
                 raise DemonstrationsTooLong(f"{lm.name} {plan.task.name} seed {seed}, {shots} shots: {e} (or let "
                                             "each unit use the largest shot count that fits: "
@@ -139,6 +151,92 @@ def _fitting_plan(lm, task, seed: int, cfg: EvalConfig, methods: list, data_dir=
         return plan, setup, not_applicable
     raise DemonstrationsTooLong(f"{lm.name} {plan.task.name} seed {seed}: even 1 shot is too long for the model: "
                                 f"{refused[-1]}")
+
+
+def same_items(plan, unit: dict) -> None:
+    """Refuse, before anything is computed, a draw whose demonstrations, dev or eval items are not the unit's."""
+    have = unit["demonstrations"]
+    differs = [what for what, now, then in (
+        ("demonstrations", ([{"split": e.split, "index": e.index} for e in plan.demos], plan.demonstrations),
+         (have["items"], have["text"])),
+        ("dev items", [e.index for e in plan.dev], unit["dev_indices"]),
+        ("eval items", [e.index for e in plan.eval], unit["eval_indices"])) if now != then]
+    if differs:
+        raise ValueError(f"{unit['model']} {unit['task']} seed {unit['seed']}: today's draw gives other "
+                         f"{', '.join(differs)} than the finished unit holds (the task's data or the sampler changed): "
+                         "methods cannot be added to it; run them with a new --out")
+
+
+def lacking(out: Path, model: str, task: str, seed: int, cfg: EvalConfig) -> list[str] | None:
+    """The method keys of `cfg` that the unit in `out` lacks: None when there is no unit (or a damaged one: it is
+    run whole), [] when it holds every one. Its other settings must be the same as cfg's, and so must the options
+    of every method both hold (else a ValueError); methods the unit holds beyond cfg's stay in it."""
+    path = unit_path(out, model, task, seed)
+    unit = read_unit(path)
+    if unit is None:
+        return None
+    saved, now = upgrade_config(unit.get("config", {})), cfg.to_dict()
+    if saved["fit_shots"] != now["fit_shots"] and unit.get("demonstrations", {}).get("shots", saved["shots"]) \
+            == saved["shots"]:
+        saved["fit_shots"] = now["fit_shots"]    # made with every shot asked for: the same unit either way
+    diff = {k: (saved.get(k), v) for k, v in now.items() if k != "methods" and saved.get(k) != v}
+    diff.update({k: (saved["methods"][k], v) for k, v in now["methods"].items()
+                 if k in saved["methods"] and saved["methods"][k] != v})
+    if diff:
+        raise ValueError(f"{path} was made with other settings {diff} (saved, now): use a new --out "
+                         "or the same flags to resume")
+    return [k for k in now["methods"] if k not in saved["methods"]]
+
+
+def read_unit(path: Path) -> dict | None:
+    """The unit at `path`; None when there is none or it is damaged (then it is run again)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def merge_unit(path: Path, unit: dict, preds: list[dict], lm, dtype: str, quantize: str | None) -> dict:
+    """Add the methods of `unit` (computed on the same items as the finished unit at `path`) to that unit and its
+    .predictions.jsonl, both written atomically (the unit last); the unit's existing entries, and every byte of
+    each prediction line up to its closing brace, stay as they were. -> the merged unit."""
+    old = json.loads(path.read_text())
+    pred_path = path.with_suffix(".predictions.jsonl")
+    lines = pred_path.read_text().splitlines() if pred_path.exists() else []
+    rows = [json.loads(line) for line in lines]
+    if [r["index"] for r in rows] != [p["index"] for p in preds]:
+        raise ValueError(f"{pred_path} does not hold the unit's eval items one per line: methods cannot be added "
+                         "to this unit; run them with a new --out")
+    added = list(unit["methods"])                # every method run, a failed one too ({"fails": ...}, no accuracy)
+    merged = dict(old)
+    merged["accuracy"] = {**old["accuracy"], **unit["accuracy"]}
+    merged["methods"] = {**old["methods"], **unit["methods"]}
+    new_total = unit["wall_s"]["total"]
+    merged["wall_s"] = {**{k: v for k, v in old["wall_s"].items() if k != "total"},
+                        **{k: v for k, v in unit["wall_s"].items() if k != "total"},
+                        "total": round(old["wall_s"]["total"] + new_total, 3)}
+    merged["config"] = {**old["config"], "methods": {**old["config"]["methods"],    # as saved, the new ones added
+                                                     **{k: unit["config"]["methods"][k] for k in added}}}
+    merged["added"] = old.get("added", []) + [{
+        "methods": added, "wall_s": new_total, "model_fingerprint": lm.fingerprint, "dtype": dtype,
+        "quantize": quantize, "device": unit.get("device"), "environment": environment()}]
+    for row, p in zip(rows, preds):
+        row.update({k: p[k] for k in added if k in p})
+    write_atomic(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(path, json.dumps(merged, indent=1, ensure_ascii=False))    # last: marks the methods done
+    return merged
+
+
+def same_model(unit: dict, lm, dtype: str, quantize: str | None) -> None:
+    """Refuse to add methods to a unit made with other weights, dtype or quantization."""
+    if "methods" not in unit:
+        raise ValueError(f"{unit['model']} {unit['task']} seed {unit['seed']}: the unit predates methods (an early "
+                         "runner's layout): methods cannot be added to it; run them with a new --out")
+    then = (unit.get("model_fingerprint"), unit.get("dtype"), unit.get("quantize"))
+    if then != (lm.fingerprint, dtype, quantize):
+        raise ValueError(f"{unit['model']} {unit['task']} seed {unit['seed']}: the finished unit was made with "
+                         f"(fingerprint, dtype, quantize) = {then}, this run has {(lm.fingerprint, dtype, quantize)}: "
+                         "methods cannot be added to it; use the same model and flags, or a new --out")
 
 
 def _gather(procs, scores: dict, curves: dict) -> tuple[dict, dict]:
@@ -234,7 +332,7 @@ def _run(models, task_objs, seeds, cfg, out, data_dir, device, dtype, progress, 
     for model in models:
         # the main process decides what is left, so that every process works from the same list
         todo = procs.broadcast([(i, s) for i, t in enumerate(task_objs) for s in seeds
-                                if not finished(out, model, t.name, s, cfg)])
+                                if lacking(out, model, t.name, s, cfg) != []])
         if not todo:
             if procs.is_main:
                 log(f"{model}: all {len(task_objs) * len(seeds)} units already done in {out}")
@@ -245,14 +343,23 @@ def _run(models, task_objs, seeds, cfg, out, data_dir, device, dtype, progress, 
         mine = todo if by_items else todo[procs.rank::procs.size]
         for i, seed in mine:
             task = task_objs[i]
-            unit, preds = run_unit(lm, task, seed, cfg, data_dir=data_dir, progress=progress and procs.is_main,
-                                   procs=procs if by_items else None)
+            path = unit_path(out, model, task.name, seed)
+            have, unit_cfg = read_unit(path), cfg   # a finished unit lacking some methods: only those are computed
+            if have is not None:
+                same_model(have, lm, dtype, quantize)
+                missing = lacking(out, model, task.name, seed, cfg)
+                unit_cfg = EvalConfig(**{**cfg.to_dict(), "methods": {k: cfg.methods[k] for k in missing}})
+            unit, preds = run_unit(lm, task, seed, unit_cfg, data_dir=data_dir, progress=progress and procs.is_main,
+                                   procs=procs if by_items else None, like=have)
             if by_items and not procs.is_main:
                 continue                       # the main process writes a unit whose items were divided
             unit.update({"model_source": lm.source, "model_fingerprint": lm.fingerprint, "dtype": dtype,
-                         "quantize": quantize, "device": str(device), "config": cfg.to_dict(),
+                         "quantize": quantize, "device": str(device), "config": unit_cfg.to_dict(),
                          "environment": environment()})
-            path = unit_path(out, model, task.name, seed)
+            if have is not None:
+                merged = merge_unit(path, unit, preds, lm, dtype, quantize)
+                log(summary_line(merged, cfg) + f"  (added {', '.join(missing)})")
+                continue
             write_atomic(path.with_suffix(".predictions.jsonl"),
                          "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
             write_atomic(path, json.dumps(unit, indent=1, ensure_ascii=False))  # last: marks the unit done
@@ -303,20 +410,6 @@ def run_units(jobs: list[tuple[str, str, int, EvalConfig]], out, data_dir=None, 
 
 
 def finished(out: Path, model: str, task: str, seed: int, cfg: EvalConfig) -> bool:
-    """Whether the unit is already in `out` (made with the same config; another config is an error)."""
-    path = unit_path(out, model, task, seed)
-    if not path.exists():
-        return False
-    try:
-        unit = json.loads(path.read_text())
-    except ValueError:
-        return False  # a damaged unit is re-run
-    saved, now = upgrade_config(unit.get("config", {})), cfg.to_dict()
-    if saved["fit_shots"] != now["fit_shots"] and unit.get("demonstrations", {}).get("shots", saved["shots"]) \
-            == saved["shots"]:
-        saved["fit_shots"] = now["fit_shots"]    # made with every shot asked for: the same unit either way
-    if saved != now:
-        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-        raise ValueError(f"{path} was made with other settings {diff} (saved, now): use a new --out "
-                         "or the same flags to resume")
-    return True
+    """Whether the unit is already in `out` with every method of cfg (made with the same settings; other settings
+    are an error). A unit that lacks some of cfg's methods is not finished: a run adds them (see `lacking`)."""
+    return lacking(out, model, task, seed, cfg) == []

@@ -1,5 +1,10 @@
 """grad_kv: the demonstrations' cache optimised by Adam on a leave-one-out objective (deepthink.tuning.gradient).
 
+The objective is Context Tuning's, CT-KV (Lu, Teehan, Yang, Ren, arXiv 2507.04221, ICML 2026; code
+agentic-learning-ai-lab/context-tuning); the recipe is ours: Adam at lr 0.01, no schedule, clipping or dropout,
+at most 15 steps with T chosen on dev. `ct_kv` (methods/ctkv.py) is their recipe; docs/gradient.md lists every
+difference.
+
 The step count T in 1..steps (1 = plain ICL) is chosen like dt_dev's:
   dev-acc: accuracy on dev items drawn from the training data, disjoint from the demonstrations; ties go to
            the smaller T. Without dev items it falls back to `loo` (recorded in info["selection_used"]).
@@ -51,7 +56,11 @@ class GradKVConfig(GradientConfig):
 
 @register_method
 class GradKV(Method):
-    """Adam on the demonstrations' keys/values, leave-one-out objective; T chosen on dev (or leave-one-out)."""
+    """CT-KV's objective (Lu et al., arXiv 2507.04221), our recipe: Adam lr 0.01, T<=15 on dev (docs/gradient.md).
+
+    Adam on the demonstrations' keys/values, leave-one-out objective; T chosen on dev (or leave-one-out); where
+    this recipe differs from CT-KV's (AdamW 1e-3, cosine, 200 epochs, clipping, token dropout): docs/gradient.md.
+    """
 
     name, label = "grad_kv", "grad KV"
     Config = GradKVConfig

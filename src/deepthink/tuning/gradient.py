@@ -19,6 +19,12 @@ prefix is K_{-i} + (K~ - K_1), where K_{-i} is the demonstrations encoded with n
 `leak` compares the two per demonstration.
 
 Steps count as in forward tuning: step 1 is plain ICL, and step t is the cache after t - 1 Adam updates.
+
+The objective is Context Tuning's (CT-KV: Lu, Teehan, Yang, Ren, arXiv 2507.04221, code
+agentic-learning-ai-lab/context-tuning). The options that make up their recipe are here too: AdamW with weight
+decay, a cosine schedule from lr to 0 over the T - 1 updates, the cache's gradient norm clipped, token dropout on
+the cache (each prefix position hidden from a training row with some probability, drawn per row and update) and
+the loss as a mean over answer tokens; methods/ctkv.py sets them to their values.
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ from ..context import TunedContext
 from ..scoring import _head
 
 TARGETS = ("kv", "k", "v")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("none", "cosine")
+LOSSES = ("row", "token")
 READ_ROWS = 16          # rows per forward when the objective is only read (no gradient), e.g. loo_eval
 METHOD_NAME = "grad_kv"
 
@@ -70,9 +79,25 @@ class GradientConfig:
         "help": "loo-mask: each demonstration's span hidden from its own query; loo-reencode: its query reads "
                 "the other demonstrations encoded without it, plus the learnt change (leak-free, n encodings)",
         "choices": tuple(OBJECTIVES)})
-    seed: int = field(default=0, metadata={"help": "seed of the batch order (only matters with batch < n)"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the batch order (only matters with batch < n) and of token dropout's draws"})
     checkpointing: bool = field(default=False, metadata={
         "help": "recompute each layer's activations in the backward pass instead of keeping them (less memory)"})
+    optimizer: str = field(default="adam", metadata={
+        "help": "adam, or adamw (decoupled weight decay, CT-KV's)", "choices": OPTIMIZERS})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay (adamw only)"})
+    schedule: str = field(default="none", metadata={
+        "help": "learning rate over the T - 1 updates: none (constant), or cosine from lr to 0, no warm-up "
+                "(update u of U at lr * (1 + cos(pi u / U)) / 2, as transformers' cosine schedule)",
+        "choices": SCHEDULES})
+    clip: float = field(default=0.0, metadata={
+        "help": "clip the cache's total gradient norm (all tuned tensors together) to this (0 = no clipping)"})
+    token_dropout: float = field(default=0.0, metadata={
+        "help": "in each update, hide each prefix position from each training row with this probability "
+                "(drawn per row and update, seeded by seed; never when scoring)"})
+    loss: str = field(default="row", metadata={
+        "help": "row: mean over demonstrations of the answer's summed NLL; token: mean NLL over all answer "
+                "tokens of the batch (CT-KV's)", "choices": LOSSES})
 
     def __post_init__(self):
         def bad(name, why):
@@ -98,6 +123,25 @@ class GradientConfig:
             bad("objective", f"unknown objective; valid: {', '.join(OBJECTIVES)}")
         if not isinstance(self.checkpointing, bool):
             bad("checkpointing", "must be true or false")
+        for name, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES)):
+            if getattr(self, name) not in valid:
+                bad(name, f"valid: {', '.join(valid)}")
+        for name in ("weight_decay", "clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(name, "must be a finite number >= 0")
+        if self.weight_decay and self.optimizer != "adamw":
+            bad("weight_decay", "is AdamW's decoupled weight decay: set optimizer='adamw' too (or weight_decay=0)")
+        v = self.token_dropout
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            bad("token_dropout", "must be a probability in [0, 1)")
+
+    def lr_at(self, update: int) -> float:
+        """The learning rate of update `update` (0-based) of the run's steps - 1 updates."""
+        total = self.steps - 1
+        if self.schedule == "none" or total <= 0:
+            return float(self.lr)
+        return float(self.lr) * 0.5 * (1.0 + math.cos(math.pi * min(update, total) / total))
 
     def layer_range(self, n_layers: int) -> range:
         """The layers optimised, for a model of `n_layers`; a range outside the model is an error."""
@@ -210,14 +254,18 @@ class _ReadOnlyPrefix(DynamicLayer):
         return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
 
 
-def _allowed(L: int, spans: list[tuple[int, int] | None], lengths: list[int], T: int, device) -> torch.Tensor:
-    """(B, T, L + T) True where query t of row b may attend: the prefix outside the row's hidden span, and
-    its own real tokens up to t."""
+def _allowed(L: int, spans: list[tuple[int, int] | None], lengths: list[int], T: int, device,
+             dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, L + T) True where query t of row b may attend: the prefix outside the row's hidden span (and outside
+    `dropped`, (B, L) True where token dropout hides a prefix position from the row), and its own real tokens up
+    to t."""
     B = len(lengths)
     pre = torch.ones(B, T, L, dtype=torch.bool, device=device)
     for b, span in enumerate(spans):
         if span is not None:
             pre[b, :, span[0]:span[1]] = False
+    if dropped is not None:
+        pre &= ~dropped.to(device)[:, None, :]
     t = torch.arange(T, device=device)
     own = (t[None, :] <= t[:, None])[None] & (t[None, None, :] < torch.tensor(lengths, device=device)[:, None, None])
     return torch.cat([pre, own], -1)
@@ -278,9 +326,9 @@ def _checkpointed(model, on: bool):
 
 
 def row_logprobs(model, prefix: kv.Prefix, rows: Sequence[Row], spans: list[tuple[int, int]],
-                 checkpointing: bool = False) -> torch.Tensor:
+                 checkpointing: bool = False, dropped: torch.Tensor | None = None) -> torch.Tensor:
     """(R,) summed log-probability of each row's scored tokens after `prefix` (per layer (R or 1, h, L, d)),
-    each row's hidden span masked out. Differentiable in the prefix."""
+    each row's hidden span (and the positions `dropped` hides, (R, L)) masked out. Differentiable in the prefix."""
     keys, values = prefix
     R, L = len(rows), keys[0].shape[-2]
     device = keys[0].device
@@ -289,7 +337,7 @@ def row_logprobs(model, prefix: kv.Prefix, rows: Sequence[Row], spans: list[tupl
     ids = torch.tensor([x + x[-1:] * (T - len(x)) for x in inputs], device=device)     # (R, T) right-padded
     dtype = model.get_input_embeddings().weight.dtype
     mask = _layer_masks(model, _allowed(L, [spans[r.demo] if r.demo is not None else None for r in rows],
-                                        [len(x) for x in inputs], T, device), L, dtype)   # (R, 1, T, L + T)
+                                        [len(x) for x in inputs], T, device, dropped), L, dtype)   # (R, 1, T, L + T)
     cache = Cache(layers=[_ReadOnlyPrefix(k.expand(R, -1, -1, -1), v.expand(R, -1, -1, -1))
                           for k, v in zip(keys, values)])
     kwargs = {}
@@ -389,6 +437,7 @@ class GradientTuner:
         self.history: list[dict] = []
         self.stopped: str | None = None
         self._rng = random.Random(self.config.seed)
+        self._drop_rng = torch.Generator(device="cpu").manual_seed(self.config.seed)   # token dropout's draws
         self._order: list[int] = []
         self._reencoded = None
 
@@ -428,18 +477,21 @@ class GradientTuner:
             out_v.append(torch.cat([alone[r.demo][1][layer] + dv for r in rows]))
         return out_k, out_v
 
-    def logprobs(self, rows: Sequence[Row], keys=None, values=None, objective: str | None = None) -> torch.Tensor:
-        """(R,) log-probability of each row's continuation after the cache (default: the current one)."""
+    def logprobs(self, rows: Sequence[Row], keys=None, values=None, objective: str | None = None,
+                 dropped: torch.Tensor | None = None) -> torch.Tensor:
+        """(R,) log-probability of each row's continuation after the cache (default: the current one); `dropped`
+        (R, L) True hides that prefix position from that row as well (token dropout)."""
         keys = self.keys if keys is None else keys
         values = self.values if values is None else values
         objective = objective or self.config.objective
         if not keys:
             raise RuntimeError("no step has run yet: call step() first (step 1 encodes the demonstrations)")
         if not torch.is_grad_enabled() and len(rows) > READ_ROWS:      # a reading, not an update: bounded memory
-            return torch.cat([self.logprobs(rows[i:i + READ_ROWS], keys, values, objective)
+            return torch.cat([self.logprobs(rows[i:i + READ_ROWS], keys, values, objective,
+                                            None if dropped is None else dropped[i:i + READ_ROWS])
                               for i in range(0, len(rows), READ_ROWS)])
         prefix = self._prefix(rows, keys, values, objective)
-        return row_logprobs(self.lm.model, prefix, rows, self.spans, self.config.checkpointing)
+        return row_logprobs(self.lm.model, prefix, rows, self.spans, self.config.checkpointing, dropped)
 
     def check_mask(self) -> None:
         """Refuse a model whose attention does not honour the custom mask: with nothing hidden the masked forward
@@ -486,14 +538,28 @@ class GradientTuner:
             out.append(self._order.pop(0))
         return sorted(out)
 
-    def objective(self, which: Sequence[int] | None = None, keys=None, values=None) -> torch.Tensor:
+    def draw_dropout(self, n_rows: int) -> torch.Tensor | None:
+        """(n_rows, L) True where token dropout hides a prefix position from a training row: each position
+        independently with probability token_dropout, a new draw per row and update (None at 0)."""
+        p = self.config.token_dropout
+        if not p:
+            return None
+        return torch.rand(n_rows, self.length, generator=self._drop_rng) < p
+
+    def objective(self, which: Sequence[int] | None = None, keys=None, values=None,
+                  dropped: torch.Tensor | None = None) -> torch.Tensor:
         """J over the demonstrations `which` (default all): mean negative log-likelihood of their gold
-        continuations, each with its own span hidden, plus the L2 pull. Differentiable in keys/values."""
+        continuations (per demonstration, or per answer token with loss="token"), each with its own span hidden
+        (and `dropped`'s positions: token dropout), plus the L2 pull. Differentiable in keys/values."""
         keys = self.keys if keys is None else keys
         values = self.values if values is None else values
         which = range(len(self.demos)) if which is None else which
         rows = [self.rows[i] for i in which]
-        loss = -self.logprobs(rows, keys, values).mean()
+        lp = self.logprobs(rows, keys, values, dropped=dropped)
+        if self.config.loss == "token":
+            loss = -lp.sum() / sum(len(r.ids) - r.start for r in rows)
+        else:
+            loss = -lp.mean()
         if self.config.l2 and self.params:
             pulls = [(t - t0).pow(2) for t, t0 in self._pairs(keys, values)]
             loss = loss + self.config.l2 * sum(p.sum() for p in pulls) / sum(p.numel() for p in pulls)
@@ -530,18 +596,27 @@ class GradientTuner:
         self.values = [v.clone().requires_grad_(i in self.layers and cfg.update in ("kv", "v"))
                        for i, v in enumerate(v1)]
         self.params = [t for t in self.keys + self.values if t.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
         self.history.append({"step": 1, "loss": None, "batch": [], "dk": [0.0] * len(k1), "dv": [0.0] * len(k1)})
 
     def _update(self) -> None:
         which = self._batch()
         old_k = [k.detach().clone() for k in self.keys]
         old_v = [v.detach().clone() for v in self.values]
+        lr = self.config.lr_at(self.step_count - 1)           # update u = step_count - 1 of steps - 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = None
         with frozen(self.lm.model), torch.enable_grad():
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.objective(which)
+            loss = self.objective(which, dropped=self.draw_dropout(len(which)))
             if torch.isfinite(loss):
                 loss.backward()
+                # the total norm before clipping; max_norm inf (clip 0) multiplies every gradient by 1.0 exactly
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.clip or math.inf))
                 self.optimizer.step()
         finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(t).all()) for t in self.params)
         if not finite:
@@ -557,6 +632,8 @@ class GradientTuner:
                 "step": self.step_count + 1,
                 "loss": float(loss),            # J on this step's batch, at the cache before the update
                 "batch": which,
+                "lr": lr,
+                "grad_norm": grad_norm,         # the cache's total gradient norm before clipping
                 "dk": [float((a.double() - b.double()).norm()) for a, b in zip(self.keys, old_k)],
                 "dv": [float((a.double() - b.double()).norm()) for a, b in zip(self.values, old_v)],
             })
