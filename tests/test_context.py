@@ -395,7 +395,7 @@ GARBAGE = [
     ("dtype", "nope", "dtype", "allowed: float32, bfloat16, float16"),
     ("dtype", 5, "dtype", "allowed: float32, bfloat16, float16"),
     ("dtype", "float64", "dtype", "allowed: float32, bfloat16, float16"),
-    ("model.fingerprint", 12345, "model.fingerprint", "not a sha256"),
+    ("model.fingerprint", 12345, "model.fingerprint", "is not a fingerprint"),
     ("model.tokenizer_fingerprint", "abc", "model.tokenizer_fingerprint", "not a sha256"),
     ("model.name", 12345, "model.name", "not a non-empty one-line string"),
     ("model.name", "", "model.name", "not a non-empty one-line string"),

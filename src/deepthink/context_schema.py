@@ -275,10 +275,12 @@ def _check_model(c: _Check, m: dict) -> None:
     c.keys("model", m, MODEL_REQUIRED + MODEL_OPTIONAL)
     c.text("model.name", m["name"], empty=False)
     c.text("model.source", m["source"], empty=False)
-    for k in ("fingerprint", "tokenizer_fingerprint"):
-        if not isinstance(m[k], str) or not FINGERPRINT.fullmatch(m[k]):
-            c.fail(f"model.{k}", f"{show(m[k])} is not a fingerprint (a sha256: 64 hexadecimal digits, or "
-                                 "'gguf-sha256:' and one for a model loaded from a GGUF file)")
+    if not isinstance(m["fingerprint"], str) or not FINGERPRINT.fullmatch(m["fingerprint"]):
+        c.fail("model.fingerprint", f"{show(m['fingerprint'])} is not a fingerprint (a sha256: 64 hexadecimal "
+                                    "digits, or 'gguf-sha256:' and one for a model loaded from a GGUF file)")
+    if not isinstance(m["tokenizer_fingerprint"], str) or not HEX64.fullmatch(m["tokenizer_fingerprint"]):
+        c.fail("model.tokenizer_fingerprint", f"{show(m['tokenizer_fingerprint'])} is not a sha256 (64 hexadecimal "
+                                              "digits)")
     c.text("model.model_type", m.get("model_type"), limit=100, null=True)
     for k in ("max_positions", "sliding_window"):
         if m.get(k) is not None:

@@ -290,7 +290,7 @@ REFUSED = [   # (field, value, what the one line says after "context.json: ")
     ("dtype", "nope", "dtype: 'nope' is not a dtype contexts are saved in; allowed: float32, bfloat16, float16"),
     ("dtype", 5, "dtype: 5 is not a dtype contexts are saved in; allowed: float32, bfloat16, float16"),
     ("dtype", "float64", "dtype: 'float64' is not a dtype contexts are saved in; allowed: float32, bfloat16, float16"),
-    ("model.fingerprint", 12345, "model.fingerprint: 12345 is not a sha256"),
+    ("model.fingerprint", 12345, "model.fingerprint: 12345 is not a fingerprint"),
     ("origin.task", "agnews", "origin.task: 'agnews', but the embedded task definition is 'sentiment-demo'"),
     ("origin.seed", 1, "json_sha256: the content's sha256 is"),
     ("prefix_ids", "garbage", "prefix_ids: 'garbage' is not a list, but tokens is"),
