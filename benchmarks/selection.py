@@ -8,8 +8,9 @@ The recorder re-runs the default method (`grad_kv@lr01` of benchmarks/ablations.
 on exactly the demonstrations, dev items and eval items of each ablation unit (screen: gemma3-270m + smollm2-135m,
 seeds 0-1; confirmation: those + qwen2.5-coder-0.5b, seeds 3-5; the same seeded draw, checked against the unit),
 and stores per step t = 1..15: per dev item whether the "sum" prediction is right and the gold choice's
-log-probability among the choices and margin over the best other choice; the same for a pool of 192 further
-training items (disjoint from the demonstrations and dev items; "a larger dev split"); per eval item whether it is
+log-probability among the choices and margin over the best other choice; the same for a pool of 64 further
+training items (disjoint from the demonstrations and dev items: dev + pool = "a larger dev split" of 128; 64, not
+192, decided from the first unit's measured cost, see POOL); per eval item whether it is
 right; the train loss. Scoring eval at every step is an ORACLE: the files say so, and they serve only to replay
 selection rules (which read dev / pool data only) and read the eval outcome at the T a rule picks. The recomputed
 dev curve must match the unit's stored one within one dev item per step; a mismatch is recorded and printed.
@@ -36,7 +37,11 @@ MARKDOWN = ROOT / "results" / "SELECTION.md"
 
 METHOD = "grad_kv@lr01"          # the default method as the ablation units ran it
 LABEL = "oracle: eval scored at every step, for replaying selection rules only"
-POOL = 192                       # further training items scored per step: dev 64 + pool 192 = a dev split of 256
+# further training items scored per step: dev 64 + pool 64 = a dev split of 128. The first unit (smollm2-135m sst2
+# seed 0) recorded 192; scoring them at 15 steps was about 40 % of the unit's cost on a machine shared 6 ways, which
+# put the 65 units far past a day, so the rest record 64. The draw is a seeded sample whose first 64 are the
+# 64-item draw (tests/evaluation/test_selection_script.py), so the replay reads the first POOL of any record.
+POOL = 64
 STAGES = {"screen": dict(models=["smollm2-135m", "gemma3-270m"], seeds=[0, 1], max_eval=200, dev_size=64),
           "confirm": dict(models=["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"], seeds=[3, 4, 5],
                           max_eval=300, dev_size=64)}
@@ -95,8 +100,9 @@ def record_unit(lm, stage: str, model: str, task: str, seed: int, data_dir=None,
 
     t0 = time.perf_counter()
     unit = ablation_unit(stage, model, task, seed)
-    plan = make_plan(task, seed, shots=unit["demonstrations"].get("shots", unit["config"]["shots"]), dev_size=unit["n_dev"],
-                     max_eval=unit["config"]["max_eval"], data_dir=data_dir)
+    shots = unit["demonstrations"].get("shots", unit["config"]["shots"])      # older units: as configured
+    plan = make_plan(task, seed, shots=shots, dev_size=unit["n_dev"], max_eval=unit["config"]["max_eval"],
+                     data_dir=data_dir)
     drawn = {"demonstrations": plan.demonstrations == unit["demonstrations"]["text"],
              "dev": [e.index for e in plan.dev] == unit["dev_indices"],
              "eval": [e.index for e in plan.eval] == unit["eval_indices"]}
@@ -171,8 +177,8 @@ def record(jobs: list[tuple[str, str, str, int]], data_dir=None, pool_size: int 
         write_atomic(path, json.dumps(rec, separators=(",", ":")))
         done.append(path.stem)
         c = rec["check"]
-        log(f"[{n}/{len(todo)}] {time.strftime('%H:%M')} {stage} {model} {task} seed {seed}: {rec['wall_s']['total']:.0f}s "
-            f"({rec['wall_s']}); dev curve {'matches' if c['dev_match'] else 'DIFFERS'} (max {max(c['dev_items_off'])} "
+        log(f"[{n}/{len(todo)}] {time.strftime('%H:%M')} {stage} {model} {task} seed {seed}: "
+            f"{rec['wall_s']['total']:.0f}s ({rec['wall_s']}); dev curve {'matches' if c['dev_match'] else 'DIFFERS'} (max {max(c['dev_items_off'])} "
             f"items off), T {c['chosen_stored']}->{c['chosen_recomputed']}, eval off at T=1 vs ICL "
             f"{c['eval_items_off_at_T1_vs_icl']}, at chosen T {c['eval_items_off_at_chosen_vs_unit']}")
     return done
@@ -221,17 +227,18 @@ def main(argv=None) -> int:
 # ---- the replay: selection rules on the stored oracle files ---------------------------------------------------
 
 LEVELS = (0.05, 0.1, 0.2)
-# (name, grad_kv selection rule, level, dev items: "dev" = the unit's 64, "dev+pool" = those and the pool's 192)
+# (name, grad_kv selection rule, level, dev items: "dev" = the unit's 64, "dev+pool" = those and the pool's first
+# POOL items)
 RULES = ([("dev-acc", "dev-acc", 0.1, "dev")]
          + [(f"{r}@{lv:g}", r, lv, "dev") for r in ("dev-mcnemar", "dev-bootstrap") for lv in LEVELS]
-         + [("dev-acc/256", "dev-acc", 0.1, "dev+pool")]
-         + [(f"{r}@{lv:g}/256", r, lv, "dev+pool") for r in ("dev-mcnemar", "dev-bootstrap") for lv in LEVELS])
+         + [("dev-acc/128", "dev-acc", 0.1, "dev+pool")]
+         + [(f"{r}@{lv:g}/128", r, lv, "dev+pool") for r in ("dev-mcnemar", "dev-bootstrap") for lv in LEVELS])
 TODAY = "dev-acc"
 GOAL_WORST, GOAL_BAR = -0.5, 1.0
 CHOICE = ("The rule is chosen on the screen alone, by this rule written before any confirmation oracle was read: "
           f"among the candidates whose worst (model, task) mean difference to ICL is at least {GOAL_WORST:+g} points, "
           "the one with the highest mean difference to the bar (mean over models); a tie goes to the earlier "
-          "candidate in the table (64 dev items before 256, lower levels before higher). If no candidate clears "
+          "candidate in the table (64 dev items before 128, lower levels before higher). If no candidate clears "
           "the worst-case line, the one with the highest worst (model, task) mean.")
 
 
@@ -264,8 +271,8 @@ def replay(case: dict, rule: str, level: float, items: str) -> int:
     if items == "dev+pool":
         if not case["pool"][0]:
             raise ValueError(f"{case['model']} {case['task']} seed {case['seed']}: no pool items were recorded")
-        correct = [a + b for a, b in zip(correct, case["pool"][0])]
-        logp = [a + b for a, b in zip(logp, case["pool"][1])]
+        correct = [a + b[:POOL] for a, b in zip(correct, case["pool"][0])]
+        logp = [a + b[:POOL] for a, b in zip(logp, case["pool"][1])]
     return choose(rule, correct, logp, level)[0]
 
 
@@ -364,8 +371,9 @@ def write_markdown() -> Path:
     screen = load_cases("screen")
     lines = ["# Choosing grad_kv's T safely (issue 31)", "",
              "Produced by `python benchmarks/selection.py` (record; resumable) and `python benchmarks/selection.py "
-             "--write-only` (replay). Every rule reads only dev items (the unit's 64, or those and 192 further "
-             "training items: '/256'); the eval outcome at the T it picks comes from the **oracle** files "
+             "--write-only` (replay). Every rule reads only dev items (the unit's 64, or those and 64 further "
+             "training items: '/128', a larger dev split that costs scoring 64 more items at each of the 15 steps); "
+             "the eval outcome at the T it picks comes from the **oracle** files "
              f"(benchmarks/results/selection/<stage>/oracle/: \"{LABEL}\"), which serve only this replay. Δ = mean "
              "over tasks of the paired difference in points [95 % bootstrap interval over (seed, item)]; bar = the "
              "better of ICL and calibrated ICL per (model, task), chosen on eval; the worst (model, task) is the mean "

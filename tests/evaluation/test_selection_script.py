@@ -40,7 +40,8 @@ def sel(tmp_path, monkeypatch):
     monkeypatch.setattr(sel, "RESULTS", tmp_path / "selection")
     monkeypatch.setattr(sel, "MARKDOWN", tmp_path / "SELECTION.md")
     monkeypatch.setattr(sel, "TASKS", ["sst2", "mr"])
-    monkeypatch.setattr(sel, "STAGES", {"screen": dict(models=["m"], seeds=[0]), "confirm": dict(models=["m"], seeds=[3])})
+    monkeypatch.setattr(sel, "STAGES", {"screen": dict(models=["m"], seeds=[0]),
+                                        "confirm": dict(models=["m"], seeds=[3])})
     return sel
 
 
@@ -73,7 +74,7 @@ def test_replay_pairs_each_rule_with_icl_and_the_bar_and_chooses_on_the_screen(s
     assert guarded[5].startswith("+0.0")
     assert "Chosen on the screen: **dev-mcnemar@0.05**." in text            # safe, best vs bar, first of the ties
     assert "matches the unit's stored one within one dev item at every step in 2 of 2 units" in text
-    assert row(text, "## Screen", "dev-acc/256")                             # the larger dev split is replayed too
+    assert row(text, "## Screen", "dev-acc/128")                             # the larger dev split is replayed too
     assert "Read only once the screen has chosen a rule." not in text
     assert "No confirm oracle unit has been recorded yet." in text
 
@@ -119,7 +120,8 @@ def test_recorder_reproduces_an_ablation_unit_on_a_tiny_model(sel, tiny_model_di
     monkeypatch.setattr(ab, "CURVE_UNITS", set())
     ab.main(["--stage", "screen", "--quiet", "--data-dir", str(SHARED_DATA)])
     monkeypatch.setattr(sel, "TASKS", ["sst2"])
-    monkeypatch.setattr(sel, "STAGES", {"screen": dict(models=[model], seeds=[0]), "confirm": dict(models=[model], seeds=[])})
+    monkeypatch.setattr(sel, "STAGES", {"screen": dict(models=[model], seeds=[0]),
+                                        "confirm": dict(models=[model], seeds=[])})
     monkeypatch.setattr(sel, "POOL", 5)
     lines = []
     done = sel.record(sel.jobs_of(["screen"]), data_dir=str(SHARED_DATA), pool_size=5, log=lines.append)
@@ -129,6 +131,19 @@ def test_recorder_reproduces_an_ablation_unit_on_a_tiny_model(sel, tiny_model_di
     assert rec["check"]["eval_items_off_at_T1_vs_icl"] == 0 and rec["check"]["eval_items_off_at_chosen_vs_unit"] == 0
     assert [len(e) for e in rec["eval"]] == [6] * 3 and [len(d["correct"]) for d in rec["pool"]] == [5] * 3
     unit = json.loads((sel.ABLATIONS / "screen" / "units").glob("*.json").__next__().read_text())
-    assert not set(rec["pool_indices"]) & (set(unit["dev_indices"]) | {e["index"] for e in unit["demonstrations"]["items"]})
+    taken = set(unit["dev_indices"]) | {e["index"] for e in unit["demonstrations"]["items"]}
+    assert not set(rec["pool_indices"]) & taken
     assert sel.record(sel.jobs_of(["screen"]), data_dir=str(SHARED_DATA), pool_size=5, log=lines.append) == []
     assert "1 of 1 oracle units already recorded" in lines[-1]
+
+
+def test_a_larger_pool_draw_begins_with_the_smaller_one(sel):
+    """The first unit recorded 192 pool items, the rest 64: the replay reads the first 64 of each, which must be the
+    64-item draw."""
+    from conftest import SHARED_DATA
+    from deepthink.data import make_plan
+
+    plan = make_plan("sst5", 3, shots=2, dev_size=64, max_eval=10, data_dir=SHARED_DATA)
+    big, small = sel.pool_items(plan, 3, 192, SHARED_DATA), sel.pool_items(plan, 3, 64, SHARED_DATA)
+    assert [e.index for e in big[:64]] == [e.index for e in small] and len(big) == 192
+    assert not {e.index for e in big} & ({e.index for e in plan.dev} | {e.index for e in plan.demos})

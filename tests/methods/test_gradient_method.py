@@ -194,8 +194,9 @@ def test_guarded_selection_keeps_per_item_dev_outcomes_that_replay_its_choice():
         assert choose(rule, correct, items["gold_logp"], 0.2)[0] == p.info["chosen_steps"]
         assert p.scorer is p.curve[p.info["chosen_steps"] - 1] and p.info["selection_used"] == rule
         json.dumps(p.info)
-    assert acc.info["chosen_steps"] == choose("dev-acc", [[int(c) for c in r] for r in acc.info["dev_items"]["correct"]],
-                                              acc.info["dev_items"]["gold_logp"], 0.1)[0]
+    items = acc.info["dev_items"]
+    assert acc.info["chosen_steps"] == choose("dev-acc", [[int(c) for c in r] for r in items["correct"]],
+                                              items["gold_logp"], 0.1)[0]
 
 
 def test_guarded_selection_without_dev_items_is_plain_icl():
