@@ -38,8 +38,9 @@ MARKDOWN = ROOT / "results" / "SELECTION.md"
 METHOD = "grad_kv@lr01"          # the default method as the ablation units ran it
 LABEL = "oracle: eval scored at every step, for replaying selection rules only"
 # further training items scored per step: dev 64 + pool 64 = a dev split of 128. The first unit (smollm2-135m sst2
-# seed 0) recorded 192; scoring them at 15 steps was about 40 % of the unit's cost on a machine shared 6 ways, which
-# put the 65 units far past a day, so the rest record 64. The draw is a seeded sample whose first 64 are the
+# seed 0) recorded 192: on a 2-core machine shared with several jobs its 15 steps took 5684 s, 3133 s of them
+# scoring the pool (tuning + dev curve 1150 s, eval 1401 s), which would put the 65 units past several days, so the
+# rest record 64. The draw is a seeded sample whose first 64 are the
 # 64-item draw (tests/evaluation/test_selection_script.py), so the replay reads the first POOL of any record.
 POOL = 64
 STAGES = {"screen": dict(models=["smollm2-135m", "gemma3-270m"], seeds=[0, 1], max_eval=200, dev_size=64),
