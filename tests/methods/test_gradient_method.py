@@ -176,3 +176,36 @@ def test_tune_cli_refuses_mixed_options(tiny_model_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "needs each demonstration's query and answer" in err and "--method forward" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_guarded_selection_keeps_per_item_dev_outcomes_that_replay_its_choice():
+    """Issue 31: grad_kv stores per step each dev item's outcome and gold log-probability, and the rule read back
+    from them chooses the same T (what benchmarks/selection.py replays); dev-acc's choice is unchanged by it."""
+    from deepthink.methods.selection import choose
+
+    s = setup()
+    acc = make_method("grad_kv", {"steps": 4, "lr": 0.02}).prepare(s)
+    for rule in ("dev-mcnemar", "dev-bootstrap"):
+        p = make_method("grad_kv", {"steps": 4, "lr": 0.02, "selection": rule, "level": 0.2}).prepare(s)
+        items = p.info["dev_items"]
+        assert len(items["correct"]) == 4 and all(len(c) == len(DEV) for c in items["correct"])
+        correct = [[int(c) for c in row] for row in items["correct"]]
+        assert [100 * sum(c) / len(DEV) for c in correct] == approx([c["sum"] for c in p.info["dev_curve"]])
+        assert choose(rule, correct, items["gold_logp"], 0.2)[0] == p.info["chosen_steps"]
+        assert p.scorer is p.curve[p.info["chosen_steps"] - 1] and p.info["selection_used"] == rule
+        json.dumps(p.info)
+    items = acc.info["dev_items"]
+    assert acc.info["chosen_steps"] == choose("dev-acc", [[int(c) for c in r] for r in items["correct"]],
+                                              items["gold_logp"], 0.1)[0]
+
+
+def test_guarded_selection_without_dev_items_is_plain_icl():
+    s = setup(dev=())
+    p = make_method("grad_kv", {"steps": 3, "lr": 0.02, "selection": "dev-mcnemar"}).prepare(s)
+    assert p.info["chosen_steps"] == 1 and p.scorer is s.icl() and p.info["selection_used"] == "none"
+    assert "without dev items" in p.info["note"]
+
+
+def test_level_is_validated():
+    with pytest.raises(ValueError, match="level"):
+        make_method("grad_kv", {"selection": "dev-mcnemar", "level": 1.5})

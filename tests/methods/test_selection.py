@@ -147,3 +147,76 @@ def test_every_rule_and_method_runs_through_deepthink_eval(tiny_model_dir, tmp_p
     assert cfg["dt_fixed@rot"]["target"] == "rotation" and cfg["dt_fixed@nest"]["rule"] == "nesterov"
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(len(r["dt_dev@loo"]["logprob"]) == 2 for r in rows)
+
+
+# ---- grad_kv's rules on constructed per-item dev outcomes (issue 31) --------------------------------------------
+
+def _steps(*rows: str):
+    """Per step a 0/1 string over the dev items -> correct[t][i]."""
+    return [[int(c) for c in r] for r in rows]
+
+
+def _flat_logp(correct, value=-0.5):
+    return [[value] * len(c) for c in correct]
+
+
+def test_item_rules_keep_step_one_when_two_dev_items_are_the_whole_gain():
+    from deepthink.methods.selection import choose
+
+    base = "1" * 30 + "0" * 34                         # 64 dev items, T = 1 gets 30 right
+    correct = _steps(base, base, "1" * 32 + "0" * 32)  # T = 3 gets two more: wins 2, losses 0, p = 0.25
+    logp = _flat_logp(correct)
+    assert choose("dev-acc", correct, logp, 0.1)[0] == 3
+    t, info = choose("dev-mcnemar", correct, logp, 0.1)
+    assert t == 1 and info["passed"] == [] and info["tests"][1]["wins"] == 2 and info["tests"][1]["losses"] == 0
+    assert math.isclose(info["tests"][1]["stat"], 0.25)
+    assert choose("dev-bootstrap", correct, logp, 0.1)[0] == 1
+
+
+def test_item_rules_leave_step_one_for_a_clear_paired_gain():
+    from deepthink.methods.selection import choose
+
+    base = "1" * 30 + "0" * 34
+    gain = "1" * 40 + "0" * 24                       # wins 10, losses 0: p = 2**-10
+    mixed = "0" * 5 + "1" * 45 + "0" * 14            # wins 20, losses 5: more right than `gain` (45 vs 40)
+    correct = _steps(base, gain, mixed)
+    logp = _flat_logp(correct)
+    for rule in ("dev-mcnemar", "dev-bootstrap"):
+        t, info = choose(rule, correct, logp, 0.1)
+        assert t == 3 and info["passed"] == [2, 3], rule      # both pass; the more accurate wins
+    # a level between the two p-values (2**-10 for 10 vs 0, ~0.002 for 20 vs 5): only T = 2 passes, and is chosen
+    level = (2 ** -10 + sign_test(20, 5)) / 2
+    assert 2 ** -10 < level < sign_test(20, 5)
+    t, info = choose("dev-mcnemar", correct, logp, level)
+    assert t == 2 and info["passed"] == [2]
+
+
+def test_item_rules_break_accuracy_ties_by_log_likelihood_then_the_smaller_t():
+    from deepthink.methods.selection import choose
+
+    base = "1" * 20 + "0" * 44
+    gain = "1" * 40 + "0" * 24
+    correct = _steps(base, gain, gain, gain)
+    logp = [[-1.0] * 64, [-0.6] * 64, [-0.4] * 64, [-0.4] * 64]
+    for rule in ("dev-mcnemar", "dev-bootstrap"):
+        assert choose(rule, correct, logp, 0.1)[0] == 3, rule     # same accuracy: higher log-lik; then smaller T
+    assert choose("dev-acc", correct, logp, 0.1)[0] == 2          # dev-acc ignores the log-likelihood
+
+
+def test_item_rules_never_leave_step_one_for_a_loss():
+    from deepthink.methods.selection import choose
+
+    correct = _steps("1" * 40 + "0" * 24, "1" * 10 + "0" * 54)
+    for rule in ("dev-mcnemar", "dev-bootstrap"):
+        assert choose(rule, correct, _flat_logp(correct), 0.99)[0] == 1
+
+
+def test_item_rules_refuse_missing_or_ragged_outcomes_and_unknown_names():
+    from deepthink.methods.selection import choose
+
+    with pytest.raises(ValueError, match="needs dev items"):
+        choose("dev-mcnemar", [], [], 0.1)
+    with pytest.raises(ValueError, match="one outcome per dev item"):
+        choose("dev-mcnemar", _steps("10", "1"), [[0.0, 0.0], [0.0]], 0.1)
+    with pytest.raises(ValueError, match="unknown grad_kv selection rule 'dev-best'; valid: dev-acc, dev-bootstrap"):
+        choose("dev-best", _steps("1"), [[0.0]], 0.1)

@@ -8,6 +8,8 @@ difference.
 The step count T in 1..steps (1 = plain ICL) is chosen like dt_dev's:
   dev-acc: accuracy on dev items drawn from the training data, disjoint from the demonstrations; ties go to
            the smaller T. Without dev items it falls back to `loo` (recorded in info["selection_used"]).
+  dev-mcnemar, dev-bootstrap: T = 1 unless a T > 1 beats it on the dev items by a paired test at `level`
+           (methods/selection.py); without dev items T = 1.
   loo:     no dev items: leave-one-out accuracy over the demonstrations themselves (every choice of each
            demonstration scored with its own span hidden), ties to the smaller T. The terms are also what
            Adam fits, so after step 1 this reading is optimistic; it is the no-dev option, not an unbiased one.
@@ -21,9 +23,9 @@ from dataclasses import dataclass, field, fields
 
 from ..tuning.gradient import GradientConfig, GradientTuner
 from .base import Method, Prepared, Setup, register_method
-from .selection import argmax_first
+from .selection import ITEM_RULES, argmax_first, choose, gold_logps
 
-SELECTIONS = ("dev-acc", "loo")
+SELECTIONS = (*ITEM_RULES, "loo")
 ONE_DEMO = "one demonstration, nothing to leave out: plain ICL (T=1)"
 
 
@@ -45,13 +47,20 @@ class GradKVConfig(GradientConfig):
     # why GradientConfig, used for a fixed step count, keeps 0.001
     lr: float = field(default=0.01, metadata={"help": "Adam learning rate (0 leaves the cache unchanged)"})
     selection: str = field(default="dev-acc", metadata={
-        "help": "how T is chosen: dev-acc (accuracy on dev, ties to the smaller T; loo without dev items) or "
-                "loo (leave-one-out accuracy over the demonstrations, no dev items used)", "choices": SELECTIONS})
+        "help": "how T is chosen: dev-acc (accuracy on dev, ties to the smaller T; loo without dev items), "
+                "dev-mcnemar / dev-bootstrap (T = 1 unless a T beats it on dev by a paired test at level; T = 1 "
+                "without dev items) or loo (leave-one-out accuracy over the demonstrations, no dev items used)",
+        "choices": SELECTIONS})
+    level: float = field(default=0.1, metadata={
+        "help": "the threshold of dev-mcnemar (the sign test's p-value) and dev-bootstrap (the quantile of the "
+                "lower bound); unused by dev-acc and loo"})
 
     def __post_init__(self):
         super().__post_init__()
         if self.selection not in SELECTIONS:
             raise ValueError(f"GradKVConfig.selection={self.selection!r}: valid: {', '.join(SELECTIONS)}")
+        if isinstance(self.level, bool) or not isinstance(self.level, (int, float)) or not 0 < self.level < 1:
+            raise ValueError(f"GradKVConfig.level={self.level!r}: must be a number between 0 and 1 (e.g. 0.1)")
 
 
 @register_method
@@ -91,19 +100,30 @@ class GradKV(Method):
         # one run per GradientConfig in a workspace: variants that differ only in selection (and the calibrated
         # form) read the same run, its contexts and therefore its cached dev scores
         tuner, contexts, seconds, peak = setup.workspace.shared(("grad_kv", gcfg), lambda: self._run(setup, gcfg))
-        selection = cfg.selection if (cfg.selection != "dev-acc" or setup.dev) else "loo"
+        selection = cfg.selection
+        if selection != "loo" and not setup.dev:
+            selection = "loo" if selection == "dev-acc" else "none"     # the guarded rules stay at T = 1
         dev_curve = [setup.dev_accuracy(ctx) for ctx in contexts] if setup.dev else []
-        loo_curve = []
+        loo_curve, extra = [], {}
         if selection == "loo":
             loo_curve = [{k: v for k, v in tuner.loo_eval(ctx).items() if k != "per_demo"} for ctx in contexts]
-            scores = [c["acc"] for c in loo_curve]
+            chosen = argmax_first([c["acc"] for c in loo_curve])                 # ties go to the smaller T
+        elif selection == "none":
+            chosen, extra = 1, {"note": f"{cfg.selection} without dev items: T = 1 (plain ICL)"}
         else:
-            scores = [c["sum"] for c in dev_curve]
-        chosen = argmax_first(scores)                                             # ties go to the smaller T
+            gold = [e.label for e in setup.dev]
+            scores = [setup.score_dev(ctx) for ctx in contexts]
+            correct = [[int(p == g) for p, g in zip(s.predictions(), gold)] for s in scores]
+            logp = [gold_logps(s, gold) for s in scores]
+            chosen, detail = choose(selection, correct, logp, cfg.level)
+            # per step and dev item, so that any rule can be replayed on the unit later (benchmarks/selection.py)
+            extra = {"dev_items": {"correct": ["".join(map(str, c)) for c in correct],
+                                   "gold_logp": [[round(x, 4) for x in row] for row in logp]},
+                     "selection_detail": {k: v for k, v in detail.items() if k != "selection_curve"}}
         best = contexts[chosen - 1]
         info = {"chosen_steps": chosen, "selection_used": selection, "dev_curve": dev_curve, "loo_curve": loo_curve,
                 "train_loss": [h["loss"] for h in tuner.history], "stopped": tuner.stopped,
-                "tuning_seconds": round(seconds, 3), "process_peak_rss_mb": peak}
+                "tuning_seconds": round(seconds, 3), "process_peak_rss_mb": peak, **extra}
         return Prepared(best, info=info, curve=contexts)
 
     @staticmethod
@@ -128,5 +148,6 @@ class GradKV(Method):
     def describe(self, info: dict) -> str:
         if info.get("note"):
             return f"gradient KV tuning: {info['note']}"
+        level = f" at level {self.config.level:g}" if info["selection_used"] in ("dev-mcnemar", "dev-bootstrap") else ""
         return (f"gradient KV tuning, lr {self.config.lr:g}, T={info['chosen_steps']} chosen by "
-                f"{info['selection_used']}")
+                f"{info['selection_used']}{level}")

@@ -21,6 +21,20 @@ loo              leave-one-out over the demonstrations, no dev items: for each d
                  demonstrations as items (Setup.demos).
 
 Each rule returns (T, info): info["selection_curve"] is its objective per T; some add their details.
+
+grad_kv's rules (`-o grad_kv.selection=NAME`, ITEM_RULES below) are pure functions of per-item dev outcomes, so
+that a stored record replays them exactly (benchmarks/selection.py): `correct[t][i]` (1 when dev item i's "sum"
+prediction after step t + 1 is right) and `logp[t][i]` (the gold choice's log softmax over the item's choices, as
+in dev-loglik). `level` is the rule's threshold. Every rule ties to the smaller T.
+
+dev-acc          T by dev accuracy (grad_kv's rule before issue 31).
+dev-mcnemar      T = 1 unless some T > 1 beats it on the dev items by an exact one-sided sign test (McNemar) at
+                 `level`: wins b = items right at T and wrong at T = 1, losses c the reverse, p = P(X >= b),
+                 X ~ Bin(b + c, 1/2). Among the T that pass: the highest dev accuracy, then the highest mean gold
+                 log-probability. Every T is tested, so with no T better than 1 the chance of leaving 1 exceeds
+                 `level` (Bonferroni: at most (steps - 1) * level).
+dev-bootstrap    the same, with a paired bootstrap over the dev items instead of the sign test: T passes when the
+                 `level` quantile of the resampled mean gain over T = 1 (1000 resamples, seeded) is above 0.
 """
 from __future__ import annotations
 
@@ -131,3 +145,91 @@ def leave_one_out(method, setup: Setup, contexts, tuning: TuningConfig):
     curve = [round(100.0 * sum(c) / len(c), 4) for c in correct]
     return argmax_first(curve), {"dev_curve": [], "selection_curve": curve, "loo_loglik": loglik,
                                  "loo_items": len(demos)}
+
+
+# ---- grad_kv's rules: pure functions of per-item dev outcomes ---------------------------------------------------
+
+ItemRule = Entry  # fn(correct: [[0/1] per dev item] per step, logp: [[float]] per step, level: float) -> (T, info)
+ITEM_RULES = Registry("grad_kv selection rule")
+
+
+def register_item_rule(name: str, help: str):
+    """Decorator: make `fn(correct, logp, level) -> (T, info)` a grad_kv selection rule."""
+    return ITEM_RULES.register(name, help)
+
+
+def gold_logps(scores: Scores, gold: list[int]) -> list[float]:
+    """Per item: log softmax over the item's choices (summed log-probabilities) at the gold choice."""
+    out = []
+    for row, g in zip(scores.logprob, gold):
+        top = max(row)
+        out.append(row[g] - (top + math.log(sum(math.exp(x - top) for x in row))))
+    return out
+
+
+def _accuracy(correct) -> list[float]:
+    return [100.0 * sum(c) / len(c) for c in correct]
+
+
+def _best_of(ts: list[int], correct, logp) -> int:
+    """Of the 1-based steps `ts`: the highest dev accuracy, then the highest mean gold log-probability, then the
+    smallest T."""
+    return max(ts, key=lambda t: (sum(correct[t - 1]), sum(logp[t - 1]) / len(logp[t - 1]), -t))
+
+
+@register_item_rule("dev-acc", help="accuracy on dev items, ties to the smaller T")
+def item_dev_acc(correct, logp, level):
+    curve = _accuracy(correct)
+    return argmax_first(curve), {"selection_curve": curve}
+
+
+def _guarded(correct, logp, level, passes) -> tuple[int, dict]:
+    """T = 1 unless some T > 1 `passes(wins, losses, diffs)` against T = 1; among those the best (_best_of)."""
+    first, tests, ok = correct[0], [], []
+    for t in range(2, len(correct) + 1):
+        diffs = [b - a for a, b in zip(first, correct[t - 1])]
+        wins, losses = diffs.count(1), diffs.count(-1)
+        stat = passes(wins, losses, diffs)
+        tests.append({"T": t, "wins": wins, "losses": losses, "stat": stat["stat"]})
+        if stat["pass"]:
+            ok.append(t)
+    chosen = _best_of(ok, correct, logp) if ok else 1
+    return chosen, {"selection_curve": _accuracy(correct), "level": level, "passed": ok, "tests": tests}
+
+
+@register_item_rule("dev-mcnemar", help="T = 1 unless a T beats it on dev by an exact one-sided sign test "
+                                        "(McNemar) at level; then the best such T by accuracy, then log-likelihood")
+def item_dev_mcnemar(correct, logp, level):
+    def passes(wins, losses, diffs):
+        p = sign_test(wins, losses)
+        return {"stat": p, "pass": wins > losses and p <= level}
+    return _guarded(correct, logp, level, passes)
+
+
+def bootstrap_lower(diffs: list[int], level: float, n_boot: int = 1000, seed: int = 0) -> float:
+    """The `level` quantile of the mean of `diffs` resampled with replacement (a one-sided lower bound)."""
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=float)
+    means = d[np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    return float(np.quantile(means, level))
+
+
+@register_item_rule("dev-bootstrap", help="T = 1 unless a T's paired bootstrap lower bound (quantile `level`) of "
+                                          "its dev gain over T = 1 is above 0; then the best such T")
+def item_dev_bootstrap(correct, logp, level):
+    def passes(wins, losses, diffs):
+        if wins <= losses:
+            return {"stat": None, "pass": False}
+        low = bootstrap_lower(diffs, level)
+        return {"stat": round(100 * low, 4), "pass": low > 0}
+    return _guarded(correct, logp, level, passes)
+
+
+def choose(rule: str, correct, logp, level: float) -> tuple[int, dict]:
+    """T by grad_kv selection rule `rule` from per-item dev outcomes (see the module's docstring)."""
+    if not correct or not correct[0]:
+        raise ValueError(f"selection {rule!r} needs dev items: give some (--dev-size), or use selection loo")
+    if len(correct) != len(logp) or any(len(c) != len(correct[0]) for c in (*correct, *logp)):
+        raise ValueError("selection needs one outcome per dev item at every step (correct and logp alike)")
+    return ITEM_RULES.get_entry(rule).fn(correct, logp, level)
