@@ -99,7 +99,6 @@ def deepthink_cmd(*argv) -> list[str]:
 
 def run(args, tmp: Path, deadline: float) -> int:
     import httpx
-    import psutil
 
     base = [json.loads(line) for line in DEMO_TEST.read_text().splitlines() if line.strip()]
     rows = [base[i % len(base)] for i in range(max(args.items, args.serial_items))]
@@ -119,25 +118,12 @@ def run(args, tmp: Path, deadline: float) -> int:
     offline_rate = args.items / max(t_all - t_one, 1e-9)
     log(f"  {t_all:.1f}s for {args.items} items, {t_one:.1f}s for 1 item: {offline_rate:.1f} items/s")
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(deepthink_cmd("serve", "--context", f"bench={ctx}", "--port", port, "--log-level",
-                                            "warning", "--batch-wait-ms", args.batch_wait_ms, "--max-batch",
-                                            args.max_batch, "--max-queries", max(256, args.rows_per_request)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_healthy(url, server, deadline)
-        proc = psutil.Process(server.pid)
-        result = asyncio.run(load(args, url, rows, reference, deadline, proc))
-        metrics = httpx.get(url + "/metrics", timeout=10).text
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(60)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(10)
-    if code not in (0, -signal.SIGTERM):
-        raise SystemExit(f"the server exited with {code} after SIGTERM:\n{server.stdout.read()[-3000:]}")
+    def work(url, proc):
+        out = asyncio.run(load(args, url, rows, reference, deadline, proc))
+        return out, httpx.get(url + "/metrics", timeout=10).text
+
+    (result, metrics), code, _ = with_server(args, ctx, deadline, work, "--max-queries",
+                                             max(256, args.rows_per_request))
     batches = re.search(r"^deepthink_batch_requests_count (\d+)$", metrics, re.M)
     served = re.search(r"^deepthink_batch_requests_sum (\S+)$", metrics, re.M)
     c, s = result["concurrent"], result["serial"]
@@ -299,24 +285,20 @@ class Faults:
         await writer.wait_closed()
 
 
-# ---------------------------------------------------------------- --abuse (issue 26)
-
-def run_abuse(args, tmp: Path, deadline: float) -> int:
-    import httpx
+def with_server(args, ctx, deadline: float, work, *extra):
+    """Start `deepthink serve` on the context, run work(url, psutil process) once it is healthy, stop it with
+    SIGTERM; -> (what work returned, the server's exit code, its log). An exit other than SIGTERM's stops the run."""
     import psutil
 
-    base = [json.loads(line) for line in DEMO_TEST.read_text().splitlines() if line.strip()]
-    rows = [base[i % len(base)] for i in range(args.items)]
-    ctx = context_dir(args, tmp, deadline)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(deepthink_cmd("serve", "--context", f"bench={ctx}", "--port", port, "--log-level",
                                             "warning", "--batch-wait-ms", args.batch_wait_ms, "--max-batch",
-                                            args.max_batch),
+                                            args.max_batch, *extra),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_healthy(url, server, deadline)
-        result = asyncio.run(abuse_load(args, url, rows, deadline, psutil.Process(server.pid)))
+        result = work(url, psutil.Process(server.pid))
         server.send_signal(signal.SIGTERM)
         code = server.wait(60)
     finally:
@@ -326,6 +308,18 @@ def run_abuse(args, tmp: Path, deadline: float) -> int:
     server_log = server.stdout.read()
     if code not in (0, -signal.SIGTERM):
         raise SystemExit(f"the server exited with {code} after SIGTERM:\n{server_log[-3000:]}")
+    return result, code, server_log
+
+
+# ---------------------------------------------------------------- --abuse: hostile clients beside normal ones
+
+def run_abuse(args, tmp: Path, deadline: float) -> int:
+
+    base = [json.loads(line) for line in DEMO_TEST.read_text().splitlines() if line.strip()]
+    rows = [base[i % len(base)] for i in range(args.items)]
+    ctx = context_dir(args, tmp, deadline)
+    result, code, server_log = with_server(args, ctx, deadline,
+                                           lambda url, proc: asyncio.run(abuse_load(args, url, rows, deadline, proc)))
     clean, abused, a = result["clean"], result["abuse"], result["abusive"]
     summary = {
         "mode": "abuse", "items": args.items, "concurrency": args.concurrency, "abusers": args.abusers,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from .context import TunedContext, context_task
 from .context_schema import DTYPES, show, task_differences
@@ -94,16 +93,21 @@ def raw_query(item, i: int) -> str:
                      f"{sorted(item)}); use --task T for rows in a task's layout")
 
 
+def json_strings(text: str, flag: str = "--choices") -> list[str]:
+    """`text`, a JSON list of at least one string, as that list; else an error naming `flag`."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{flag} {text!r} starts with '[' but is not a JSON list ({e})") from None
+    if not (isinstance(value, list) and value and all(isinstance(c, str) for c in value)):
+        raise ValueError(f"{flag} {text!r}: a JSON list must hold at least one string")
+    return value
+
+
 def parse_choices(text: str) -> list[str]:
     """'a,b,c' -> [' a', ' b', ' c']; a JSON list of strings is used verbatim."""
     if text.lstrip().startswith("["):
-        try:
-            value = json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"--choices {text!r} starts with '[' but is not a JSON list ({e})") from None
-        if not (isinstance(value, list) and value and all(isinstance(c, str) for c in value)):
-            raise ValueError(f"--choices {text!r}: a JSON list must hold at least one string")
-        choices = value
+        choices = json_strings(text)
     else:
         parts = [c.strip() for c in text.split(",")]
         empty = [i for i, c in enumerate(parts) if not c]

@@ -160,14 +160,8 @@ def task_from_args(args):
 
 def split_names(text: str) -> list[str]:
     """'low, medium,high' -> ['low', 'medium', 'high']; a JSON list of strings is taken as the names."""
-    import json
+    from ..infer import json_strings
 
     if text.lstrip().startswith("["):
-        try:
-            names = json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"--choices {text!r} starts with '[' but is not a JSON list ({e})") from None
-        if not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
-            raise ValueError(f"--choices {text!r}: a JSON list must hold strings")
-        return names
+        return json_strings(text)
     return text.split(",")
