@@ -10,7 +10,8 @@ from ..methods.gradient import GradKVConfig
 from ..api import DEV_SIZE, METHODS as TUNERS, SELECTIONS
 from .common import add_config_args, add_model_args, add_task_flags, config_from_args, flag, load_lm, task_from_args
 
-GRAD_ONLY = ("steps", "seed", "update", "selection")   # grad flags shared with forward tuning or added here
+GRAD_ONLY = ("steps", "seed", "update", "selection", "level")   # flags shared with forward tuning or added here;
+# level belongs to the guarded selection rules, which tune does not offer yet (eval does: -o grad_kv.selection=...)
 
 TUNE_HELP = """Tune demonstrations once and save the context to --out (tune once, use anywhere).
 
@@ -94,7 +95,7 @@ def _configs(args):
                              "--method forward, or drop it")
         if args.dev_size < 0:
             raise ValueError(f"--dev-size must be an integer >= 0, got {args.dev_size}")
-        grad = config_from_args(GradKVConfig, args, skip=("seed", "selection"))
+        grad = config_from_args(GradKVConfig, args, skip=("seed", "selection", "level"))
         # --selection last has no GradKVConfig counterpart: the method record says it (see run)
         return config, dataclasses.replace(grad, seed=args.grad_seed,
                                            selection="dev-acc" if args.selection == "last" else args.selection)
