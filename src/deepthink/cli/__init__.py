@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
 # imported by build_parser, inside main's Ctrl-C guard: several load torch and transformers (a second or more)
 SUBCOMMANDS = ["tasks", "methods", "demo", "evaluate", "report", "tune", "predict", "generate", "serve", "lm_eval"]
@@ -57,12 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted_while_starting(signum, frame) -> None:
+    """Ctrl-C while torch and transformers load: nothing has started, so leave at once. (A KeyboardInterrupt raised
+    there can land in one of importlib's callbacks, which prints a traceback, ignores it and imports on.)"""
+    sys.stderr.write("deepthink: interrupted while starting; nothing was run\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
+    guard = threading.current_thread() is threading.main_thread()     # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGINT, _interrupted_while_starting) if guard else None
     try:
         parser = build_parser()
-    except KeyboardInterrupt:                  # Ctrl-C while torch and transformers load: nothing has started
-        print("deepthink: interrupted while starting; nothing was run", file=sys.stderr)
-        return 130
+    finally:
+        if guard and previous is not None:
+            signal.signal(signal.SIGINT, previous)
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
