@@ -170,6 +170,10 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
                 "an optimistic reading (those are the terms Adam fits). Add labelled rows to the training data, or "
                 "choose the rule yourself: --selection loo, or --selection last --steps T (--dev-size 0 also "
                 "silences this)")
+        elif len(out.dev) < dev_size and dev_size != DEV_SIZE:
+            raise ValueError(f"--dev-size {dev_size}: only {len(out.dev)} rows are left for dev items ({why}); give "
+                             f"at most {len(out.dev)} (each dev item is scored at every step; the default is "
+                             f"{DEV_SIZE})")
         elif len(out.dev) < dev_size:
             out.warnings.append(
                 f"only {len(out.dev)} dev items ({why}) where --dev-size asks for {dev_size}: T is chosen on "

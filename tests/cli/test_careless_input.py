@@ -137,3 +137,10 @@ def test_tune_checks_the_model_record_before_tuning(tiny_model_dir, tmp_path, ca
     monkeypatch.setattr(api, "run", lambda *a, **k: pytest.fail("tuning ran"))
     msg = error(capsys, "tune", "--model", tiny_model_dir, *TUNE, "--out", tmp_path / "c")
     assert "model.fingerprint" in msg and not (tmp_path / "c").exists()
+
+
+def test_a_dev_size_larger_than_the_data_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
+    """--dev-size 100000000 on sst2 used all 67k training rows as dev items, scored at each of the 15 steps."""
+    msg = error(capsys, "tune", "--model", tmp_path / "never-loaded", "--task", "sst2", "--dev-size", "100000000",
+                "--out", tmp_path / "c")
+    assert "--dev-size 100000000: only 67347 rows are left" in msg and "give at most 67347" in msg
