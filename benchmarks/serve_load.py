@@ -147,11 +147,7 @@ def run(args, tmp: Path, deadline: float) -> int:
                               "concurrent >= 0.75x offline": r["concurrent_vs_offline"] >= 0.75,
                               "zero failures": c["failures"] == 0 and result["faults"]["wrong_status"] == 0,
                               "rss growth < 5 %": r["rss_growth_pct"] < 5}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(summary))
-    log(markdown(summary))
+    write_summary(args.out, summary, markdown(summary))
     print(json.dumps({"concurrent_vs_serial": round(r["concurrent_vs_serial"], 2),
                       "concurrent_vs_offline": round(r["concurrent_vs_offline"], 2),
                       "failures": c["failures"], "rss_growth_pct": round(r["rss_growth_pct"], 2),
@@ -285,6 +281,15 @@ class Faults:
         await writer.wait_closed()
 
 
+def write_summary(out, summary: dict, table: str) -> None:
+    """OUT.json (every number) and OUT.md (the table), and the table on stderr."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table)
+    log(table)
+
+
 def with_server(args, ctx, deadline: float, work, *extra):
     """Start `deepthink serve` on the context, run work(url, psutil process) once it is healthy, stop it with
     SIGTERM; -> (what work returned, the server's exit code, its log). An exit other than SIGTERM's stops the run."""
@@ -338,11 +343,7 @@ def run_abuse(args, tmp: Path, deadline: float) -> int:
                               "zero failures": clean["failures"] == 0 and abused["failures"] == 0,
                               "abusive requests answered as expected": a["wrong"] == 0,
                               "rss growth < 5 %": r["rss_growth_pct"] < 5}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown_abuse(summary))
-    log(markdown_abuse(summary))
+    write_summary(args.out, summary, markdown_abuse(summary))
     print(json.dumps({"p99_abuse_vs_clean": round(r["p99_abuse_vs_clean"], 2), "failures": abused["failures"],
                       "abusive_wrong": a["wrong"], "rss_growth_pct": round(r["rss_growth_pct"], 2),
                       "targets_met": all(summary["targets_met"].values())}))
