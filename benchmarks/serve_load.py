@@ -164,15 +164,21 @@ def context_dir(args, tmp: Path, deadline: float) -> Path:
     return ctx
 
 
+async def warm_up(client, rows, proc) -> int:
+    """20 one-row requests, then the server's resident memory (the baseline its growth is measured from)."""
+    for i in range(20):
+        await client.post("/v1/predict", json={"context": "bench", "rows": [rows[i % len(rows)]]})
+    rss = proc.memory_info().rss
+    log(f"server resident memory after warm-up: {rss / 2**20:.0f} MiB")
+    return rss
+
+
 async def load(args, url, rows, reference, deadline, proc) -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        for i in range(20):                                                     # warm-up
-            await client.post("/v1/predict", json={"context": "bench", "rows": [rows[i % len(rows)]]})
-        rss_before = proc.memory_info().rss
-        log(f"server resident memory after warm-up: {rss_before / 2**20:.0f} MiB")
+        rss_before = await warm_up(client, rows, proc)
         log(f"serial: {args.serial_items} items one request at a time ...")
         serial = await phase(client, rows[:args.serial_items], 1, args.rows_per_request, reference, deadline)
         log(f"  {serial['items_per_s']:.1f} items/s, p50 {serial['p50_ms']:.0f} ms, failures {serial['failures']}")
@@ -355,10 +361,7 @@ async def abuse_load(args, url, rows, deadline, proc) -> dict:
 
     limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        for i in range(20):                                                     # warm-up
-            await client.post("/v1/predict", json={"context": "bench", "rows": [rows[i % len(rows)]]})
-        rss_before = proc.memory_info().rss
-        log(f"server resident memory after warm-up: {rss_before / 2**20:.0f} MiB")
+        rss_before = await warm_up(client, rows, proc)
         reference: dict = {}
         log(f"clean: {args.items} items from {args.concurrency} clients ...")
         clean = await phase(client, rows, args.concurrency, args.rows_per_request, reference, deadline)
