@@ -49,3 +49,10 @@ def test_ablations_records_a_sitting_that_failed(tmp_path, monkeypatch):
         ab.main(["--stage", "screen", "--quiet"])
     entry = json.loads((tmp_path / "ablations" / "screen" / "sittings.jsonl").read_text())
     assert entry["units"] == 0 and entry["error"] == "ValueError: the demonstrations do not fit"
+
+
+def test_a_sitting_takes_the_git_hash_when_it_starts():
+    # a long sitting records the code it started with, not a commit made while it ran
+    git_hash.cache_clear()
+    Sitting("python bench.py")
+    assert git_hash.cache_info().currsize == 1

@@ -53,6 +53,7 @@ class Sitting:
     def __init__(self, command: str):
         self.command = command
         self.start, self._t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
+        git_hash()  # taken now (cached for the process): the sitting records the code it started with
 
     def record(self, log: Path, done: list[str], processes: int = 1, error: str | None = None) -> dict:
         """Append this sitting, with the units it finished (``done``) and what stopped it (``error``, if anything
