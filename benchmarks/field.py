@@ -17,8 +17,21 @@ against a fresh draw, and every entry already there stays byte for byte); `large
 benchmarks/results/field/large/units/. Every run appends what it did to <stage>/sittings.jsonl under
 benchmarks/results/field/, shown in FIELD.md. Run it alone on the machine.
 
-Cost, measured before any stage ran (one real-model timing, `nice -n 10`, beside a long benchmark on this 2-core
-machine, so every time is an upper bound): TIMING below. From it: see ESTIMATE.
+Cost, measured before any stage ran (TIMING, ESTIMATE below; FIELD.md repeats them). The one real-model timing allowed
+(lora + lora_icl at lr 0.001 and prefix at lr 0.01 on a fresh unit of the screen's smollm2-135m sst2 seed 0, `nice -n
+10`, beside a long benchmark on this 2-core machine) did not finish in its 10 minutes: a lower bound of ~3 min a
+peft key under that load, ~1.6 min alone, against the 89 s grad_kv@lr01 takes in such a unit. Taking a peft key as
+1.1-2x the unit's grad_kv@lr01 seconds (alone on the machine):
+
+    stage     what                                                       hours
+    lr        18 keys x 4 screen units (seed 0; sst2, trec; 2 models)     2.0-3.6
+    confirm   6 peft keys x 45 units (5.6-10 h a seed, seed 3 first)    17-31
+              ct_kv + ct_kv@dev on the 15 seed-3 units                    ~4
+              per-step eval curves of the confirmation's curve unit       ~0.7
+              (smollm2-135m sst2 seed 3 scores them, as its config says)
+    large     5 units of qwen2.5-coder-1.5b (baselines, grad KV, 2 peft)  5.5-8
+
+30-48 h in all, beyond the issue's 10-15 h: CONFIRM_SEEDS may be shrunk (said in FIELD.md) before that stage starts.
 """
 from __future__ import annotations
 
@@ -80,14 +93,14 @@ ESTIMATE = ("A peft key (one method at one lr) is taken to cost c times the same
             "lr stage: 18 keys (6 methods x 3 lrs) on 4 units whose grad_kv@lr01 took 355 s in all: 2.0-3.6 h. "
             "Confirmation: 6 keys on 45 units whose grad_kv@lr01 took 2.56 h in all: 17-31 h, 5.6-10 h a seed (seed 3 "
             "first); ct_kv with ct_kv@dev on the 15 seed-3 units: 13 x grad KV's 0.23 h of tuning there, 21 dev "
-            "readings of 64 items and two eval passes: about 4 h. Large stage (qwen2.5-coder-1.5b taken as 3x "
+            "readings of 64 items and two eval passes: about 4 h; the confirmation's curve unit (smollm2-135m sst2 seed 3) also scores every new method's per-step eval curve, as its config says: about 0.7 h. Large stage (qwen2.5-coder-1.5b taken as 3x "
             "qwen2.5-coder-0.5b, whose seed-3 units took 153 s for the baselines and 363 s for grad_kv@lr01): "
             "1.1-1.6 h a unit, 5.5-8 h for five; ct_kv would add about 1.4 h a unit there (13 x ~0.08 h of tuning). "
-            "All of it: 29-47 h here, beyond the issue's 10-15 h: the lead may shrink the confirmation's seeds "
+            "All of it: 30-48 h here, beyond the issue's 10-15 h: the lead may shrink the confirmation's seeds "
             "(CONFIRM_SEEDS) before it starts; seed-major order means seed 3 is complete first.")
 SHRUNK = ("The lr grid runs on 4 screen units, seed 0 of sst2 and trec on both screen models (gemma3-270m, "
           "smollm2-135m), not on all 20: decided from cost alone before any grid unit ran (TIMING and ESTIMATE, "
-          "benchmarks/field.py): the full screen would take 18-33 h, seed 0 alone 7-13 h. sst2 and trec are the two "
+          "benchmarks/field.py): the full screen would take 15-27 h, seed 0 alone 7.5-14 h. sst2 and trec are the two "
           "cheapest tasks, one binary and one six-way; every grid method and lr runs on every one of the 4 units, so "
           "the subset favours no method. ct_kv is not run on the large model, for cost alone (ESTIMATE: about 7 h "
           "for its five units, more than the rest of that stage); it is judged on the three small models.")
@@ -479,6 +492,8 @@ def artifact(u: dict, k: str) -> int | None:
     """What the method saves: a peft method's adapter (its trainable tensors), a cache method's keys/values (recorded,
     or the unit's demonstration tokens times the model's KV bytes per token)."""
     info = u["methods"].get(k, {})
+    if k == "zero_shot":
+        return None                       # nothing to save
     if "adapter_bytes" in info:
         return info["adapter_bytes"]
     if k in u.get("cache_bytes", {}) and k not in PEFT:
@@ -528,13 +543,16 @@ def lr_section(units: list[dict]) -> list[str]:
     lines = [f"## The lr grid ({len(units)} of {want} units)", "", RULE_LR, "", SHRUNK, "",
              *sitting_lines(RESULTS / "lr" / "sittings.jsonl"), ""]
     if not units:
-        return lines + ["No grid unit has finished yet."]
+        return lines + ["No grid unit has finished yet.", ""]
     acc = grid_accuracy(units)
-    lines += ["Mean eval accuracy % over the grid's units (summed log-prob; n = units every lr of the method ran on):",
-              "", "| method | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " | fails |", "|---|---|---|---|---|"]
+    width = max(len(lr_grid(m)) for m in PEFT)
+    lines += ["Mean eval accuracy % over the grid's units (summed log-prob; n = units every lr of the method ran on), "
+              "per lr of the method's grid:", "", "| method | " + " | ".join(f"lr {i + 1}" for i in range(width))
+              + " | fails |", "|---|" + "---|" * (width + 1)]
     for m in PEFT:
         cells = [f"{lr:g}: " + (f"{v[0]:.1f} (n={v[1]})" if v else "–") for lr, v in acc[m].items()]
-        lines.append(f"| {label(m)} | " + " | ".join(cells) + f" | {acc['fails'].get(m, '')} |")
+        cells += [""] * (width - len(cells))
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + f" | {acc['fails'].get(m, '') or 'none'} |")
     if chosen_path().exists():
         made = load_chosen()
         lines += ["", f"Chosen on {made['made']} (written to `benchmarks/results/field/lr/chosen.json` before any "
@@ -599,8 +617,8 @@ def write_markdown() -> Path:
              "the ablation benchmark's (benchmarks/results/ABLATIONS.md): the ACL paper's shot counts, 64 dev items "
              "from the training data, every step and option chosen without eval labels; the peft methods train on the "
              "demonstrations alone and choose their step on the dev items, as grad KV does (docs/methods.md).", "",
-             f"Cost measured before any stage ran: {TIMING} Estimate: {ESTIMATE}", "", *lr_section(lr),
-             "## Confirmation: three small models, seeds 3-5", "",
+             f"Cost, measured before any stage ran: {TIMING}", "", f"Estimate: {ESTIMATE}", "", *lr_section(lr),
+             f"## Confirmation: three small models, seeds {', '.join(map(str, CONFIRM_SEEDS))}", "",
              "Each peft method at its chosen lr added to the ablation confirmation's units (ICL, calibrated ICL and "
              f"`{DEFAULT}` are those units' own, computed before and untouched); `ct_kv` (the authors' recipe, 200 "
              "epochs) and `ct_kv@dev` (the same run, the epoch chosen on dev) on seed 3 alone, for cost.", "",
