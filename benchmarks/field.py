@@ -402,8 +402,8 @@ def judge(units: list[dict]) -> list[dict]:
         gaps = []
         for m in models:
             for t in ab.TASKS:
-                us = [u for u in units if (u["model"], u["task"]) == (m, t)]
-                a, b = ab.mean_acc(us, k), ab.mean_acc(us, ab.REFERENCE)
+                us = [u for u in units if (u["model"], u["task"]) == (m, t) and k in u["accuracy"]]
+                a, b = ab.mean_acc(us, k), ab.mean_acc(us, ab.REFERENCE)     # ICL on the same seeds (ct_kv: seed 3)
                 if a and b and (m, t) not in fails:
                     gaps.append((round(a[0] - b[0], 9), f"{m} {t}"))
         small = [ivs[m].mean for m in SMALL if ivs.get(m) is not None]

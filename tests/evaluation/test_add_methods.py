@@ -157,8 +157,9 @@ def test_an_added_method_that_fails_is_recorded_once_and_not_retried(tmp_path):
 
 def test_each_method_records_its_cost_and_an_added_method_adds_its_own(tmp_path):
     out = tmp_path / "run"
-    run(out, {"zero_shot": {}, "icl": {}, "dt_fixed": {"steps": 1}})
+    run(out, {"zero_shot": {}, "icl": {}, "dt_fixed": {"steps": 1}, "icl_cc": {}})
     unit = json.loads(files(out)[1])
+    assert "icl_cc" not in unit["scoring"]                  # combined from ICL's scores: no speed of its own
     per_token = unit["kv_bytes_per_token"]
     assert per_token > 0 and unit["cache_bytes"]["icl"] == per_token * unit["demonstrations"]["tokens"]
     assert unit["memory_how"].startswith("peak_mb: the process's resident set high-water mark")
@@ -174,7 +175,7 @@ def test_each_method_records_its_cost_and_an_added_method_adds_its_own(tmp_path)
                                                        "kv_bytes_per_token")}
     old["config"]["methods"].pop("dt_fixed")
     path.write_text(json.dumps(old))
-    run(out, {"zero_shot": {}, "icl": {}, "dt_fixed": {"steps": 2}})
+    run(out, {"zero_shot": {}, "icl": {}, "dt_fixed": {"steps": 2}, "icl_cc": {}})
     merged = json.loads(files(out)[1])
     assert set(merged["memory_mb"]) == set(merged["cache_bytes"]) == {"dt_fixed"}
     assert merged["kv_bytes_per_token"] == per_token and merged["memory_how"] == unit["memory_how"]

@@ -64,7 +64,9 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
         try:
             with peak:
                 prepared = method.prepare(setup)
-                fresh = not setup.workspace.has_scores(prepared.scorer, shard)   # else shared with an earlier method
+                # its own scoring pass: not one shared with an earlier method, nor one combined from others' scores
+                fresh = (not setup.workspace.has_scores(prepared.scorer, shard)
+                         and getattr(prepared.scorer, "parts", None) is None)
                 t_score = time.perf_counter()
                 scores[method.key] = setup.workspace.score(prepared.scorer, shard, cfg.batch_size)
                 t_score = time.perf_counter() - t_score
