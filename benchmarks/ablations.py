@@ -118,6 +118,12 @@ def units_of(stage: str) -> list[dict]:
     return load_units([d]) if list((d / "units").glob("*.json")) else []
 
 
+def own_methods(units: list[dict]) -> list[str]:
+    """The methods of this benchmark (GRID) that the units hold, in their order: methods another benchmark added to
+    the same units (benchmarks/field.py adds the field's methods to the confirmation's) belong to its own page."""
+    return [k for k in units[0]["accuracy"] if k in GRID]
+
+
 def compare(units: list[dict], key: str, other) -> object:
     """Paired interval of `key` minus `other` over the units' tasks; `other` is a method key, or a function
     (model, task) -> method key (e.g. the better of ICL and calibrated ICL for that task)."""
@@ -169,7 +175,7 @@ def chosen_T(units, key) -> str:
 def stage_section(stage: str, units: list[dict]) -> list[str]:
     if not units:
         return [f"No {stage} unit has finished yet."]
-    methods = [k for k in units[0]["accuracy"]]
+    methods = own_methods(units)
     bar, best = better_baseline(units), best_baseline(units)
     lines = []
     for model in sorted({u["model"] for u in units}):
@@ -230,7 +236,7 @@ def goals_section(stage: str, units: list[dict]) -> list[str]:
              "| method | " + " | ".join(f"{m}: Δ vs bar" for m in models) + " | models ≥ 3, interval > 0 | "
              "worst (model, task) vs ICL | issue 11 | issue 10 |", "|---|" + "---|" * len(models) + "---|---|---|---|"]
     checks = []
-    for k in units[0]["accuracy"]:
+    for k in own_methods(units):
         if k in BASELINES or k == "zero_shot_cc":
             continue
         ivs = [compare([u for u in units if u["model"] == m], k, bar) for m in models]
@@ -361,7 +367,7 @@ def screen_ranking(units: list[dict]) -> list[tuple[str, float]]:
     """Candidates (everything but the baselines) ranked by their mean difference to ICL over models and
     tasks in the screen (T and options chosen without eval labels; no oracle)."""
     ranks = []
-    for k in units[0]["accuracy"]:
+    for k in own_methods(units):
         if k in BASELINES or k in ("zero_shot", "zero_shot_cc"):
             continue
         ivs = [compare([u for u in units if u["model"] == m], k, REFERENCE)
@@ -453,7 +459,7 @@ def readme_summary(units: list[dict], want: int, stage: str = "screen") -> str:
              "[benchmarks/results/ABLATIONS.md](../benchmarks/results/ABLATIONS.md).", "",
              "| method | " + " | ".join(f"{m}: Δ vs ICL | {m}: Δ vs bar | {m}: Δ vs best" for m in models) + " |",
              "|---|" + "---|---|---|" * len(models)]
-    for k in units[0]["accuracy"]:
+    for k in own_methods(units):
         if k in ("icl",):
             continue
         cells = []

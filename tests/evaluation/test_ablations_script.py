@@ -166,3 +166,14 @@ def test_a_method_passing_every_model_but_losing_to_icl_on_one_task_is_told_why(
     lines = ab.closest_section(units, lambda m, t: "icl", ["m1", "m2"], 2, checks, provisional=False)
     assert lines[2] == ("- Issue 11: not met. Closest: `grad_kv`, ≥ 3 with the interval above 0 on 2 of 2 models "
                         "(needs 2); what fails: -1.5 below ICL on m2 sst5 (more than 1).")
+
+
+def test_methods_another_benchmark_added_to_the_units_stay_off_this_page(tmp_path, monkeypatch):
+    # benchmarks/field.py adds the field's methods (lora, ...) to the confirmation's units: FIELD.md shows them
+    ab, units = _synthetic_confirm(tmp_path, monkeypatch, {m: {"icl": ICL, "icl_cc": CC, "grad_kv": GOOD, "lora": GOOD}
+                                                           for m in ("m1", "m2")})
+    assert ab.own_methods(units) == ["icl", "icl_cc", "grad_kv"]
+    for u in units:
+        u["n_eval"] = 200
+    text = "\n".join(ab.stage_section("confirm", units)) + ab.readme_summary(units, 2, "confirm")
+    assert "| grad KV |" in text and "LoRA" not in text and "lora" not in text

@@ -153,3 +153,52 @@ def test_an_added_method_that_fails_is_recorded_once_and_not_retried(tmp_path):
         assert "already done" in run(out, {**ICL, "test_failing": {}})[-1] and Failing.calls == 1
     finally:
         METHODS.pop("test_failing", None)
+
+
+def test_each_method_records_its_cost_and_an_added_method_adds_its_own(tmp_path):
+    out = tmp_path / "run"
+    run(out, {"zero_shot": {}, "icl": {}, "dt_fixed": {"steps": 1}, "icl_cc": {}})
+    unit = json.loads(files(out)[1])
+    assert "icl_cc" not in unit["scoring"]                  # combined from ICL's scores: no speed of its own
+    per_token = unit["kv_bytes_per_token"]
+    assert per_token > 0 and unit["cache_bytes"]["icl"] == per_token * unit["demonstrations"]["tokens"]
+    assert unit["memory_how"].startswith("peak_mb: the process's resident set high-water mark")
+    for k in ("zero_shot", "icl"):
+        m = unit["memory_mb"][k]
+        assert 0 < m["start_mb"] <= m["peak_mb"]
+        assert unit["scoring"][k]["items"] == 5 and unit["scoring"][k]["seconds"] >= 0
+    # dt_fixed at one step is ICL's own context: its eval scores are shared, so no scoring speed is claimed for it
+    assert "dt_fixed" not in unit["scoring"] and unit["cache_bytes"]["dt_fixed"] == unit["cache_bytes"]["icl"]
+    # a unit from before costs were recorded gains the added method's, and says nothing about the old ones
+    path = files(out)[0]
+    old = {k: v for k, v in unit.items() if k not in ("memory_mb", "memory_how", "scoring", "cache_bytes",
+                                                       "kv_bytes_per_token")}
+    old["config"]["methods"].pop("dt_fixed")
+    path.write_text(json.dumps(old))
+    run(out, {"zero_shot": {}, "icl": {}, "dt_fixed": {"steps": 2}, "icl_cc": {}})
+    merged = json.loads(files(out)[1])
+    assert set(merged["memory_mb"]) == set(merged["cache_bytes"]) == {"dt_fixed"}
+    assert merged["kv_bytes_per_token"] == per_token and merged["memory_how"] == unit["memory_how"]
+
+
+def test_a_memory_peak_that_cannot_be_reset_is_said_not_guessed(tmp_path, monkeypatch):
+    from deepthink.evaluation import cost
+
+    monkeypatch.setattr(cost, "CLEAR_REFS", tmp_path / "no" / "clear_refs")
+    out = tmp_path / "run"
+    run(out, ICL)
+    unit = json.loads(files(out)[1])
+    assert unit["memory_mb"] == {} and unit["memory_how"].startswith("the peak resident set cannot be reset here")
+
+
+def test_a_unit_from_before_shots_were_recorded_gains_methods(tmp_path, counted):
+    out = tmp_path / "run"
+    run(out, ICL)
+    path, text, preds = files(out)
+    unit = json.loads(text)
+    del unit["demonstrations"]["shots"]                  # the ablation screen's units predate the field
+    del unit["config"]["fit_shots"]
+    path.write_text(json.dumps(unit, indent=1))
+    run(out, BOTH)
+    merged = json.loads(files(out)[1])
+    assert counted == {"icl": 1, "dt_fixed": 1} and merged["accuracy"]["icl"] == unit["accuracy"]["icl"]

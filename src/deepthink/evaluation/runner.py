@@ -23,6 +23,8 @@ from ..kv import DemonstrationsTooLong
 from ..methods import MethodFailed, NotApplicable, Setup, accuracies
 from ..scoring import Scores
 from .config import ORACLE, EvalConfig, upgrade_config
+from .cost import HOW as MEMORY_HOW
+from .cost import PeakMemory, cache_bytes, kv_bytes_per_token
 from .distributed import Processes
 from .provenance import environment, git_hash
 
@@ -41,6 +43,7 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
     gold = [e.label for e in plan.eval]
     shard = plan.eval if procs is None or procs.size == 1 else plan.eval[procs.rank::procs.size]
     scores, curves, infos, times = {}, {}, {}, {}
+    memory, scoring, sizes, no_memory = {}, {}, {}, None     # the methods' cost beside their accuracy (cost.py)
     # the bar moves with every tuning step and scoring pass (Workspace.on_progress) and every finished method;
     # its postfix says which method is at which step
     bar = _bar(progress, unit="step", desc=f"{lm.name} {plan.task.name} seed {seed}")
@@ -57,14 +60,28 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
             continue
         current[0] = f"{method.key} ({i + 1}/{len(methods)})"
         t = time.perf_counter()
+        peak = PeakMemory(lm.device)
         try:
-            prepared = method.prepare(setup)
-            scores[method.key] = setup.workspace.score(prepared.scorer, shard, cfg.batch_size)
+            with peak:
+                prepared = method.prepare(setup)
+                # its own scoring pass: not one shared with an earlier method, nor one combined from others' scores
+                fresh = (not setup.workspace.has_scores(prepared.scorer, shard)
+                         and getattr(prepared.scorer, "parts", None) is None)
+                t_score = time.perf_counter()
+                scores[method.key] = setup.workspace.score(prepared.scorer, shard, cfg.batch_size)
+                t_score = time.perf_counter() - t_score
         except MethodFailed as e:     # e.g. peft raising on this architecture: recorded as "fails: <reason>"
             infos[method.key] = {"fails": str(e)}
             times[method.key] = round(time.perf_counter() - t, 3)
             bar.update(1)
             continue
+        if peak.result() is not None:
+            memory[method.key] = peak.result()
+        no_memory = no_memory or peak.unavailable
+        if fresh:                     # items/s of this method's own scoring pass (a shared pass would read ~0 s)
+            scoring[method.key] = {"items": len(shard), "seconds": round(t_score, 3)}
+        if (size := cache_bytes(prepared.scorer)) is not None:
+            sizes[method.key] = size
         if cfg.curve and prepared.curve:
             curves[method.key] = [setup.workspace.score(c, shard, cfg.batch_size) for c in prepared.curve]
         infos[method.key] = dict(prepared.info)
@@ -91,6 +108,9 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
         "tokens": {"eval_query": sum(len(tok(e.query, add_special_tokens=False).input_ids) for e in plan.eval)},
         "notes": plan.notes,
         "wall_s": {**times, "total": round(time.perf_counter() - t_start, 3)},
+        # cost per method (evaluation/cost.py): peak memory, its own eval scoring pass, the bytes of its cache
+        "memory_mb": memory, "memory_how": no_memory or MEMORY_HOW, "scoring": scoring, "cache_bytes": sizes,
+        "kv_bytes_per_token": kv_bytes_per_token(lm),
     }
     preds = []
     by_sum = {m: s.predictions() for m, s in scores.items()}
@@ -119,7 +139,8 @@ def _fitting_plan(lm, task, seed: int, cfg: EvalConfig, methods: list, data_dir=
     from ..data import make_plan
 
     refused = []
-    first = like["demonstrations"]["shots"] if like is not None else cfg.shots
+    # a unit from before `shots` was recorded (and before fit_shots) used the shot count of its config
+    first = cfg.shots if like is None else like["demonstrations"].get("shots", upgrade_config(like["config"])["shots"])
     for shots in range(first, 0 if like is None else first - 1, -1):
         plan = make_plan(task, seed, shots=shots, dev_size=cfg.dev_size, max_eval=cfg.max_eval, data_dir=data_dir)
         if like is not None:
@@ -215,6 +236,12 @@ def merge_unit(path: Path, unit: dict, preds: list[dict], lm, dtype: str, quanti
     merged["wall_s"] = {**{k: v for k, v in old["wall_s"].items() if k != "total"},
                         **{k: v for k, v in unit["wall_s"].items() if k != "total"},
                         "total": round(old["wall_s"]["total"] + new_total, 3)}
+    for k in ("memory_mb", "scoring", "cache_bytes"):      # the added methods' cost (older units have none)
+        if unit.get(k):
+            merged[k] = {**old.get(k, {}), **unit[k]}
+    if "memory_mb" in unit and "memory_how" not in old:
+        merged["memory_how"] = unit["memory_how"]
+    merged.setdefault("kv_bytes_per_token", unit.get("kv_bytes_per_token"))
     merged["config"] = {**old["config"], "methods": {**old["config"]["methods"],    # as saved, the new ones added
                                                      **{k: unit["config"]["methods"][k] for k in added}}}
     merged["added"] = old.get("added", []) + [{

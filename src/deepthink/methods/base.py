@@ -101,6 +101,10 @@ class Workspace:
             self._zero_shot = zero_shot(self.lm)
         return self._zero_shot
 
+    def has_scores(self, scorer, examples: Sequence) -> bool:
+        """Whether `score(scorer, examples)` is already computed (another method scored the same scorer)."""
+        return (id(scorer), id(examples)) in self._scores
+
     def score(self, scorer, examples: Sequence, batch_size: int = 16) -> Scores:
         """`scorer.score` over `examples` (any numbers of choices), computed once per (scorer, list).
 
