@@ -248,3 +248,28 @@ def test_lm_eval_local_completions_equals_the_in_process_adapter(server, ctx_dir
     for a, b in zip(got, ref):
         assert [x[0] for x in a] == pytest.approx([x[0] for x in b], abs=1e-4, rel=0)
         assert [x[1] for x in a] == [x[1] for x in b]                         # is_greedy
+
+
+def test_serve_load_openai_mode_runs_and_reports(tiny_model_dir, ctx_dir, tmp_path):
+    """The benchmark's --openai flow on the tiny model: both phases answer every prompt with the same texts and
+    the summary holds both rates and their ratio (the real-model numbers are for docs/serve.md, not for a test)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "serve_openai"
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "serve_load.py"), "--openai", "--context",
+                        str(ctx_dir), "--items", "8", "--concurrency", "4", "--new-tokens", "4", "--out", str(out),
+                        "--timeout", "300"], capture_output=True, text=True, env=env, timeout=360)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(out.with_suffix(".json").read_text())
+    assert s["generate"]["requests"] == s["openai"]["requests"] == 8
+    assert s["generate"]["failures"] == s["openai"]["failures"] == 0 and s["text_mismatches"] == 0
+    assert s["generate"]["tokens"] == s["openai"]["tokens"] > 0
+    assert s["ratios"]["openai_vs_generate"] == pytest.approx(s["openai"]["tokens_per_s"] /
+                                                               s["generate"]["tokens_per_s"])
+    assert "/v1/completions (openai client)" in out.with_suffix(".md").read_text()
+    assert json.loads(r.stdout.strip().splitlines()[-1])["text_mismatches"] == 0
