@@ -12,7 +12,10 @@ a modified key/value cache as a prefix, so this one does. FastAPI + uvicorn (`pi
   runs each context's share as one shared-prefix `TunedContext.predict` call, then hands every request its
   own rows - the same rows it would get alone (to float32 rounding; tested). If a gathered call fails on one
   request's input, each request is run alone, so only the bad one gets the error.
-- Errors are JSON: {"error": {"status", "type", "message", ...}}, whatever the cause. Limits: body bytes (413),
+- The OpenAI API (openai_api.py: /v1/models, /v1/completions, /v1/chat/completions) on the same worker, batcher,
+  limits and guards; each context is a model named by its name.
+- Errors are JSON: {"error": {"status", "type", "message", ...}}, whatever the cause; on the OpenAI API's paths
+  OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and 400 where this list says 422. Limits: body bytes (413),
   queries, choices per query and query-choice pairs per request (413), characters per query, checked before any
   tokenising, then tokens per query, counted on a tokeniser thread (413), max_new_tokens (422); unknown context
   (404, lists the names); malformed JSON or invalid UTF-8 (400); invalid fields, lone surrogates, sampling
