@@ -153,6 +153,14 @@ def test_stop_and_streaming(client, server):
     assert r.headers["content-type"].startswith("text/event-stream") and lines[-1] == "data: [DONE]"
 
 
+def test_a_stream_the_client_leaves_does_not_stop_the_server(client, server):
+    with httpx.stream("POST", server["url"] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "sent", "prompt": "Review:", "max_tokens": 50, "stream": True}) as r:
+        assert next(r.iter_lines()).startswith("data: ")
+    r = client.completions.create(model="sent", prompt="Review:", max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_chat_uses_the_models_template_after_the_context(client, server):
     ctx = server["contexts"]["sent"]
     messages = [{"role": "system", "content": "Rate reviews."}, {"role": "user", "content": "witty and gorgeous"}]
@@ -167,6 +175,9 @@ def test_chat_uses_the_models_template_after_the_context(client, server):
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="sent", messages=messages, max_tokens=8, temperature=0, stream=True))
     assert streamed == want
+    # no max_tokens: up to --max-new-tokens or what the model's positions leave, never a refusal
+    r = client.chat.completions.create(model="sent", messages=messages, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
     with pytest.raises(openai.BadRequestError, match="no chat template") as e:
         client.chat.completions.create(model="plain", messages=messages, max_tokens=4)
     assert e.value.body["code"] == "no_chat_template" and e.value.body["param"] == "messages"

@@ -247,7 +247,8 @@ def register(app: FastAPI, contexts: dict[str, TunedContext], config, worker, ap
     @app.post("/v1/chat/completions", summary="OpenAI API: answer a conversation after a context")
     async def chat_completions(req: ChatRequest):
         ctx = get(req.model)
-        max_tokens = req.max_completion_tokens or req.max_tokens or config.max_new_tokens
+        asked = req.max_completion_tokens or req.max_tokens
+        max_tokens = asked or config.max_new_tokens
         _check_max_tokens(s, max_tokens)
         tok = ctx.lm.tokenizer
         if not getattr(tok, "chat_template", None):
@@ -262,6 +263,8 @@ def register(app: FastAPI, contexts: dict[str, TunedContext], config, worker, ap
         if ctx.length and tok.bos_token and text.startswith(tok.bos_token):
             text = text[len(tok.bos_token):]       # the context already starts the sequence
         (_, ids), = await _prompt_ids(s, ctx, text, what="the rendered conversation")
+        if asked is None:           # as OpenAI: up to the limit, or what the model's positions leave
+            max_tokens = max(1, min(max_tokens, _positions_left(ctx, ids)))
         _check_positions(s, ctx, ids, max_tokens)
         if req.stream:
             return _stream(s, ctx, req, ids, max_tokens, chat=True)
@@ -286,6 +289,13 @@ def _check_max_tokens(s: _Ctx, n: int) -> None:
     if n > s.config.max_new_tokens:
         raise s.ApiError(400, "max_tokens_too_large", f"max_tokens {n} is above this server's limit of "
                          f"{s.config.max_new_tokens} (--max-new-tokens)", param="max_tokens")
+
+
+def _positions_left(ctx: TunedContext, ids: list[int]) -> int:
+    from .. import kv
+
+    limit = kv.max_positions(ctx.lm.config)
+    return 2**31 if limit is None else limit - ctx.length - len(ids)
 
 
 def _check_positions(s: _Ctx, ctx: TunedContext, ids: list[int], max_tokens: int) -> None:
@@ -501,6 +511,9 @@ def _stream(s: _Ctx, ctx: TunedContext, req, ids: list[int], max_tokens: int, ch
                 generated, eos = await task
             except s.ApiError as e:
                 yield f"data: {json.dumps(openai_error(e.status, e.kind, e.message))}\n\n"
+                return
+            except Exception as e:      # noqa: BLE001  (the headers are sent: the error goes in the stream)
+                yield f"data: {json.dumps(openai_error(500, 'model_error', f'{type(e).__name__}: {e}'))}\n\n"
                 return
             if reason is None:
                 text = tok.decode(new)
