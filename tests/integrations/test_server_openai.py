@@ -284,3 +284,18 @@ def test_serve_load_openai_mode_runs_and_reports(tiny_model_dir, ctx_dir, tmp_pa
                                                                s["generate"]["tokens_per_s"])
     assert "/v1/completions (openai client)" in out.with_suffix(".md").read_text()
     assert json.loads(r.stdout.strip().splitlines()[-1])["text_mismatches"] == 0
+
+
+def test_fields_are_strict_and_named(server):
+    url, auth = server["url"], {"Authorization": f"Bearer {KEY}"}
+    for body, param in [({"max_tokens": "5"}, "max_tokens"), ({"prompt": [1.5, 2]}, "prompt"),
+                        ({"temperature": True}, "temperature"), ({"best_of": 3}, "best_of"),
+                        ({"temprature": 0.5}, "temprature"), ({"stop": [""]}, "stop"), ({"echo": "yes"}, "echo")]:
+        r = httpx.post(url + "/v1/completions", headers=auth, json={"model": "sent", "prompt": "hi", **body})
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"].split(".")[0] == param, (body, r.json())
+    r = httpx.post(url + "/v1/chat/completions", headers=auth,
+                   json={"model": "sent", "messages": [{"role": "robot", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages.0.role"), r.json()
+    r = httpx.post(url + "/v1/chat/completions", headers=auth, json={"model": "sent", "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"

@@ -51,7 +51,7 @@ def openai_error(status: int, kind: str, message: str, param: str | None = None)
 # ---------------------------------------------------------------- request bodies
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)    # "5" is not a number, 1.5 not a token id
 
     # OpenAI fields this server does not implement: accepted at their no-op values, refused otherwise
     frequency_penalty: float = Field(0.0, description="only 0 (not implemented)")
@@ -140,13 +140,13 @@ class CompletionRequest(_Body):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)    # "5" is not a number, 1.5 not a token id
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)    # "5" is not a number, 1.5 not a token id
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
