@@ -299,3 +299,13 @@ def test_fields_are_strict_and_named(server):
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages.0.role"), r.json()
     r = httpx.post(url + "/v1/chat/completions", headers=auth, json={"model": "sent", "messages": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_token_pieces_join_to_the_text(server):
+    from deepthink.integrations.openai_api import _pieces
+
+    tok = server["contexts"]["sent"].lm.tokenizer
+    for text in ["Review: the plot is nothing but boilerplate clichés.", "ünïcödé ✓ 🎬 films", " a  b\n\nc"]:
+        ids = tok(text, add_special_tokens=False).input_ids
+        pieces = _pieces(tok, ids)
+        assert len(pieces) == len(ids) and "".join(pieces) == tok.decode(ids)

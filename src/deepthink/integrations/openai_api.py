@@ -238,8 +238,9 @@ def register(app: FastAPI, contexts: dict[str, TunedContext], config, worker, ap
                 eos = nxt == ctx.lm.tokenizer.eos_token_id
             else:
                 new, eos = await _generate(s, ctx, ids, max_tokens, req, k)
-            n_new += len(new)
-            choices.append(_completion_choice(ctx, i, text, ids, new, eos, req, scored[i] if scored else None))
+            n_new += len(new)       # the token texts are decoded on the tokeniser thread, not the event loop
+            choices.append(await worker.tokenize(_completion_choice, ctx, i, text, ids, new, eos, req,
+                                                 scored[i] if scored else None))
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model, "choices": choices,
                 "usage": _usage(ctx, sum(len(ids) for _, ids in prompts), n_new, len(prompts))}
@@ -342,7 +343,7 @@ async def _prompt_ids(s: _Ctx, ctx: TunedContext, prompt, what: str = "") -> lis
         if text_problem(p):
             raise s.ApiError(400, "invalid_request", f"{what or f'prompt {i}'}: {text_problem(p)}", param="prompt")
         await s.check_length(ctx, [p], [[""]])
-        ids = tok(p, add_special_tokens=False).input_ids
+        ids = await s.worker.tokenize(lambda text: tok(text, add_special_tokens=False).input_ids, p)
         if not ids:
             raise s.ApiError(400, "invalid_request", f"{what or f'prompt {i}'} tokenises to nothing", param="prompt")
         out[i] = (p, ids)
@@ -387,13 +388,17 @@ async def _generate(s: _Ctx, ctx: TunedContext, ids: list[int], max_tokens: int,
     return new, bool(new) and new[-1][0] == eos_id      # generation stops right after an EOS it chose
 
 
-def _pieces(tok, ids: list[int]) -> list[str]:
-    """Each token's text as it adds to the decoded whole (a character split over tokens goes to the last)."""
-    out, prev = [], ""
+def _pieces(tok, ids: list[int], window: int = 6) -> list[str]:
+    """Each token's text as it adds to the decoded text (a character split over tokens goes to its last token):
+    decoded with the few tokens before it, so that a tokenizer that drops a leading space from a lone token
+    (SentencePiece) keeps it, in time linear in the length."""
+    out = []
     for n in range(1, len(ids) + 1):
-        text = tok.decode(ids[:n])
-        out.append(text[len(prev):] if text.startswith(prev) else tok.decode(ids[n - 1:n]))
-        prev = text
+        a = max(0, n - window)
+        before = tok.decode(ids[a:n - 1]).rstrip("\ufffd")     # an unfinished character waits for its last byte
+        text = tok.decode(ids[a:n])
+        text = text if n == len(ids) else text.rstrip("\ufffd")
+        out.append(text[len(before):] if text.startswith(before) else tok.decode(ids[n - 1:n]))
     return out
 
 
