@@ -358,8 +358,9 @@ def run_openai(args, tmp: Path, deadline: float) -> int:
                               "zero failures": g["failures"] == 0 and o["failures"] == 0,
                               "same texts": result["text_mismatches"] == 0}
     write_summary(args.out, summary, markdown_openai(summary))
-    print(json.dumps({"openai_vs_generate": round(r["openai_vs_generate"], 3), "failures": g["failures"] + o["failures"],
-                      "text_mismatches": result["text_mismatches"], "targets_met": all(summary["targets_met"].values())}))
+    print(json.dumps({"openai_vs_generate": round(r["openai_vs_generate"], 3),
+                      "failures": g["failures"] + o["failures"], "text_mismatches": result["text_mismatches"],
+                      "targets_met": all(summary["targets_met"].values())}))
     return 0
 
 
@@ -389,7 +390,7 @@ async def openai_load(args, url, prompts, deadline) -> dict:
         log(f"/v1/generate: {len(prompts)} prompts x {n} tokens from {args.concurrency} clients ...")
         gen = await token_phase(generate, prompts, args.concurrency, deadline)
         log(f"  {gen['tokens_per_s']:.1f} tokens/s, failures {gen['failures']}")
-        log(f"/v1/completions (openai client): the same ...")
+        log("/v1/completions (openai client): the same ...")
         comp = await token_phase(complete, prompts, args.concurrency, deadline)
         log(f"  {comp['tokens_per_s']:.1f} tokens/s, failures {comp['failures']}")
         await oa.close()

@@ -34,8 +34,8 @@ from .serving import sampling_problem
 OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
 MAX_LOGPROBS = 20       # top alternatives per token (OpenAI allows 5 on completions and 20 on chat)
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 422: "invalid_request_error",
-                429: "rate_limit_error", 503: "service_unavailable_error"}
+                404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error",
+                422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
 
 
 def is_openai_path(path: str) -> bool:
@@ -63,7 +63,8 @@ class _Body(BaseModel):
     stream_options: dict | None = Field(None, description='{"include_usage": true} adds a last chunk with usage')
     temperature: float = Field(1.0, description="0 = greedy; else sampling, between 0.001 and 100 (OpenAI's default 1)")
     top_p: float = Field(1.0, description="nucleus sampling mass, between 0.001 and 1")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed for sampling; the same seed gives the same text")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="seed for sampling; the same seed gives the same text")
     stop: Union[str, list[str], None] = Field(None, description="cut the text before the first of these strings "
                                                                 "(at most 16, each non-empty)")
 

@@ -14,11 +14,11 @@ a modified key/value cache as a prefix, so this one does. FastAPI + uvicorn (`pi
   request's input, each request is run alone, so only the bad one gets the error.
 - The OpenAI API (openai_api.py: /v1/models, /v1/completions, /v1/chat/completions) on the same worker, batcher,
   limits and guards; each context is a model named by its name.
-- Errors are JSON: {"error": {"status", "type", "message", ...}}, whatever the cause; on the OpenAI API's paths
-  OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and 400 where this list says 422. Limits: body bytes (413),
-  queries, choices per query and query-choice pairs per request (413), characters per query, checked before any
-  tokenising, then tokens per query, counted on a tokeniser thread (413), max_new_tokens (422); unknown context
-  (404, lists the names); malformed JSON or invalid UTF-8 (400); invalid fields, lone surrogates, sampling
+- Errors are JSON: {"error": {"status", "type", "message", ...}}, whatever the cause (on the OpenAI API's paths
+  OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and 400 where this list says 422). Limits: body
+  bytes (413), queries, choices per query and query-choice pairs per request (413), characters per query, checked
+  before any tokenising, then tokens per query, counted on a tokeniser thread (413), max_new_tokens (422); unknown
+  context (404, lists the names); malformed JSON or invalid UTF-8 (400); invalid fields, lone surrogates, sampling
   parameters out of range, labels that are not integers (422, naming the field); missing or wrong API key (401).
 - The connection guards (`serve`): at most --max-connections open (one more: 503, closed at once), request
   headers and then the body due within --read-timeout (closed, or 408), SIGTERM waits --graceful-timeout for the
