@@ -204,6 +204,9 @@ def test_errors_have_openais_shape(client, server):
     r = httpx.post(server["url"] + "/v1/completions", headers={"X-API-Key": KEY},
                    json={"model": "sent", "prompt": ["hi"] * 9, "max_tokens": 2})
     assert r.status_code == 413 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(server["url"] + "/v1/completions", headers={"X-API-Key": KEY},
+                   json={"model": "sent", "prompt": ["x" * 1000] * 1100})               # over --max-body-bytes
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = httpx.post(server["url"] + "/v1/completions", headers={"X-API-Key": KEY}, content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     # the server's own endpoints keep their documented shape
