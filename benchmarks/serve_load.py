@@ -34,6 +34,13 @@ zero failures, resident memory growth < 5 %. The last line printed is one JSON o
 Targets: the normal clients' p99 latency under abuse <= 2x the clean run's, their answers unchanged (1e-4),
 every abusive request answered as above, resident memory growth (after warm-up -> after abuse) < 5 %.
 Writes <out>.json and <out>.md (default benchmarks/results/serve_abuse).
+
+--openai (issue 30) asks the same server for --new-tokens-token greedy continuations of the --items reviews'
+prompts ("Review: ...\nSentiment:"), at --concurrency, twice: POST /v1/generate (httpx), then POST
+/v1/completions through the official `openai` client (AsyncOpenAI), after a warm-up of each. Both are timed by
+the tokens the model produced (an end-of-sequence token counts: it cost a forward step); every completion's text
+must equal /v1/generate's for the same prompt. Target: the openai client's tokens/s >= 0.8x /v1/generate's (the
+compatibility layer costs little). Writes <out>.json and <out>.md (default benchmarks/results/serve_openai).
 """
 from __future__ import annotations
 
@@ -75,13 +82,19 @@ def main() -> int:
     p.add_argument("--abusers", type=int, default=4, help="with --abuse: clients sending abusive requests (default: 4)")
     p.add_argument("--abuse-held", type=int, default=50,
                    help="with --abuse: unfinished uploads kept open at all times (default: 50)")
+    p.add_argument("--openai", action="store_true",
+                   help="instead of the phases above: /v1/generate against the openai client's /v1/completions")
+    p.add_argument("--new-tokens", type=int, default=8, help="with --openai: tokens per continuation (default: 8)")
     p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds (default: 3600)")
     p.add_argument("--out", default=None,
                    help="write OUT.json and OUT.md (default: benchmarks/results/serve_load, or serve_abuse with "
                         "--abuse)")
     args = p.parse_args()
-    args.out = args.out or str(ROOT / "benchmarks" / "results" / ("serve_abuse" if args.abuse else "serve_load"))
-    for name in ("items", "concurrency", "rows_per_request", "max_batch", "abusers"):
+    if args.abuse and args.openai:
+        p.error("give --abuse or --openai, not both")
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / (
+        "serve_abuse" if args.abuse else "serve_openai" if args.openai else "serve_load"))
+    for name in ("items", "concurrency", "rows_per_request", "max_batch", "abusers", "new_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     args.serial_items = args.items if args.serial_items is None else args.serial_items
@@ -90,7 +103,7 @@ def main() -> int:
     deadline = time.monotonic() + args.timeout
     args.git = git_hash()          # the code this run starts with (the server imports it right after)
     with tempfile.TemporaryDirectory(prefix="serve_load-") as tmp:
-        return (run_abuse if args.abuse else run)(args, Path(tmp), deadline)
+        return (run_abuse if args.abuse else run_openai if args.openai else run)(args, Path(tmp), deadline)
 
 
 def deepthink_cmd(*argv) -> list[str]:
@@ -320,6 +333,113 @@ def with_server(args, ctx, deadline: float, work, *extra):
     if code not in (0, -signal.SIGTERM):
         raise SystemExit(f"the server exited with {code} after SIGTERM:\n{server_log[-3000:]}")
     return result, code, server_log
+
+
+# ---------------------------------------------------------------- --openai: the OpenAI API's cost
+
+def run_openai(args, tmp: Path, deadline: float) -> int:
+    base = [json.loads(line) for line in DEMO_TEST.read_text().splitlines() if line.strip()]
+    prompts = [f"Review: {base[i % len(base)]['sentence']}\nSentiment:" for i in range(args.items)]
+    ctx = context_dir(args, tmp, deadline)
+    result, code, _ = with_server(args, ctx, deadline,
+                                  lambda url, proc: asyncio.run(openai_load(args, url, prompts, deadline)),
+                                  "--max-new-tokens", max(512, args.new_tokens))
+    g, o = result["generate"], result["openai"]
+    summary = {
+        "mode": "openai", "items": args.items, "concurrency": args.concurrency, "new_tokens": args.new_tokens,
+        "model": args.model if not args.context else f"context {ctx}", **result, "server_exit_code": code,
+        "ratios": {"openai_vs_generate": o["tokens_per_s"] / g["tokens_per_s"]},
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "git": args.git, "cpus": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    r = summary["ratios"]
+    summary["targets_met"] = {"openai >= 0.8x generate": r["openai_vs_generate"] >= 0.8,
+                              "zero failures": g["failures"] == 0 and o["failures"] == 0,
+                              "same texts": result["text_mismatches"] == 0}
+    write_summary(args.out, summary, markdown_openai(summary))
+    print(json.dumps({"openai_vs_generate": round(r["openai_vs_generate"], 3),
+                      "failures": g["failures"] + o["failures"], "text_mismatches": result["text_mismatches"],
+                      "targets_met": all(summary["targets_met"].values())}))
+    return 0
+
+
+async def openai_load(args, url, prompts, deadline) -> dict:
+    import httpx
+    import openai
+
+    n = args.new_tokens
+    limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def generate(prompt):
+            r = await client.post("/v1/generate", json={"context": "bench", "prompt": prompt, "max_new_tokens": n,
+                                                        "temperature": 0})
+            r.raise_for_status()
+            body = r.json()
+            return body["text"], body["tokens"] + (body["finish_reason"] == "eos")
+
+        oa = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        async def complete(prompt):
+            r = await oa.completions.create(model="bench", prompt=prompt, max_tokens=n, temperature=0)
+            return r.choices[0].text, r.usage.completion_tokens
+
+        for i in range(min(8, len(prompts))):       # warm-up: both paths, so neither pays the first call's costs
+            await generate(prompts[i])
+            await complete(prompts[i])
+        log(f"/v1/generate: {len(prompts)} prompts x {n} tokens from {args.concurrency} clients ...")
+        gen = await token_phase(generate, prompts, args.concurrency, deadline)
+        log(f"  {gen['tokens_per_s']:.1f} tokens/s, failures {gen['failures']}")
+        log("/v1/completions (openai client): the same ...")
+        comp = await token_phase(complete, prompts, args.concurrency, deadline)
+        log(f"  {comp['tokens_per_s']:.1f} tokens/s, failures {comp['failures']}")
+        await oa.close()
+    texts_g, texts_o = gen.pop("texts"), comp.pop("texts")
+    mismatches = sum(a != b for a, b in zip(texts_g, texts_o) if a is not None and b is not None)
+    return {"generate": gen, "openai": comp, "text_mismatches": mismatches}
+
+
+async def token_phase(ask, prompts, concurrency, deadline) -> dict:
+    """Every prompt through ask(prompt) -> (text, tokens), from `concurrency` workers; tokens/s over the wall."""
+    queue = list(enumerate(prompts))[::-1]
+    texts: list[str | None] = [None] * len(prompts)
+    tokens, failures, errors, latencies = 0, 0, [], []
+
+    async def worker():
+        nonlocal tokens, failures
+        while queue and time.monotonic() < deadline:
+            i, prompt = queue.pop()
+            t = time.perf_counter()
+            try:
+                texts[i], k = await ask(prompt)
+                tokens += k
+                latencies.append(time.perf_counter() - t)
+            except Exception as e:      # noqa: BLE001  (counted and reported)
+                failures += 1
+                errors.append(f"{type(e).__name__}: {e}"[:200])
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    latencies.sort()
+    return {"requests": len(prompts), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / max(wall, 1e-9),
+            "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None, "failures": failures,
+            "errors": errors[:10], "texts": texts}
+
+
+def markdown_openai(s: dict) -> str:
+    g, o, r = s["generate"], s["openai"], s["ratios"]
+    lines = [
+        f"`{s['command']}` ({s['date']}, git {s['git']}, {s['cpus']} CPUs; model {s['model']}; {s['items']} "
+        f"prompts x {s['new_tokens']} tokens, greedy, concurrency {s['concurrency']})", "",
+        "| | /v1/generate (httpx) | /v1/completions (openai client) | target | met |",
+        "|---|---|---|---|---|",
+        f"| tokens/s | {g['tokens_per_s']:.1f} | {o['tokens_per_s']:.1f} ({r['openai_vs_generate']:.2f}x) | "
+        f">= 0.8x | {yes(s['targets_met']['openai >= 0.8x generate'])} |",
+        f"| p50 latency | {g['p50_ms'] or 0:.0f} ms | {o['p50_ms'] or 0:.0f} ms | | |",
+        f"| failures, texts that differ | {g['failures']} | {o['failures']}, {s['text_mismatches']} differ | 0 | "
+        f"{yes(s['targets_met']['zero failures'] and s['targets_met']['same texts'])} |",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- --abuse: hostile clients beside normal ones

@@ -73,3 +73,35 @@ def test_unicode_emoji_and_long_inputs(ctx):
     fast = ctx.score(queries, CHOICES)
     naive = ctx.score(queries, CHOICES, method="naive")
     assert fast.logprob == approx(naive.logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma3"])
+def test_token_logprobs_are_score_tokens_per_position(arch):
+    """Every position's log-probability (an OpenAI echo) sums, over a continuation, to score_tokens' value, in any
+    batch; the top-1 alternative is the argmax score_tokens' greedy flag looks at; the last row predicts the next
+    token as generation does."""
+    ctx = deepthink.tune(tiny_lm(arch), DEMOS, TuningConfig(steps=2, step_size=0.1))
+    tok = ctx.lm.tokenizer
+    pairs = [(tok(q, add_special_tokens=False).input_ids, tok(c, add_special_tokens=False).input_ids)
+             for q, cs in zip(QUERIES, MULTI) for c in cs]
+    want = ctx.score_tokens(pairs)
+    for batch_size in (1, 4):
+        rows = ctx.token_logprobs([c + t for c, t in pairs], top_k=1, batch_size=batch_size)
+        for (c, t), row, (lp, greedy) in zip(pairs, rows, want):
+            assert len(row["logprobs"]) == len(c) + len(t) - 1 and len(row["top"]) == len(c) + len(t)
+            assert sum(row["logprobs"][len(c) - 1:]) == pytest.approx(lp, abs=1e-4)
+            hits = [top[0][0] == x for top, x in zip(row["top"][len(c) - 1:-1], t)]
+            assert all(hits) == greedy
+    ids = pairs[0][0]
+    (row,) = ctx.token_logprobs([ids])
+    assert int(row["next"].argmax()) == ctx.generate_tokens(ids, max_new_tokens=1, stop_at_eos=False)[0]
+
+
+def test_generation_observes_every_token_it_chooses():
+    ctx = deepthink.tune(tiny_lm("llama"), DEMOS, TuningConfig(steps=2, step_size=0.1))
+    seen = []
+    out = ctx.generate_tokens(QUERIES[0], max_new_tokens=6, observe=lambda t, logits: seen.append((t, logits.shape)))
+    assert [t for t, _ in seen][:len(out)] == out and len(seen) in (len(out), len(out) + 1)
+    assert all(shape == (ctx.lm.model.get_output_embeddings().weight.shape[0],) for _, shape in seen)
+    with pytest.raises(ValueError, match="sequence 1 is empty"):
+        ctx.token_logprobs([[1, 2], []])

@@ -167,13 +167,30 @@ class TunedContext:
 
     def generate_tokens(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                         top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-                        stop=None) -> list[int]:
+                        stop=None, observe=None) -> list[int]:
         """`generate`, returning the new token ids instead of text.
 
         prompt may also be token ids (used as given, after the prefix). stop: optional function of the new ids
         so far; generation ends (keeping the last token) as soon as it returns True, e.g. on a stop string.
+        observe: optional function called with (token id, logits (V,)) for every token chosen, the
+        end-of-sequence token included, before it is kept (e.g. for its log-probability, or to stream it).
         """
-        return _generate(self, prompt, max_new_tokens, temperature, top_p, seed, stop_at_eos, stop)
+        return _generate(self, prompt, max_new_tokens, temperature, top_p, seed, stop_at_eos, stop, observe)
+
+    def token_logprobs(self, seqs: Sequence[Sequence[int]], top_k: int = 0, batch_size: int = 16) -> list[dict]:
+        """Each token's log-probability after this prefix and the tokens before it (scoring.token_logprobs):
+        what an OpenAI completion with `echo` reports for its prompt."""
+        limit = kv.max_positions(self.lm.config)
+        clean = []
+        for i, s in enumerate(seqs):
+            s = [int(x) for x in s]
+            if not s:
+                raise ValueError(f"sequence {i} is empty: give at least one token")
+            if limit is not None and self.length + len(s) > limit:
+                raise ValueError(f"sequence {i} needs {self.length} prefix + {len(s)} tokens, beyond the model's "
+                                 f"{limit} positions: shorten it")
+            clean.append(s)
+        return scoring.token_logprobs(self.lm.model, self.prefix, clean, top_k, batch_size) if clean else []
 
     def save(self, path, overwrite: bool = False) -> Path:
         """Write safetensors + JSON to the folder `path` (atomically: temporary folder, then rename).
@@ -420,7 +437,8 @@ def sampling_problem(temperature, top_p) -> tuple[str, str] | None:
 
 @torch.inference_mode()
 def _generate(ctx: TunedContext, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True, stop=None) -> list[int]:
+              top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True, stop=None,
+              observe=None) -> list[int]:
     """New token ids continuing `prompt` after the tuned prefix: greedy at temperature 0, else nucleus sampling."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -458,6 +476,8 @@ def _generate(ctx: TunedContext, prompt: str, max_new_tokens: int = 64, temperat
             keep = sorted_p.cumsum(0) - sorted_p < top_p                       # always keeps the top token
             sorted_p = sorted_p * keep
             nxt = int(idx[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
+        if observe is not None:
+            observe(nxt, logits)
         if stop_at_eos and nxt == eos:
             break
         out_ids.append(nxt)

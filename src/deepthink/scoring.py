@@ -304,3 +304,43 @@ def score_tokens(model, prefix: kv.Prefix, pairs: list[tuple[list[int], list[int
             out[i] = (sum(lp[k:k + n]), all(hit[k:k + n]))
             k += n
     return out
+
+
+@torch.inference_mode()
+def token_logprobs(model, prefix: kv.Prefix, seqs: list[list[int]], top_k: int = 0,
+                   batch_size: int = 16) -> list[dict]:
+    """Per token of each sequence, its log-probability after the prefix and the tokens before it (the "echo" of
+    an OpenAI completion): the same forward pass as `score_tokens`, with every position read.
+
+    Returns per sequence {"logprobs": T-1 floats (tokens 1..T-1; token 0 has no position before it but the
+    prefix's last, whose logits the cache does not hold), "top": T lists of (id, logprob), the top_k tokens at
+    each position (the last one predicts the token after the sequence), "next": the log-probabilities (V,)
+    after the whole sequence}.
+    """
+    keys, values = prefix
+    L = keys[0].shape[-2] if keys else 0
+    shared = bool(L) and kv.supports_shared_prefix(model)
+    device = model.get_input_embeddings().weight.device
+    out: list[dict | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        ids = _pad([seqs[i] for i in batch], device)                                     # (B, T)
+        if shared:
+            hidden = kv.shared_forward(model, ids, prefix).last_hidden_state
+        elif L:
+            cache = kv.build_cache(model, keys, values, batch=len(batch))
+            hidden = model.base_model(ids, **kv.cache_kwarg(model.base_model, cache), use_cache=False).last_hidden_state
+        else:
+            hidden = model.base_model(ids, use_cache=False).last_hidden_state              # (B, T, D)
+        for b, i in enumerate(batch):
+            seq = seqs[i]
+            logp = _head(model, hidden[b, :len(seq)])                                    # (T, V)
+            targets = torch.tensor(seq[1:], device=device)
+            lp = logp[:-1].gather(-1, targets[:, None])[:, 0].tolist() if len(seq) > 1 else []
+            top = []
+            if top_k:
+                v, j = logp.topk(min(top_k, logp.shape[-1]), dim=-1)                       # (T, k)
+                top = [list(zip(jj, vv)) for jj, vv in zip(j.tolist(), v.tolist())]
+            out[i] = {"logprobs": lp, "top": top, "next": logp[-1].cpu()}
+    return out

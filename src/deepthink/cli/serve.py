@@ -12,7 +12,8 @@ SERVE_HELP = """Serve saved contexts over HTTP: tune once, then score, predict a
 
 Each --context NAME=DIR is loaded and verified at start-up for the model it records (each distinct model is
 loaded once); clients name contexts, never paths. Endpoints: GET /v1/contexts, POST /v1/score, POST
-/v1/predict, POST /v1/generate, GET /healthz, GET /metrics; every field is documented at /docs.
+/v1/predict, POST /v1/generate, GET /healthz, GET /metrics, and the OpenAI API (each context is a model named
+by its NAME): GET /v1/models, POST /v1/completions, POST /v1/chat/completions; every field is documented at /docs.
 
 Binds to 127.0.0.1 unless --host says otherwise. With a key ($DEEPTHINK_API_KEY or --api-key-file FILE keep
 it out of `ps`; --api-key KEY works too) every endpoint but /healthz and /docs asks for 'Authorization: Bearer
@@ -27,7 +28,7 @@ def register(sub) -> None:
     from .common import add_model_args
     from ..integrations.serving import API_KEY_ENV
 
-    p = sub.add_parser("serve", help="serve saved contexts over HTTP (score, predict, generate)",
+    p = sub.add_parser("serve", help="serve saved contexts over HTTP (score, predict, generate, OpenAI API)",
                        description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", action="append", required=True, metavar="NAME=DIR",
                    help="a context to serve under NAME (a folder written by `deepthink tune --out`); repeatable")

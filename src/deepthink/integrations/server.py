@@ -12,10 +12,13 @@ a modified key/value cache as a prefix, so this one does. FastAPI + uvicorn (`pi
   runs each context's share as one shared-prefix `TunedContext.predict` call, then hands every request its
   own rows - the same rows it would get alone (to float32 rounding; tested). If a gathered call fails on one
   request's input, each request is run alone, so only the bad one gets the error.
-- Errors are JSON: {"error": {"status", "type", "message", ...}}, whatever the cause. Limits: body bytes (413),
-  queries, choices per query and query-choice pairs per request (413), characters per query, checked before any
-  tokenising, then tokens per query, counted on a tokeniser thread (413), max_new_tokens (422); unknown context
-  (404, lists the names); malformed JSON or invalid UTF-8 (400); invalid fields, lone surrogates, sampling
+- The OpenAI API (openai_api.py: /v1/models, /v1/completions, /v1/chat/completions) on the same worker, batcher,
+  limits and guards; each context is a model named by its name.
+- Errors are JSON: {"error": {"status", "type", "message", ...}}, whatever the cause (on the OpenAI API's paths
+  OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and 400 where this list says 422). Limits: body
+  bytes (413), queries, choices per query and query-choice pairs per request (413), characters per query, checked
+  before any tokenising, then tokens per query, counted on a tokeniser thread (413), max_new_tokens (422); unknown
+  context (404, lists the names); malformed JSON or invalid UTF-8 (400); invalid fields, lone surrogates, sampling
   parameters out of range, labels that are not integers (422, naming the field); missing or wrong API key (401).
 - The connection guards (`serve`): at most --max-connections open (one more: 503, closed at once), request
   headers and then the body due within --read-timeout (closed, or 408), SIGTERM waits --graceful-timeout for the
@@ -51,12 +54,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..context import TunedContext
 from ..version import __version__
+from .openai_api import is_openai_path, openai_error
 from .serving import (API_KEY_ENV, NAME, ServeConfig, load_contexts, parse_context_specs,  # noqa: F401 (re-exported)
                       sampling_problem, text_problem)
 
 OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")   # no API key needed
 CLIENT_CLOSED = 499     # the status recorded in /metrics for a client that went away before its answer (nginx's)
-ENDPOINTS = ("/v1/contexts", "/v1/score", "/v1/predict", "/v1/generate", "/healthz", "/metrics")
+ENDPOINTS = ("/v1/contexts", "/v1/score", "/v1/predict", "/v1/generate", "/healthz", "/metrics", "/v1/models",
+             "/v1/completions", "/v1/chat/completions")
 BACKLOG = 128               # listen backlog: asyncio accepts up to this many connections at once, before closing any
 DRAIN_GRACE = 1.0           # seconds a body still arriving when shutdown begins gets before its 503
 MAX_MESSAGE_CHARS = 1000    # error messages are cut here, and a name a client sent at 80 characters: never echo a body
@@ -214,9 +219,13 @@ class ApiError(Exception):
         self.status, self.kind, self.message, self.extra = status, kind, message, extra
 
 
-def _error_body(status: int, kind: str, message: str, **extra) -> dict:
+def _error_body(status: int, kind: str, message: str, openai: bool = False, **extra) -> dict:
+    """This server's error body; with openai=True (the OpenAI API's paths) OpenAI's: {"error": {"message", "type",
+    "param", "code"}}, this server's type as the code."""
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[:MAX_MESSAGE_CHARS] + f"... ({len(message)} characters)"
+    if openai:
+        return openai_error(status, kind, message, extra.get("param"))
     return {"error": {"status": status, "type": kind, "message": message, **extra}}
 
 
@@ -228,17 +237,21 @@ def _raw_response(status: int, kind: str, message: str) -> bytes:
     return head.encode() + body
 
 
-def _validation_error(exc: RequestValidationError) -> JSONResponse:
+def _validation_error(exc: RequestValidationError, openai: bool = False) -> JSONResponse:
+    """422 naming the fields; on the OpenAI API's paths 400 (OpenAI's status for a bad request), the first field
+    as `param`."""
     errors = exc.errors()
     bad_json = [e for e in errors if e.get("type") == "json_invalid"]
     if bad_json:
         ctx = bad_json[0].get("ctx") or {}
         where = f" at position {bad_json[0]['loc'][1]}" if len(bad_json[0].get("loc", ())) > 1 else ""
         return JSONResponse(_error_body(400, "invalid_json", f"the request body is not valid JSON{where}: "
-                                        f"{ctx.get('error', bad_json[0].get('msg'))}"), 400)
+                                        f"{ctx.get('error', bad_json[0].get('msg'))}", openai), 400)
     details = [{"field": ".".join(str(x) for x in e.get("loc", ())[1:])[:200] or "body",
                 "message": e.get("msg", "")[:MAX_MESSAGE_CHARS], "type": e.get("type", "")} for e in errors[:20]]
     message = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+    if openai:
+        return JSONResponse(_error_body(400, "invalid_request", message, True, param=details[0]["field"]), 400)
     return JSONResponse(_error_body(422, "invalid_request", message, details=details), 422)
 
 
@@ -313,9 +326,10 @@ class Metrics:
 @dataclass
 class _Job:
     context: str
-    queries: list[str]
-    choices: list[list[str]]
+    queries: list            # query texts; for a logprobs job, token id sequences
+    choices: list[list[str]] | None
     future: asyncio.Future
+    top_k: int | None = None     # a logprobs job (TunedContext.token_logprobs) with this many alternatives
 
 
 class Worker:
@@ -361,6 +375,12 @@ class Worker:
         await self.queue.put(_Job(context, queries, choices, fut))
         return await fut
 
+    async def logprobs(self, context: str, seqs: list[list[int]], top_k: int) -> list[dict]:
+        """TunedContext.token_logprobs rows, computed in a batch with other requests' (OpenAI echo + logprobs)."""
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Job(context, seqs, None, fut, top_k))
+        return await fut
+
     async def _batcher(self) -> None:
         loop = asyncio.get_running_loop()
         wait = self.config.batch_wait_ms / 1000
@@ -381,11 +401,11 @@ class Worker:
                         break
                 jobs.append(job)
                 n += len(job.queries)
-            by_context: dict[str, list[_Job]] = {}
+            by_context: dict[tuple[str, int | None], list[_Job]] = {}
             for job in jobs:
                 if not job.future.done():               # a client that went away is not computed for
-                    by_context.setdefault(job.context, []).append(job)
-            for name, group in by_context.items():
+                    by_context.setdefault((job.context, job.top_k), []).append(job)
+            for (name, _), group in by_context.items():
                 for chunk in self._chunks(group):
                     await self._run(name, chunk)
 
@@ -403,9 +423,9 @@ class Worker:
     async def _run(self, name: str, jobs: list[_Job]) -> None:
         ctx = self.contexts[name]
         queries = [q for j in jobs for q in j.queries]
-        choices = [c for j in jobs for c in j.choices]
         try:
-            rows = await self.call(ctx.predict, queries, choices, batch_size=self.config.batch_size)
+            rows = await self.call(*self._model_call(ctx, jobs[0].top_k, queries, [c for j in jobs for c in j.choices
+                                                                                     or ()]))
         except ValueError as e:
             if len(jobs) == 1:
                 _settle(jobs[0].future, error=e)
@@ -423,11 +443,16 @@ class Worker:
             _settle(job.future, rows[k:k + len(job.queries)])
             k += len(job.queries)
 
+    def _model_call(self, ctx: TunedContext, top_k: int | None, queries: list, choices) -> tuple:
+        if top_k is None:
+            return partial(ctx.predict, batch_size=self.config.batch_size), queries, choices
+        return partial(ctx.token_logprobs, top_k=top_k, batch_size=self.config.batch_size), queries
+
     async def _run_alone(self, ctx: TunedContext, job: _Job) -> None:
         if job.future.done():
             return
         try:
-            rows = await self.call(ctx.predict, job.queries, job.choices, batch_size=self.config.batch_size)
+            rows = await self.call(*self._model_call(ctx, job.top_k, job.queries, job.choices))
         except Exception as e:      # noqa: BLE001
             _settle(job.future, error=e)
             return
@@ -491,18 +516,20 @@ class _Front:
                 status[0], started = message["status"], True
             await send(message)
 
+        openai = is_openai_path(path)
         try:
             if self.api_key is not None and path not in OPEN_PATHS and not self._authorized(scope):
                 return await _send_json(send_noting, 401, _error_body(
-                    401, "unauthorized", "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
-                                         "or 'X-API-Key: KEY'"), [(b"www-authenticate", b"Bearer")])
+                    401, "unauthorized" if not openai else "invalid_api_key",
+                    "missing or wrong API key: send the header 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                    openai), [(b"www-authenticate", b"Bearer")])
             body = await self._read_body(scope, receive)
             if body is None:        # the client went away while sending
                 status[0] = CLIENT_CLOSED
                 return
             if isinstance(body, tuple):     # refused before the body was whole: answer and close the connection
                 code, kind, message = body
-                return await _send_json(send_noting, code, _error_body(code, kind, message),
+                return await _send_json(send_noting, code, _error_body(code, kind, message, openai),
                                         [(b"connection", b"close")])
             try:
                 if not await self._run_watched(scope, receive, send_noting, body) and not started:
@@ -513,7 +540,8 @@ class _Front:
                 # uvicorn cancels what outlasts --graceful-timeout: say so in JSON (it would answer a bare 500)
                 await _send_json(send_noting, 503, _error_body(
                     503, "shutting_down", "the server shut down before this request was answered "
-                                          "(--graceful-timeout): send it again later"), [(b"connection", b"close")])
+                                          "(--graceful-timeout): send it again later", openai),
+                    [(b"connection", b"close")])
         finally:
             self.metrics.observe_request(endpoint, status[0], time.perf_counter() - start)
 
@@ -645,33 +673,37 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(_error_body(exc.status, exc.kind, exc.message, **exc.extra), exc.status)
+        openai = is_openai_path(request.url.path)
+        return JSONResponse(_error_body(exc.status, exc.kind, exc.message, openai, **exc.extra), exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return _validation_error(exc)
+        return _validation_error(exc, is_openai_path(request.url.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         """FastAPI's and Starlette's own errors ({"detail": ...}), in this server's shape."""
         code, path = exc.status_code, _short(request.url.path)
+        openai = is_openai_path(request.url.path)
         if code == 404:
-            return JSONResponse(_error_body(404, "not_found", f"no endpoint {path}; see /docs"), 404)
+            return JSONResponse(_error_body(404, "not_found", f"no endpoint {path}; see /docs", openai), 404)
         if code == 405:
             return JSONResponse(_error_body(405, "method_not_allowed",
-                                            f"{request.method} is not allowed on {path}; see /docs"), 405)
+                                            f"{request.method} is not allowed on {path}; see /docs", openai), 405)
         if code == 400 and exc.__cause__ is not None:   # the body did not parse: invalid UTF-8, a 5000-digit number
             why = str(exc.__cause__).split("; use sys.set_int_max_str_digits")[0]
-            return JSONResponse(_error_body(400, "invalid_json", f"the request body is not valid JSON: {why}"), 400)
+            return JSONResponse(_error_body(400, "invalid_json", f"the request body is not valid JSON: {why}",
+                                            openai), 400)
         try:
             kind = http.HTTPStatus(code).phrase.lower().replace(" ", "_")
         except ValueError:
             kind = "http_error"
-        return JSONResponse(_error_body(code, kind, str(exc.detail)), code, headers=exc.headers)
+        return JSONResponse(_error_body(code, kind, str(exc.detail), openai), code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
-        return JSONResponse(_error_body(500, "internal_error", f"{type(exc).__name__}: {exc}"), 500)
+        return JSONResponse(_error_body(500, "internal_error", f"{type(exc).__name__}: {exc}",
+                                        is_openai_path(request.url.path)), 500)
 
     def get(name: str) -> TunedContext:
         if name not in contexts:
@@ -813,6 +845,9 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
             reason = "length" if len(ids) == req.max_new_tokens else "eos"
         return {"context": req.context, "text": text, "tokens": len(ids), "finish_reason": reason}
 
+    from . import openai_api
+
+    openai_api.register(app, contexts, config, worker, ApiError, check_count, check_length)
     app.add_middleware(_Front, config=config, metrics=metrics, api_key=api_key, drain=drain)
     return app
 

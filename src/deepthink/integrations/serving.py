@@ -28,7 +28,7 @@ class ServeConfig:
     """Limits and batching of the server; every field is a `deepthink serve` flag (--max-body-bytes, ...)."""
 
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted (413 above)"})
-    max_queries: int = field(default=256, metadata={"help": "most queries (or rows) in one request (413 above)"})
+    max_queries: int = field(default=256, metadata={"help": "most queries (or rows, or OpenAI prompts) in one request (413 above)"})
     max_choices: int = field(default=64, metadata={"help": "most choices for one query (413 above)"})
     max_request_choices: int = field(default=1024, metadata={
         "help": "most query-choice pairs in one request, summed over its queries (413 above)"})
@@ -37,7 +37,8 @@ class ServeConfig:
                 "tokenising (413 above)"})
     max_query_tokens: int = field(default=512, metadata={
         "help": "most tokens in one query with its longest choice (413 above)"})
-    max_new_tokens: int = field(default=512, metadata={"help": "largest max_new_tokens a client may ask (422 above)"})
+    max_new_tokens: int = field(default=512, metadata={
+        "help": "largest max_new_tokens (OpenAI API: max_tokens) a client may ask (422 above; 400 on the OpenAI API)"})
     read_timeout: float = field(default=10.0, metadata={
         "help": "seconds a client has to send a request's headers, and again its body (closed, or 408, after)"})
     max_connections: int = field(default=256, metadata={
