@@ -23,7 +23,9 @@ from .tuning.config import TuningConfig
 from .tuning.gradient import GradientConfig
 
 METHODS = ("grad_kv", "forward")
-SELECTIONS = ("dev-acc", "loo", "last")
+SELECTIONS = ("dev-acc", "dev-mcnemar", "dev-bootstrap", "loo", "last")
+GUARDED = ("dev-mcnemar", "dev-bootstrap")   # T = 1 unless a T > 1 beats it on dev by a paired test at `level`
+DEV_RULES = ("dev-acc", *GUARDED)            # the rules that read dev items
 DEV_SIZE = 64         # the dev size the recommendation (benchmarks/results/ABLATIONS.md) was measured with
 
 
@@ -77,8 +79,9 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
     demonstration text), a Path (a file: .jsonl rows in the task's layout, any other file's text), a list of task
     items (tasks.Example), or token ids (forward tuning only). Gradient KV tuning needs each demonstration's query
     and answer: text is split on the blank line that ends each demonstration and read with the task's template.
-    Dev items (grad_kv, selection dev-acc): `dev` as given, else up to `dev_size` training rows of the task
-    that are not demonstrations, drawn as `deepthink eval` draws them.
+    Dev items (grad_kv, selection dev-acc, dev-mcnemar or dev-bootstrap): `dev` as given, else up to `dev_size`
+    training rows of the task that are not demonstrations, drawn as `deepthink eval` draws them. Without any,
+    dev-acc falls back to leave-one-out and the guarded rules keep T = 1 (plain ICL); both warn.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -95,7 +98,7 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
     if shots is not None and demonstrations is not None:
         raise ValueError("shots sets the size of a draw from the task's training data (--shots); it cannot be "
                          "combined with given demonstrations (--demos FILE)")
-    want_dev = grad and selection == "dev-acc" and dev_size > 0 and dev is None
+    want_dev = grad and selection in DEV_RULES and dev_size > 0 and dev is None
     out = Inputs(text="", task=task)
 
     if demonstrations is None:
@@ -162,7 +165,14 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
             why = "no task gives training rows"
     if dev is not None:
         out.dev = list(dev)
-    elif want_dev:
+    if grad and selection in GUARDED and not out.dev:
+        why = ("dev= is empty" if dev is not None else "--dev-size 0" if dev_size == 0
+               else f"{why}, {len(out.items or ())} demonstrations")
+        out.warnings.append(
+            f"no dev items ({why}): --selection {selection} keeps T = 1 (plain ICL) without them, so tuning "
+            f"changes nothing. Add labelled rows to the training data (--dev-size N draws N of them), or choose T "
+            "another way: --selection loo, or --selection last --steps T")
+    elif dev is None and want_dev:
         n = len(out.items or ())
         if not out.dev:
             out.warnings.append(
@@ -292,7 +302,9 @@ def _grad_kv(lm, inputs: Inputs, cfg, selection: str, step, say):
         rule = {"last": f"the cache after step {cfg.steps}",
                 "loo": f"T in 1..{cfg.steps} chosen by leave-one-out over the demonstrations",
                 "dev-acc": (f"T in 1..{cfg.steps} chosen on {len(dev)} dev items" if dev else
-                            f"T in 1..{cfg.steps} chosen by leave-one-out (no dev items)")}[selection]
+                            f"T in 1..{cfg.steps} chosen by leave-one-out (no dev items)"),
+                **{g: (f"T = 1 unless a T in 2..{cfg.steps} beats it on {len(dev)} dev items ({g}, level "
+                       f"{cfg.level:g})" if dev else "T = 1 (no dev items)") for g in GUARDED}}[selection]
         say(f"gradient KV tuning {len(items)} demonstrations, lr {cfg.lr:g}: {rule}")
     if selection == "last":
         tuner = GradientTuner(lm, inputs.text, items, options)
@@ -307,15 +319,54 @@ def _grad_kv(lm, inputs: Inputs, cfg, selection: str, step, say):
                   on_step=lambda info: step(info["step"], cfg.steps, info["loss"], info["dev_accuracy"]))
     prepared = GradKV(cfg).prepare(setup)
     info, best = prepared.info, prepared.scorer
-    curve = ([round(c["sum"], 4) for c in info["dev_curve"]] if info["selection_used"] == "dev-acc"
-             else [round(c["acc"], 4) for c in info["loo_curve"]])
+    used = info["selection_used"]
+    curve = ([round(c["acc"], 4) for c in info["loo_curve"]] if used == "loo"
+             else [round(c["sum"], 4) for c in info["dev_curve"]])
+    rule = selection if selection in GUARDED and used == "none" and len(items) > 1 else used   # no dev: T = 1
+    guard = ({"level": cfg.level, **_evidence(selection, info.get("selection_detail"))} if rule in GUARDED
+             else {})
     record = {"name": GradKV.name, "options": options.to_dict(),
-              "selection": {"rule": info["selection_used"], "chosen_steps": info["chosen_steps"],
+              "selection": {"rule": rule, "chosen_steps": info["chosen_steps"], **guard,
                             "dev_items": len(dev), "accuracy_curve": curve, "train_loss": info["train_loss"],
                             **({"note": info["note"]} if info.get("note") else {})}}
     return TunedContext(lm, best.keys, best.values, best.prefix_ids, config=None, demonstrations=inputs.text,
                         steps_done=info["chosen_steps"], history=best.history if best.method else [],
                         stopped=best.stopped, method=record)
+
+
+def _evidence(rule: str, detail: dict | None) -> dict:
+    """A guarded rule's tests against T = 1, as lists over T = 1..steps (T = 1 itself: 0, 0, null): dev items won
+    and lost, and the p-value of the sign test (dev-mcnemar) or the bootstrap lower bound of the dev accuracy gain
+    in points (dev-bootstrap; null where T won no more items than it lost); `passed`: the T that beat T = 1."""
+    if not detail:
+        return {}
+    stat = "p_value" if rule == "dev-mcnemar" else "gain_lower_bound"
+    tests = detail["tests"]
+    return {"passed": list(detail["passed"]), "wins": [0] + [t["wins"] for t in tests],
+            "losses": [0] + [t["losses"] for t in tests],
+            stat: [None] + [None if t["stat"] is None else round(t["stat"], 6) for t in tests]}
+
+
+def selection_summary(sel: dict) -> str:
+    """One line on how a guarded rule chose T, from the method record's "selection" (what `deepthink tune` prints):
+    "T = 1 kept: no T beat it on the 64 dev items at level 0.1 (best T = 9: +2 items, p = 0.25)"."""
+    rule, level, n, chosen = sel["rule"], sel["level"], sel["dev_items"], sel["chosen_steps"]
+    if not n or "wins" not in sel:
+        return f"T = 1 kept: {rule} needs dev items and had none (plain ICL)"
+    net = [w - l for w, l in zip(sel["wins"], sel["losses"])]
+
+    def why(t: int) -> str:
+        stat = (f"p = {sel['p_value'][t - 1]:.3g}" if "p_value" in sel else
+                "no lower bound" if sel["gain_lower_bound"][t - 1] is None else
+                f"lower bound {sel['gain_lower_bound'][t - 1]:+.3g} points")
+        return f"{net[t - 1]:+d} items, {stat}"
+
+    if chosen > 1:
+        return f"T = {chosen} chosen: it beat T = 1 on the {n} dev items at level {level:g} ({why(chosen)})"
+    best = max(range(2, len(net) + 1), key=lambda t: (net[t - 1], -t), default=None)
+    if best is None or net[best - 1] <= 0:
+        return f"T = 1 kept: no T got more of the {n} dev items right"
+    return f"T = 1 kept: no T beat it on the {n} dev items at level {level:g} (best T = {best}: {why(best)})"
 
 
 def tune(lm, demonstrations=None, config=None, *, method: str | None = None, task=None, seed: int = 0,
@@ -333,7 +384,9 @@ def tune(lm, demonstrations=None, config=None, *, method: str | None = None, tas
     demonstrations, task, seed, shots, dev, dev_size, data_dir: see `resolve` (a Task alone draws `shots` per
     label from its training data; dev items are the training rows left after the demonstrations).
     selection: grad_kv's rule for T: "dev-acc" (default; leave-one-out when there are no dev items, with a
-    warning), "loo", or "last" (the cache after config.steps). options: fields of the method's config
+    warning), "dev-mcnemar" or "dev-bootstrap" (T = 1, plain ICL, unless a T > 1 beats it on the dev items by a
+    paired test at `level`, an option: the sign test's p-value, or the bootstrap lower bound's quantile; default
+    0.1; T = 1 without dev items, with a warning), "loo", or "last" (the cache after config.steps). options: fields of the method's config
     (e.g. steps=8, lr=0.001) instead of `config`. progress: True prints a line per step to stderr; a callable
     gets {step, steps, loss, dev_accuracy, elapsed, eta} per step.
     """
@@ -350,6 +403,9 @@ def tune(lm, demonstrations=None, config=None, *, method: str | None = None, tas
         selection = config.selection if selection is None else selection
         if selection not in SELECTIONS:
             raise ValueError(f"unknown selection {selection!r}; valid: {', '.join(SELECTIONS)}")
+        if "level" in options and selection not in GUARDED:
+            raise ValueError(f"level is the threshold of the guarded rules ({', '.join(GUARDED)}); selection "
+                             f"{selection!r} has none: drop level, or choose one of them")
     inputs = resolve(demonstrations, task=task, method=method, seed=seed, shots=shots, dev=dev, dev_size=dev_size,
                      selection=selection, data_dir=data_dir)
     for w in inputs.warnings:

@@ -7,11 +7,10 @@ import warnings
 
 from ..tuning import TuningConfig
 from ..methods.gradient import GradKVConfig
-from ..api import DEV_SIZE, METHODS as TUNERS, SELECTIONS
+from ..api import DEV_SIZE, GUARDED, METHODS as TUNERS, SELECTIONS, selection_summary
 from .common import add_config_args, add_model_args, add_task_flags, config_from_args, flag, load_lm, task_from_args
 
-GRAD_ONLY = ("steps", "seed", "update", "selection", "level")   # flags shared with forward tuning or added here;
-# level belongs to the guarded selection rules, which tune does not offer yet (eval does: -o grad_kv.selection=...)
+GRAD_ONLY = ("steps", "seed", "update", "selection", "level")   # flags shared with forward tuning or added here
 
 TUNE_HELP = """Tune demonstrations once and save the context to --out (tune once, use anywhere).
 
@@ -30,7 +29,9 @@ cache with Adam on a leave-one-out objective (docs/gradient.md), lr 0.01, and ke
 1..--steps (1 = plain ICL) with the best accuracy on up to --dev-size dev items: the training rows left
 after the demonstrations (--selection dev-acc; ties to the smaller T). Without any it chooses by
 leave-one-out over the demonstrations (optimistic) and warns; --selection loo chooses that way on purpose,
---selection last keeps the cache after --steps. Context.json records the options, the rule and the T chosen
+--selection last keeps the cache after --steps. --selection dev-mcnemar / dev-bootstrap are guarded: T = 1
+(plain ICL) unless some T > 1 beats it on the same dev items by a paired test at --level (default 0.1);
+without dev items they keep T = 1 and warn. Context.json records the options, the rule and the T chosen
 under "method". Each step prints its loss, dev accuracy, elapsed time and ETA on stderr (--quiet: not).
 
 --method forward is the paper's forward tuning (Deep-Thinking) for --steps steps; it takes verbatim text
@@ -69,8 +70,14 @@ def register(sub) -> None:
     add_config_args(g, GradKVConfig, skip=GRAD_ONLY)
     g.add_argument("--selection", default="dev-acc", choices=SELECTIONS,
                    help="how T in 1..--steps is chosen: dev-acc (accuracy on --dev-size dev items; loo without "
-                        "any), loo (leave-one-out over the demonstrations, no dev items) or last (the cache after "
-                        "--steps) (default: dev-acc)")
+                        "any), dev-mcnemar / dev-bootstrap (T = 1 unless a T beats it on the dev items by a paired "
+                        "test at --level; T = 1 without any), loo (leave-one-out over the demonstrations, no dev "
+                        "items) or last (the cache after --steps) (default: dev-acc)")
+    g.add_argument("--level", type=float, default=None,
+                   help="threshold of the guarded rules, 0 < level < 1: with dev-mcnemar a T > 1 must beat T = 1 on "
+                        "the dev items with a one-sided sign-test p-value <= level; with dev-bootstrap the level "
+                        "quantile of its bootstrapped dev accuracy gain must be above 0. Smaller is stricter "
+                        f"(default: {GradKVConfig.level}; only with --selection {' or '.join(GUARDED)})")
     g.add_argument("--dev-size", dest="dev_size", type=int, default=DEV_SIZE,
                    help=f"dev items for --selection dev-acc, drawn from the task's training rows that are not "
                         f"demonstrations (default: {DEV_SIZE})")
@@ -95,14 +102,23 @@ def _configs(args):
                              "--method forward, or drop it")
         if args.dev_size < 0:
             raise ValueError(f"--dev-size must be an integer >= 0, got {args.dev_size}")
+        level = GradKVConfig.level
+        if args.level is not None:
+            if args.selection not in GUARDED:
+                raise ValueError(f"--level is the threshold of --selection {' or '.join(GUARDED)}; --selection "
+                                 f"{args.selection} has none: drop --level, or choose a guarded rule")
+            if not 0 < args.level < 1:
+                raise ValueError(f"--level must be between 0 and 1 (exclusive), e.g. 0.1, got {args.level:g}")
+            level = args.level
         grad = config_from_args(GradKVConfig, args, skip=("seed", "selection", "level"))
         # --selection last has no GradKVConfig counterpart: the method record says it (see run)
-        return config, dataclasses.replace(grad, seed=args.grad_seed,
+        return config, dataclasses.replace(grad, seed=args.grad_seed, level=level,
                                            selection="dev-acc" if args.selection == "last" else args.selection)
     changed = [flag(f.name) for f in dataclasses.fields(GradKVConfig)
                if f.name not in GRAD_ONLY and getattr(args, f.name) != f.default]
     changed += [name for name, set_ in (("--selection", args.selection != "dev-acc"),
-                                        ("--dev-size", args.dev_size != DEV_SIZE), ("--grad-seed", args.grad_seed != 0))
+                                        ("--dev-size", args.dev_size != DEV_SIZE), ("--grad-seed", args.grad_seed != 0),
+                                        ("--level", args.level is not None))
                 if set_]
     if changed:
         raise ValueError(f"{', '.join(changed)} set(s) gradient KV tuning, not --method forward: drop it")
@@ -147,11 +163,14 @@ def run(args) -> int:
     how = ""
     if grad is not None:
         sel, dev = ctx.method["selection"], inputs.dev
-        how = {"none": f" (grad KV: {sel.get('note')})",
-               "dev-acc": f" (grad KV, lr {grad.lr:g}: T chosen on {len(dev)} dev items)",
-               "loo": f" (grad KV, lr {grad.lr:g}: T chosen by leave-one-out over the demonstrations"
-                      f"{', no dev items' if args.selection == 'dev-acc' else ''})",
-               "last": f" (grad KV, lr {grad.lr:g}: the cache after --steps {grad.steps})"}[sel["rule"]]
+        if sel["rule"] in GUARDED:
+            how = f" (grad KV, lr {grad.lr:g}, {sel['rule']}: {selection_summary(sel)})"
+        else:
+            how = {"none": f" (grad KV: {sel.get('note')})",
+                   "dev-acc": f" (grad KV, lr {grad.lr:g}: T chosen on {len(dev)} dev items)",
+                   "loo": f" (grad KV, lr {grad.lr:g}: T chosen by leave-one-out over the demonstrations"
+                          f"{', no dev items' if args.selection == 'dev-acc' else ''})",
+                   "last": f" (grad KV, lr {grad.lr:g}: the cache after --steps {grad.steps})"}[sel["rule"]]
     print(f"saved {out}: {ctx.length} tokens of demonstrations, {ctx.steps_done} steps{how}, {len(ctx.keys)} "
           f"layers, {ctx.nbytes / 1e6:.2f} MB, model {lm.name}")
     return 0
