@@ -580,6 +580,8 @@ def test_method_records_are_checked(tmp_path):
             ("method.options.lr", [[[0.1]]], "method.options", "not an object of option names and plain values"),
             ("method.options.steps", "2", "method.options.steps", "not an integer in 1..1000000"),
             ("method.selection", {"rule": [[["deep"]]]}, "method.selection", "not an object of plain values"),
+            ("method.selection", {"rule": "dev-mcnemar", "level": 1.5}, "method.selection.level",
+             "not a number between 0 and 1"),
             ("steps_done", 3, "steps_done", "not an integer in 0..2 (method.options.steps is 2)")]:
         shutil.copytree(path, tmp_path / "bad", dirs_exist_ok=True)
         altered(tmp_path / "bad", field, value)

@@ -323,6 +323,9 @@ def _check_how(c: _Check, meta: dict) -> tuple[int, str]:
                     x is None or _is_number(x) for x in v)) for v in selection.values()):
             c.fail("method.selection", f"{show(selection)} is not an object of plain values and lists of numbers")
         c.text("method.selection.rule", selection.get("rule", ""), limit=100)
+        level = selection.get("level")        # the guarded rules' threshold (dev-mcnemar, dev-bootstrap)
+        if level is not None and not (_is_number(level) and 0 < level < 1):
+            c.fail("method.selection.level", f"{show(level)} is not a number between 0 and 1 (exclusive)")
         if "chosen_steps" in selection:
             c.int("method.selection.chosen_steps", selection["chosen_steps"], 0, cap)
             if selection["chosen_steps"] != meta["steps_done"]:
