@@ -153,7 +153,7 @@ def test_a_gradient_tuned_context_is_used_unchanged(tiny_model_dir, tasks, tmp_p
     assert got == approx(want, abs=1e-5)
 
 
-def test_method_arg_and_grad_kv_contexts(tiny_model_dir, tasks, task_dir, tmp_path, capsys):
+def test_method_arg_and_grad_kv_contexts(tiny_model_dir, tasks, task_dir, tmp_path, capsys, caplog):
     """method=grad_kv: a saved grad_kv context (context=DIR, checked against the record), or a demos file tuned here
     with a deepthink task's template, exactly as deepthink.tune tunes it; the harness's string args work too."""
     from pathlib import Path
@@ -178,6 +178,18 @@ def test_method_arg_and_grad_kv_contexts(tiny_model_dir, tasks, task_dir, tmp_pa
     lib = deepthink.tune(lm, Path(demos), task="sentiment-demo", steps=3, dev_size=4)
     assert here.explicit.steps_done == lib.steps_done and here.explicit.method == lib.method
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(here.explicit.keys, lib.keys))
+    # a guarded selection rule (issue 31), its level as the harness's string
+    here = DeepThinkLM(model=lm, method="grad_kv", demos=str(demos), task="sentiment-demo", steps="3", dev_size="4",
+                       selection="dev-mcnemar", level="0.2")
+    lib = deepthink.tune(lm, Path(demos), task="sentiment-demo", steps=3, dev_size=4, selection="dev-mcnemar",
+                         level=0.2)
+    sel = here.explicit.method["selection"]
+    assert sel["rule"] == "dev-mcnemar" and sel["level"] == 0.2 and sel["dev_items"] == 4
+    assert here.explicit.steps_done == lib.steps_done and here.explicit.method == lib.method
+    with caplog.at_level("WARNING"):
+        DeepThinkLM(model=lm, method="grad_kv", demos=str(demos), task="sentiment-demo", steps="2", dev_size="0",
+                    selection="dev-bootstrap")
+    assert "--selection dev-bootstrap keeps T = 1 (plain ICL)" in caplog.text
     # through the command line: the harness passes model args as strings
     assert main(["lm-eval", "--model_args", f"model={tiny_model_dir},method=grad_kv,context={tmp_path / 'g'}",
                  "--tasks", "tiny_mc", "--include_path", str(task_dir), "--limit", "2",

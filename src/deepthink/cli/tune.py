@@ -79,8 +79,8 @@ def register(sub) -> None:
                         "quantile of its bootstrapped dev accuracy gain must be above 0. Smaller is stricter "
                         f"(default: {GradKVConfig.level}; only with --selection {' or '.join(GUARDED)})")
     g.add_argument("--dev-size", dest="dev_size", type=int, default=DEV_SIZE,
-                   help=f"dev items for --selection dev-acc, drawn from the task's training rows that are not "
-                        f"demonstrations (default: {DEV_SIZE})")
+                   help=f"dev items for --selection dev-acc, dev-mcnemar and dev-bootstrap, drawn from the task's "
+                        f"training rows that are not demonstrations (default: {DEV_SIZE})")
     g.add_argument("--grad-seed", dest="grad_seed", type=int, default=0,
                    help="seed of the batch order of gradient KV tuning (default: 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the context to (must be new or empty)")

@@ -128,7 +128,8 @@ class DeepThinkLM(TemplateLM):
                                      "query and answer")
                 from deepthink import api
 
-                self._grad = (grad, api.resolve(Path(demos), task=task, method="grad_kv", dev_size=dev_size))
+                self._grad = (grad, api.resolve(Path(demos), task=task, method="grad_kv", dev_size=dev_size,
+                                                   selection=grad.selection))
                 demos = None
         else:
             defaults = TuningConfig()
