@@ -386,8 +386,8 @@ def tune(lm, demonstrations=None, config=None, *, method: str | None = None, tas
     selection: grad_kv's rule for T: "dev-acc" (default; leave-one-out when there are no dev items, with a
     warning), "dev-mcnemar" or "dev-bootstrap" (T = 1, plain ICL, unless a T > 1 beats it on the dev items by a
     paired test at `level`, an option: the sign test's p-value, or the bootstrap lower bound's quantile; default
-    0.1; T = 1 without dev items, with a warning), "loo", or "last" (the cache after config.steps). options: fields of the method's config
-    (e.g. steps=8, lr=0.001) instead of `config`. progress: True prints a line per step to stderr; a callable
+    0.1; T = 1 without dev items, with a warning), "loo", or "last" (the cache after config.steps).
+    options: fields of the method's config (e.g. steps=8, lr=0.001) instead of `config`. progress: True prints a line per step to stderr; a callable
     gets {step, steps, loss, dev_accuracy, elapsed, eta} per step.
     """
     if method is None:

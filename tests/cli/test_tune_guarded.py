@@ -2,7 +2,6 @@
 T = 1 (plain ICL) kept unless a T > 1 beats it on the dev items at --level; the evidence in context.json; the
 warning without dev items; --level's checks. dev-acc stays the default."""
 import json
-import warnings
 
 import pytest
 
