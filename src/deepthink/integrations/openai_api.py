@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..context import TunedContext
-from .serving import sampling_problem
+from .serving import samplable
 
 OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
 MAX_LOGPROBS = 20       # top alternatives per token (OpenAI allows 5 on completions and 20 on chat)
@@ -68,13 +68,7 @@ class _Body(BaseModel):
     stop: Union[str, list[str], None] = Field(None, description="cut the text before the first of these strings "
                                                                 "(at most 16, each non-empty)")
 
-    @field_validator("temperature", "top_p")
-    @classmethod
-    def _samplable(cls, v, info):
-        problem = sampling_problem(v, 1.0) if info.field_name == "temperature" else sampling_problem(0, v)
-        if problem:
-            raise ValueError(problem[1])
-        return v
+    _samplable = field_validator("temperature", "top_p")(samplable)
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod

@@ -56,7 +56,7 @@ from ..context import TunedContext
 from ..version import __version__
 from .openai_api import is_openai_path, openai_error
 from .serving import (API_KEY_ENV, NAME, ServeConfig, load_contexts, parse_context_specs,  # noqa: F401 (re-exported)
-                      sampling_problem, text_problem)
+                      samplable, text_problem)
 
 OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")   # no API key needed
 CLIENT_CLOSED = 499     # the status recorded in /metrics for a client that went away before its answer (nginx's)
@@ -184,13 +184,7 @@ class GenerateRequest(_Body):
                              "these strings (at most 16; generation itself ends at max_new_tokens or end-of-sequence)")
     stop_at_eos: bool = Field(True, description="end at the end-of-sequence token")
 
-    @field_validator("temperature", "top_p")
-    @classmethod
-    def _samplable(cls, v, info):
-        problem = sampling_problem(v, 1.0) if info.field_name == "temperature" else sampling_problem(0, v)
-        if problem:
-            raise ValueError(problem[1])
-        return v
+    _samplable = field_validator("temperature", "top_p")(samplable)
 
 
 class GenerateResponse(BaseModel):

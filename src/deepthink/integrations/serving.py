@@ -15,6 +15,15 @@ from ..io import text_problem  # noqa: F401  (re-exported: the server's and the 
 from ..models import REGISTRY, load_model
 
 API_KEY_ENV = "DEEPTHINK_API_KEY"
+
+
+def samplable(cls, v, info):
+    """Pydantic field validator for a request's `temperature` or `top_p` (the one sampling rule, context.py's),
+    shared by the server's own bodies and the OpenAI API's: `field_validator("temperature", "top_p")(samplable)`."""
+    problem = sampling_problem(v, 1.0) if info.field_name == "temperature" else sampling_problem(0, v)
+    if problem:
+        raise ValueError(problem[1])
+    return v
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
