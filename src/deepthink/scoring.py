@@ -264,16 +264,16 @@ def score_naive(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_i
     return Scores(logprob, n_tok)
 
 
-def _hidden_after(model, prefix: kv.Prefix, ids: torch.Tensor, shared: bool) -> torch.Tensor:
+def _hidden_after(model, prefix: kv.Prefix, ids: torch.Tensor) -> torch.Tensor:
     """The base model's last hidden states (B, T, D) of right-padded `ids` after the prefix: the prefix held once
-    for the batch (`shared`, kv.shared_forward), a copy per row, or no prefix at all."""
+    for the batch where the model supports it (kv.shared_forward), else a copy per row, or no prefix at all."""
     keys, values = prefix
-    if shared:
+    if not (keys and keys[0].shape[-2]):
+        return model.base_model(ids, use_cache=False).last_hidden_state
+    if kv.supports_shared_prefix(model):
         return kv.shared_forward(model, ids, prefix).last_hidden_state
-    if keys and keys[0].shape[-2]:
-        cache = kv.build_cache(model, keys, values, batch=ids.shape[0])
-        return model.base_model(ids, **kv.cache_kwarg(model.base_model, cache), use_cache=False).last_hidden_state
-    return model.base_model(ids, use_cache=False).last_hidden_state
+    cache = kv.build_cache(model, keys, values, batch=ids.shape[0])
+    return model.base_model(ids, **kv.cache_kwarg(model.base_model, cache), use_cache=False).last_hidden_state
 
 
 @torch.inference_mode()
@@ -286,7 +286,6 @@ def score_tokens(model, prefix: kv.Prefix, pairs: list[tuple[list[int], list[int
     the context sits right after the prefix. Rows are batched longest first and right-padded per batch; the LM
     head runs only at the continuation's positions.
     """
-    shared = bool(prefix[0]) and bool(prefix[0][0].shape[-2]) and kv.supports_shared_prefix(model)
     device = model.get_input_embeddings().weight.device
     out: list[tuple[float, bool] | None] = [None] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
@@ -294,7 +293,7 @@ def score_tokens(model, prefix: kv.Prefix, pairs: list[tuple[list[int], list[int
         batch = order[start:start + batch_size]
         rows = [pairs[i][0] + pairs[i][1][:-1] for i in batch]
         ids = _pad(rows, device)                                                         # (B, T)
-        hidden = _hidden_after(model, prefix, ids, shared)                                # (B, T, D)
+        hidden = _hidden_after(model, prefix, ids)                                       # (B, T, D)
         r = torch.cat([torch.full((len(pairs[i][1]),), b, device=device) for b, i in enumerate(batch)])
         c = torch.cat([torch.arange(len(pairs[i][0]) - 1, len(pairs[i][0]) + len(pairs[i][1]) - 1, device=device)
                        for i in batch])
@@ -321,14 +320,13 @@ def token_logprobs(model, prefix: kv.Prefix, seqs: list[list[int]], top_k: int =
     each position (the last one predicts the token after the sequence), "next": the log-probabilities (V,)
     after the whole sequence}.
     """
-    shared = bool(prefix[0]) and bool(prefix[0][0].shape[-2]) and kv.supports_shared_prefix(model)
     device = model.get_input_embeddings().weight.device
     out: list[dict | None] = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         ids = _pad([seqs[i] for i in batch], device)                                     # (B, T)
-        hidden = _hidden_after(model, prefix, ids, shared)                                # (B, T, D)
+        hidden = _hidden_after(model, prefix, ids)                                       # (B, T, D)
         for b, i in enumerate(batch):
             seq = seqs[i]
             logp = _head(model, hidden[b, :len(seq)])                                    # (T, V)
