@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..context import TunedContext
-from .serving import samplable
+from .serving import cut_at_stop, samplable, text_problem
 
 OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
 MAX_LOGPROBS = 20       # top alternatives per token (OpenAI allows 5 on completions and 20 on chat)
@@ -333,10 +333,8 @@ async def _prompt_ids(s: _Ctx, ctx: TunedContext, prompt, what: str = "") -> lis
     for i, p in texts:
         if not p:
             raise s.ApiError(400, "invalid_request", f"{what or f'prompt {i}'} is empty", param="prompt")
-        from .serving import text_problem
-
-        if text_problem(p):
-            raise s.ApiError(400, "invalid_request", f"{what or f'prompt {i}'}: {text_problem(p)}", param="prompt")
+        if problem := text_problem(p):
+            raise s.ApiError(400, "invalid_request", f"{what or f'prompt {i}'}: {problem}", param="prompt")
         await s.check_length(ctx, [p], [[""]])
         ids = await s.worker.tokenize(lambda text: tok(text, add_special_tokens=False).input_ids, p)
         if not ids:
@@ -403,12 +401,11 @@ def _finish(ctx: TunedContext, new: list, eos: bool, stops: list[str]):
     ids = [t for t, _, _ in new]
     if eos:
         ids = ids[:-1]
-    text = tok.decode(ids)
+    text, cut = cut_at_stop(tok.decode(ids), stops)
     pieces = _pieces(tok, ids)
-    cuts = [i for i in (text.find(x) for x in stops) if i >= 0]
     n_kept = len(ids)
-    if cuts:
-        text, reason = text[:min(cuts)], "stop"
+    if cut:
+        reason = "stop"
         n_kept, pos = 0, 0
         while n_kept < len(pieces) and pos < len(text):
             pos += len(pieces[n_kept])
@@ -416,7 +413,7 @@ def _finish(ctx: TunedContext, new: list, eos: bool, stops: list[str]):
     else:
         reason = "stop" if eos else "length"
     kept = [(p, lp, _alternatives(tok, top)) for p, (_, lp, top) in zip(pieces[:n_kept], new[:n_kept])]
-    if eos and not cuts:
+    if eos and not cut:
         t, lp, top = new[-1]
         kept.append((tok.decode([t], skip_special_tokens=False), lp, _alternatives(tok, top)))
     return text, reason, kept
@@ -497,10 +494,9 @@ def _stream(s: _Ctx, ctx: TunedContext, req, ids: list[int], max_tokens: int, ch
                 if t == eos_id:
                     continue
                 new.append(t)
-                text = tok.decode(new)
-                cuts = [i for i in (text.find(x) for x in stops) if i >= 0]
-                if cuts:
-                    text, reason = text[:min(cuts)], "stop"
+                text, cut = cut_at_stop(tok.decode(new), stops)
+                if cut:
+                    reason = "stop"
                 safe = len(text) if reason else len(text) - hold
                 if not reason and text.endswith("\ufffd"):
                     safe = min(safe, len(text) - 1)
@@ -516,13 +512,10 @@ def _stream(s: _Ctx, ctx: TunedContext, req, ids: list[int], max_tokens: int, ch
                 yield f"data: {json.dumps(openai_error(500, 'model_error', f'{type(e).__name__}: {e}'))}\n\n"
                 return
             if reason is None:
-                text = tok.decode(new)
-                cuts = [i for i in (text.find(x) for x in stops) if i >= 0]
-                if cuts:
-                    text, reason = text[:min(cuts)], "stop"
+                text, cut = cut_at_stop(tok.decode(new), stops)
                 if len(text) > sent:
                     yield chunk(text[sent:])
-                reason = reason or ("stop" if eos else "length")
+                reason = "stop" if cut or eos else "length"
             yield chunk(None, reason)
             if req.include_usage():
                 body = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",

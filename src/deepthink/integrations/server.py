@@ -56,7 +56,7 @@ from ..context import TunedContext
 from ..version import __version__
 from .openai_api import is_openai_path, openai_error
 from .serving import (API_KEY_ENV, NAME, ServeConfig, load_contexts, parse_context_specs,  # noqa: F401 (re-exported)
-                      samplable, text_problem)
+                      cut_at_stop, samplable, text_problem)
 
 OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")   # no API key needed
 CLIENT_CLOSED = 499     # the status recorded in /metrics for a client that went away before its answer (nginx's)
@@ -831,12 +831,8 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
         except asyncio.CancelledError:
             gone.set()
             raise
-        text = ctx.lm.tokenizer.decode(ids)
-        cuts = [i for i in (text.find(s) for s in req.stop) if i >= 0]
-        if cuts:
-            text, reason = text[:min(cuts)], "stop"
-        else:
-            reason = "length" if len(ids) == req.max_new_tokens else "eos"
+        text, cut = cut_at_stop(ctx.lm.tokenizer.decode(ids), req.stop)
+        reason = "stop" if cut else "length" if len(ids) == req.max_new_tokens else "eos"
         return {"context": req.context, "text": text, "tokens": len(ids), "finish_reason": reason}
 
     from . import openai_api

@@ -15,6 +15,7 @@ from ..io import text_problem  # noqa: F401  (re-exported: the server's and the 
 from ..models import REGISTRY, load_model
 
 API_KEY_ENV = "DEEPTHINK_API_KEY"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def samplable(cls, v, info):
@@ -24,7 +25,12 @@ def samplable(cls, v, info):
     if problem:
         raise ValueError(problem[1])
     return v
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def cut_at_stop(text: str, stops) -> tuple[str, bool]:
+    """`text` cut before the first occurrence of any of the stop strings, and whether one occurred."""
+    cuts = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
 
 
 _FLOATS = {"batch_wait_ms": 0.0, "graceful_timeout": 0.0, "read_timeout": None}     # name -> least value (None: > 0)
