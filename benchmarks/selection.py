@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import random
 import signal
 import sys
@@ -67,12 +66,11 @@ def ablation_unit(stage: str, model: str, task: str, seed: int) -> dict:
 def per_item(scores, gold: list[int]) -> dict:
     """Per item: right or not ("sum" prediction, as a 0/1 string), the gold choice's log softmax over the item's
     choices (summed log-probabilities) and its margin over the best other choice."""
+    from deepthink.methods.selection import gold_logps
+
     preds = scores.predictions()
-    logp, margin = [], []
-    for row, g in zip(scores.logprob, gold):
-        top = max(row)
-        logp.append(round(row[g] - (top + math.log(sum(math.exp(x - top) for x in row))), 5))
-        margin.append(round(row[g] - max(x for j, x in enumerate(row) if j != g), 5))
+    logp = [round(x, 5) for x in gold_logps(scores, gold)]
+    margin = [round(row[g] - max(x for j, x in enumerate(row) if j != g), 5) for row, g in zip(scores.logprob, gold)]
     return {"correct": "".join("1" if p == g else "0" for p, g in zip(preds, gold)), "gold_logp": logp,
             "margin": margin}
 
