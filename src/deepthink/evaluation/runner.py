@@ -75,8 +75,8 @@ def run_unit(lm, task, seed: int, cfg: EvalConfig, data_dir=None, progress: bool
             times[method.key] = round(time.perf_counter() - t, 3)
             bar.update(1)
             continue
-        if peak.result() is not None:
-            memory[method.key] = peak.result()
+        if (used := peak.result()) is not None:
+            memory[method.key] = used
         no_memory = no_memory or peak.unavailable
         if fresh:                     # items/s of this method's own scoring pass (a shared pass would read ~0 s)
             scoring[method.key] = {"items": len(shard), "seconds": round(t_score, 3)}
