@@ -159,6 +159,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return d
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server or launcher a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ctx_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A context `deepthink tune` saved on the tiny model (forward tuning, sentiment-demo, 2 steps), one per test
+    module: what the server tests serve. A module may define its own `ctx_dir` instead."""
+    from deepthink.cli import main
+
+    out = tmp_path_factory.mktemp("ctx") / "ctx"
+    assert main(["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--steps", "2",
+                 "--method", "forward", "--step-size", "0.1", "--out", str(out)]) == 0
+    return out
+
+
 # ---- independent re-implementations the tests compare against
 
 def plain_icl_scores(lm, demos, queries, choices):

@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -11,16 +10,10 @@ import psutil
 import pytest
 
 from deepthink.cli import main
-from conftest import assert_same_json, method_results
+from conftest import assert_same_json, free_port, method_results
 
 ARGS = ["--seeds", "0", "1", "--shots", "1", "--steps", "3", "--dev-size", "4", "--max-eval", "6", "--quiet",
         "--curve"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(model_dir, out, tasks, seeds=("0", "1"), log=None):

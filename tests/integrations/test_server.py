@@ -20,7 +20,7 @@ import deepthink  # noqa: E402
 from deepthink.cli import main  # noqa: E402
 from deepthink.integrations.server import RepeatFilter, ScoreRequest, ServeConfig, create_app  # noqa: E402
 from deepthink.infer import task_queries  # noqa: E402
-from conftest import CHOICES, DEMOS, MULTI, QUERIES, approx, tiny_lm  # noqa: E402
+from conftest import CHOICES, DEMOS, MULTI, QUERIES, approx, free_port, tiny_lm  # noqa: E402
 
 DEMO_TEST = Path(deepthink.__file__).parent / "demo_data" / "sentiment_test.jsonl"
 ROWS = [json.loads(line) for line in DEMO_TEST.read_text().splitlines()]
@@ -386,20 +386,6 @@ def test_serve_command_errors(capsys, tmp_path):
                        (["--context", "a=x", "--max-connections", "0"], "--max-connections must be a positive")]:
         assert main(["serve", *argv]) == 2
         assert says in capsys.readouterr().err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ctx_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "ctx"
-    assert main(["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--steps", "2",
-                 "--method", "forward", "--step-size", "0.1", "--out", str(out)]) == 0
-    return out
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -18,26 +18,11 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
-from deepthink.cli import main  # noqa: E402
-from conftest import CHOICES, QUERIES  # noqa: E402
+from conftest import CHOICES, QUERIES, free_port  # noqa: E402
 
 KEY = "k3y-from-a-file"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PARTIAL_HEADERS = b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"   # never finished
-
-
-@pytest.fixture(scope="module")
-def ctx_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("abuse") / "ctx"
-    assert main(["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--steps", "2",
-                 "--method", "forward", "--step-size", "0.1", "--out", str(out)]) == 0
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -2,7 +2,6 @@
 on a tiny random Llama: the official `openai` package, and lm-evaluation-harness's `local-completions` against
 the in-process adapter (`deepthink lm-eval`) with the same context."""
 import json
-import socket
 import textwrap
 import threading
 import time
@@ -15,8 +14,8 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 
 import deepthink  # noqa: E402
-from deepthink.cli import main  # noqa: E402
 from deepthink.integrations.server import ServeConfig, _guarded_protocol, create_app  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 KEY = "sk-test-key"
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -27,20 +26,6 @@ REVIEWS = [("a gorgeous, witty, seductive movie.", 1), ("the plot is nothing but
 
 
 @pytest.fixture(scope="module")
-def ctx_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("openai") / "ctx"
-    assert main(["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--steps", "2",
-                 "--method", "forward", "--step-size", "0.1", "--out", str(out)]) == 0
-    return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model_dir, ctx_dir):
     """A live uvicorn server (in a thread, with the server's own connection guards) serving the context twice:
     `sent` on a model given a chat template, `plain` on a second copy of the model without one."""
@@ -48,7 +33,7 @@ def server(tiny_model_dir, ctx_dir):
     chat_lm.tokenizer.chat_template = TEMPLATE
     contexts = {"sent": deepthink.TunedContext.load(ctx_dir, chat_lm),
                 "plain": deepthink.TunedContext.load(ctx_dir, plain_lm)}
-    port = _free_port()
+    port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_app(contexts, LIMITS, KEY), host="127.0.0.1", port=port,
                                        log_level="warning", http=_guarded_protocol(LIMITS)))
     thread = threading.Thread(target=uv.run, daemon=True)
