@@ -15,11 +15,11 @@
 #                 same_as_cpu    one `deepthink eval` of every kind of method on the CPU and on DEVICE
 #                 tune_cost      benchmarks/tune_cost.py on TUNE_SHAPE (default llama2-7b) in TUNE_DTYPE (bfloat16):
 #                                TUNE_TASK sst5, TUNE_SHOTS 8 per class, TUNE_DEV 8 dev items, TUNE_METHODS (default:
-#                                tune_cost.py's), TUNE_LIMIT 30 s per method
+#                                tune_cost.py's), TUNE_LIMIT 25 s per method
 #                 two_processes  with 2 or more GPUs, 1 against 2 processes
 #   DEVICE      the device under test (default cuda; DEVICE=cpu rehearses the script on a machine without a GPU)
 #   SAME_DEVICES  the devices same_as_cpu compares with the CPU (default: DEVICE)
-#   TIMEOUT_SPEED, TIMEOUT_SAME, TIMEOUT_TUNE, TIMEOUT_TWO  seconds each section may run (default 600, 150, 180,
+#   TIMEOUT_SPEED, TIMEOUT_SAME, TIMEOUT_TUNE, TIMEOUT_TWO  seconds each section may run (default 600, 150, 150,
 #               600): a section past it is killed and reported failed; tune_cost.json keeps the methods finished
 #   PEFT_DIR    a folder holding the peft package, added at the end of PYTHONPATH only when peft cannot be imported
 # A section that fails is reported and the next one runs; the exit status says whether any failed.
@@ -80,14 +80,19 @@ same_as_cpu() {
               --methods zero_shot icl icl_cc dt_fixed dt_dev grad_kv ct_kv lora lora_icl ia3 prefix prompt cpt
               -o grad_kv.steps=4 -o ct_kv.epochs=4 -o ct_kv.record_every=2 -o lora.steps=3 -o ia3.steps=3
               -o prefix.steps=3 -o prompt.steps=3 -o cpt.steps=3)
-  local devs=(cpu ${SAME_DEVICES:-$DEVICE}) i=0
+  # the runs at once (the CPU reference on the CPU cores while the GPU runs): the section lasts as long as the slowest
+  local devs=(cpu ${SAME_DEVICES:-$DEVICE}) pids=() i=0 failed=0
   for dev in "${devs[@]}"; do
-    local t0=$(date +%s.%N)
-    $PY -m deepthink eval "${args[@]}" --device "$dev" --out "$TMP/$i-$dev" >/dev/null \
-      || { echo "same_as_cpu: deepthink eval --device $dev failed"; return 1; }
-    awk -v d="$i-$dev" -v a=$t0 -v b=$(date +%s.%N) 'BEGIN {print d, b - a}' >> "$TMP/times"
+    ( t0=$(date +%s.%N)
+      $PY -m deepthink eval "${args[@]}" --device "$dev" --out "$TMP/$i-$dev" >"$TMP/$i-$dev.log" 2>&1 \
+        || { echo "same_as_cpu: deepthink eval --device $dev failed:"; tail -n 20 "$TMP/$i-$dev.log"; exit 1; }
+      awk -v d="$i-$dev" -v a=$t0 -v b=$(date +%s.%N) 'BEGIN {print d, b - a}' > "$TMP/$i.time" ) &
+    pids+=($!)
     i=$((i + 1))
   done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  [ $failed -eq 0 ] || return 1
+  cat "$TMP"/[0-9]*.time > "$TMP/times"
   $PY - "$TMP" "$OUT/same_as_cpu.json" "${args[*]}" <<'PY'
 import json, sys
 from pathlib import Path
@@ -155,7 +160,7 @@ tune_cost() {
   local methods=(${TUNE_METHODS:-})
   $PY benchmarks/tune_cost.py --model "$MODEL" --random-init "${TUNE_SHAPE:-llama2-7b}" --device "$DEVICE" \
     --dtype "${TUNE_DTYPE:-bfloat16}" --task "${TUNE_TASK:-sst5}" --shots "${TUNE_SHOTS:-8}" \
-    --dev-size "${TUNE_DEV:-8}" --time-limit "${TUNE_LIMIT:-30}" ${methods[@]+--methods "${methods[@]}"} --out "$OUT"
+    --dev-size "${TUNE_DEV:-8}" --time-limit "${TUNE_LIMIT:-25}" ${methods[@]+--methods "${methods[@]}"} --out "$OUT"
 }
 
 # 4. with 2 or more GPUs: the same evaluation on 1 and on 2 processes (a larger random Llama)
@@ -197,7 +202,7 @@ for section in "${SECTIONS[@]}"; do
   case $section in
     speed) limit=${TIMEOUT_SPEED:-600} ;;
     same_as_cpu) limit=${TIMEOUT_SAME:-150} ;;
-    tune_cost) limit=${TIMEOUT_TUNE:-180} ;;
+    tune_cost) limit=${TIMEOUT_TUNE:-150} ;;
     two_processes)
       limit=${TIMEOUT_TWO:-600}
       if [ "$NGPU" -lt 2 ]; then echo "one GPU: no 2-process run"; continue; fi ;;
