@@ -343,7 +343,9 @@ def main(argv=None) -> dict:
         machine["peft"] = peft.__version__
     except ImportError:
         pass
-    key = " / ".join([lm.name if args.random_init else args.model or lm.name, args.device, args.dtype, args.random_init or "weights"])
+    # one entry per model, device, dtype and draw size: a run at other shots sits beside it instead of replacing it
+    key = " / ".join([lm.name if args.random_init else args.model or lm.name, args.device, args.dtype,
+                      f"{args.task} {args.shots} per class"])
     entry = {"model": lm.name, "device": args.device, "dtype": args.dtype, "shape": args.random_init,
              "command": "python benchmarks/tune_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
              "task": args.task, "shots": args.shots, "demos": len(plan.demos), "demo_tokens": demo_tokens,

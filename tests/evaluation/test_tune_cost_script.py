@@ -35,6 +35,13 @@ def test_a_row_per_method_with_its_cost(tmp_path, capsys):
     _run(tmp_path, capsys, "--methods", "grad_kv")
     (entry,) = json.loads((tmp_path / "tune_cost.json").read_text()).values()
     assert list(entry["methods"]) == ["grad_kv", "ct_kv", "lora"]
+    # another draw size sits beside it (the GPU record holds 4 and 8 per class of one shape)
+    tc = load_benchmark("tune_cost")
+    tc.main(["--threads", "1", "--shots", "2", "--dev-size", "2", "--steps", "3", "--methods", "grad_kv",
+             "--out", str(tmp_path)])
+    stored = json.loads((tmp_path / "tune_cost.json").read_text())
+    assert sorted(e["shots"] for e in stored.values()) == [1, 2]
+    assert list(stored[next(k for k in stored if k.endswith("1 per class"))]["methods"]) == ["grad_kv", "ct_kv", "lora"]
 
 
 def test_a_failing_method_is_reported_and_the_next_runs(tmp_path, capsys, monkeypatch):
