@@ -513,7 +513,8 @@ def cost_section(units: list[dict], keys: list[str]) -> list[str]:
              "bound) in brackets. Artifact: what `deepthink tune` would save, the peft adapter's trainable tensors "
              "against a cache method's keys/values. Cache read: the keys/values the scorer puts before each query. "
              "Items/s: the method's own eval scoring pass (methods whose eval scores another method already computed "
-             "claim none).", "",
+             "claim none). The same methods' tuning cost on a GPU, at a Llama-2-7B shape with random weights: "
+             "benchmarks/results/gpu/README.md (benchmarks/tune_cost.py).", "",
              "| model | method | tuning s | peak RSS MB (start) | artifact | cache read | scoring items/s |",
              "|---|---|---|---|---|---|---|"]
     for model in sorted({u["model"] for u in units}):
