@@ -15,7 +15,8 @@
 #                 same_as_cpu    one `deepthink eval` of every kind of method on the CPU and on DEVICE
 #                 tune_cost      benchmarks/tune_cost.py on TUNE_SHAPE (default llama2-7b) in TUNE_DTYPE (bfloat16):
 #                                TUNE_TASK sst5, TUNE_SHOTS 8 per class, TUNE_DEV 8 dev items, TUNE_METHODS (default:
-#                                tune_cost.py's), TUNE_LIMIT 25 s per method
+#                                tune_cost.py's), TUNE_LIMIT 25 s per method, TUNE_ARGS more of its arguments
+#                                (e.g. "-o grad_kv@ckpt.checkpointing=true")
 #                 two_processes  with 2 or more GPUs, 1 against 2 processes
 #   DEVICE      the device under test (default cuda; DEVICE=cpu rehearses the script on a machine without a GPU)
 #   SAME_DEVICES  the devices same_as_cpu compares with the CPU (default: DEVICE)
@@ -160,7 +161,8 @@ tune_cost() {
   local methods=(${TUNE_METHODS:-})
   $PY benchmarks/tune_cost.py --model "$MODEL" --random-init "${TUNE_SHAPE:-llama2-7b}" --device "$DEVICE" \
     --dtype "${TUNE_DTYPE:-bfloat16}" --task "${TUNE_TASK:-sst5}" --shots "${TUNE_SHOTS:-8}" \
-    --dev-size "${TUNE_DEV:-8}" --time-limit "${TUNE_LIMIT:-25}" ${methods[@]+--methods "${methods[@]}"} --out "$OUT"
+    --dev-size "${TUNE_DEV:-8}" --time-limit "${TUNE_LIMIT:-25}" ${methods[@]+--methods "${methods[@]}"} --out "$OUT" \
+    ${TUNE_ARGS:-}
 }
 
 # 4. with 2 or more GPUs: the same evaluation on 1 and on 2 processes (a larger random Llama)

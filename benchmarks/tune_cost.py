@@ -96,7 +96,7 @@ def options(name: str, args, warm: bool = False) -> dict:
     want = {"steps": 2 if warm else args.steps, "epochs": 1 if warm else args.epochs}
     if warm and family(name) == "peft":
         want["steps"] = 1
-    return {k: v for k, v in want.items() if k in have}
+    return {k: v for k, v in want.items() if k in have} | args.options.get(name, {})
 
 
 def sync(device: str) -> None:
@@ -298,6 +298,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=15, help="grad_kv's T and the peft methods' steps (default %(default)s)")
     p.add_argument("--epochs", type=int, default=200, help="ct_kv's E (default %(default)s)")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
+                   help="one option of one method in --methods, as `deepthink eval -o` takes it (repeatable); "
+                        "NAME@VARIANT in --methods times NAME with its own options, e.g. --methods grad_kv "
+                        "grad_kv@ckpt -o grad_kv@ckpt.checkpointing=true")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="stop a method at its first update or scoring pass after S seconds (default: none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: physical cores)")
@@ -317,6 +321,27 @@ def parse_args(argv=None):
             get_method(m)
     except Exception as e:   # noqa: BLE001 - the registries' messages list the valid names
         p.error(str(e))
+    from deepthink.cli.common import parse_value
+
+    args.options = {}
+    for text in args.option:
+        key, sep, value = text.partition("=")
+        name, dot, option = key.strip().rpartition(".")
+        if not (sep and dot and name and option):
+            p.error(f"-o {text!r}: write METHOD.OPTION=VALUE, e.g. grad_kv.checkpointing=true")
+        if name not in args.methods:
+            p.error(f"-o {text!r}: {name!r} is not in --methods ({' '.join(args.methods)})")
+        try:
+            args.options.setdefault(name, {})[option] = parse_value(get_method(name).Config, option, value.strip())
+        except (TypeError, ValueError) as e:
+            p.error(f"-o {text!r}: {e}")
+    from deepthink.methods import make_method
+
+    for name, opts in args.options.items():
+        try:
+            make_method(name, opts)
+        except ValueError as e:
+            p.error(str(e))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch sees no CUDA device here")
     return args

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import load_benchmark
 
 
@@ -78,4 +80,22 @@ def test_bad_options_are_refused_with_one_line(tmp_path, capsys):
                        (["--steps", "0"], "must be >= 1"), (["--task", "nope"], "nope")):
         with pytest.raises(SystemExit) as e:
             tc.main([*argv, "--out", str(tmp_path)])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_options_per_method_and_variant(tmp_path, capsys):
+    summary, out, stored = _run(tmp_path, capsys, "--methods", "grad_kv", "grad_kv@ckpt",
+                                "-o", "grad_kv@ckpt.checkpointing=true")
+    (entry,) = stored.values()
+    assert entry["methods"]["grad_kv@ckpt"]["options"] == {"steps": 3, "checkpointing": True}
+    assert entry["methods"]["grad_kv"]["options"] == {"steps": 3}
+    assert all(r["status"] == "ok" for r in entry["methods"].values())
+
+
+def test_bad_option_is_refused(tmp_path, capsys):
+    tc = load_benchmark("tune_cost")
+    for bad, says in ((["-o", "grad_kv.nonsense=1"], "nonsense"), (["-o", "lora.steps=2"], "not in --methods"),
+                      (["-o", "grad_kv"], "METHOD.OPTION=VALUE")):
+        with pytest.raises(SystemExit) as e:
+            tc.main(["--methods", "grad_kv", "--out", str(tmp_path), *bad])
         assert e.value.code == 2 and says in capsys.readouterr().err
