@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
+import field  # noqa: E402  (the artifact reading and its byte format, as FIELD.md shows them)
 import speed  # noqa: E402  (the --random-init shapes, dtypes and loader; the machine record)
 
 DEFAULT_METHODS = ["grad_kv", "ct_kv", "lora", "lora_icl", "ia3", "prefix", "prompt", "cpt"]
@@ -150,8 +151,6 @@ class Clock:
 
 def artifact_bytes(key: str, prepared) -> int | None:
     """benchmarks/field.py's reading of a unit, on this one method: a peft adapter's bytes, else the cache's."""
-    import field
-
     from deepthink.evaluation.cost import cache_bytes
 
     size = cache_bytes(prepared.scorer)
@@ -225,15 +224,6 @@ def warm_up(lm, plan, key: str, args) -> str | None:
 
 # --- table --------------------------------------------------------------------------------------------------------
 
-def _bytes(x) -> str:
-    if x is None:
-        return "–"
-    for unit, size in (("GB", 2 ** 30), ("MB", 2 ** 20), ("kB", 2 ** 10)):
-        if x >= size:
-            return f"{x / size:.1f} {unit}"
-    return f"{x} B"
-
-
 def seconds_cell(row: dict, limit) -> str:
     if row["status"] == "over time":
         return f"> {limit:g} s ({row['updates']} updates done)"
@@ -250,7 +240,7 @@ def line(key: str, row: dict, limit) -> str:
     done = (f"{seconds_cell(row, limit)}" if row["status"] == "over time"
             else f"{row['seconds']:.2f} s, {row['updates']} updates")
     return (f"{key}: {done}" + ("" if pu is None else f", {1000 * pu:.1f} ms/update") + f", {peak}, artifact "
-            + _bytes(row.get("artifact_bytes")))
+            + field._bytes(row.get("artifact_bytes")))
 
 
 def markdown(entries: dict) -> str:
@@ -274,7 +264,7 @@ def markdown(entries: dict) -> str:
             m, pu = r["memory"], r.get("s_per_update")
             mem = f"{m['peak_mb']:,.0f} (+{m['growth_mb']:,.0f})" if m.get("peak_mb") is not None else "–"
             out.append(f"| {k} | {opts} | {seconds_cell(r, e['time_limit'])} | {r['updates']} | "
-                       f"{'–' if pu is None else f'{pu:.4f}'} | {mem} | {_bytes(r.get('artifact_bytes'))} |")
+                       f"{'–' if pu is None else f'{pu:.4f}'} | {mem} | {field._bytes(r.get('artifact_bytes'))} |")
         out.append("")
     return "\n".join(out)
 
