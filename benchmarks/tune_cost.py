@@ -25,9 +25,9 @@ updates, so that first-call costs (lazy imports, allocator, kernels) are not cou
 --time-limit N stops a method at its first update or scoring pass after N seconds: "> N s (k updates done)", with
 s/update from the updates done. A method that raises is reported as "fails: <reason>" and the next one runs.
 
-Results go to <out>/tune_cost.json (one entry per model, device, dtype and --random-init shape; a run with the same
-settings as the stored entry replaces its methods' rows, other settings replace the entry; the file is written after
-every method, so a killed run keeps what finished) and <out>/tune_cost.md (regenerated from all entries). One line
+Results go to <out>/tune_cost.json (one entry per model, device, dtype, task and shots per class; a run with the
+same settings as the stored entry replaces its methods' rows, other settings replace the entry; the file is written
+after every method, so a killed run keeps what finished) and <out>/tune_cost.md (regenerated from all entries). One line
 is printed per method, and last one JSON object: {key, methods: {method: {status, seconds, updates, ...}}}.
 """
 from __future__ import annotations
@@ -302,36 +302,21 @@ def parse_args(argv=None):
         p.error("--shots, --steps and --epochs must be >= 1, --dev-size >= 0")
     if args.time_limit is not None and args.time_limit <= 0:
         p.error(f"--time-limit {args.time_limit:g}: must be > 0 seconds")
-    from deepthink.methods import get_method
+    from deepthink.cli.common import parse_method_option
+    from deepthink.methods import get_method, make_method
     from deepthink.tasks import get_task
 
+    args.options = {}
     try:
         get_task(args.task)
-        for m in args.methods:
-            get_method(m)
-    except Exception as e:   # noqa: BLE001 - the registries' messages list the valid names
-        p.error(str(e))
-    from deepthink.cli.common import parse_value
-
-    args.options = {}
-    for text in args.option:
-        key, sep, value = text.partition("=")
-        name, dot, option = key.strip().rpartition(".")
-        if not (sep and dot and name and option):
-            p.error(f"-o {text!r}: write METHOD.OPTION=VALUE, e.g. grad_kv.checkpointing=true")
-        if name not in args.methods:
-            p.error(f"-o {text!r}: {name!r} is not in --methods ({' '.join(args.methods)})")
-        try:
-            args.options.setdefault(name, {})[option] = parse_value(get_method(name).Config, option, value.strip())
-        except (TypeError, ValueError) as e:
-            p.error(f"-o {text!r}: {e}")
-    from deepthink.methods import make_method
-
-    for name, opts in args.options.items():
-        try:
+        classes = {m: get_method(m) for m in args.methods}
+        for text in args.option:
+            name, option, value = parse_method_option(text, classes)
+            args.options.setdefault(name, {})[option] = value
+        for name, opts in args.options.items():
             make_method(name, opts)
-        except ValueError as e:
-            p.error(str(e))
+    except Exception as e:   # noqa: BLE001 - the registries' and parsers' messages say what is valid
+        p.error(str(e))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch sees no CUDA device here")
     return args

@@ -94,7 +94,7 @@ def test_options_per_method_and_variant(tmp_path, capsys):
 
 def test_bad_option_is_refused(tmp_path, capsys):
     tc = load_benchmark("tune_cost")
-    for bad, says in ((["-o", "grad_kv.nonsense=1"], "nonsense"), (["-o", "lora.steps=2"], "not in --methods"),
+    for bad, says in ((["-o", "grad_kv.nonsense=1"], "nonsense"), (["-o", "lora.steps=2"], "not among --methods"),
                       (["-o", "grad_kv"], "METHOD.OPTION=VALUE")):
         with pytest.raises(SystemExit) as e:
             tc.main(["--methods", "grad_kv", "--out", str(tmp_path), *bad])

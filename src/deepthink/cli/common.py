@@ -94,6 +94,19 @@ def parse_value(cls, name: str, text: str):
     return value
 
 
+def parse_method_option(text: str, classes: dict) -> tuple[str, str, object]:
+    """One `-o METHOD.OPTION=VALUE` -> (method, option, value read for the method's config); `classes` maps the
+    selected method keys (NAME or NAME@VARIANT) to their classes. A malformed text or a method not selected raises
+    a ValueError saying what to write; an unknown option is left to make_method, which lists the valid ones."""
+    key, sep, value = text.partition("=")
+    name, dot, option = key.strip().rpartition(".")
+    if not (sep and dot and name and option):
+        raise ValueError(f"-o {text!r}: write METHOD.OPTION=VALUE, e.g. -o dt_dev.steps=10")
+    if name not in classes:
+        raise ValueError(f"-o {text!r}: method {name!r} is not among --methods ({' '.join(classes)})")
+    return name, option, parse_value(classes[name].Config, option, value.strip())
+
+
 def add_context_args(p: argparse.ArgumentParser) -> None:
     """--context DIR and the model flags, defaulting to what the context records."""
     p.add_argument("--context", required=True, metavar="DIR", help="a folder written by `deepthink tune --out`")

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_model_args, add_task_flags, parse_value, task_from_args
+from .common import add_model_args, add_task_flags, parse_method_option, task_from_args
 
 DESCRIPTION = """Compare methods (`deepthink methods` lists them) on tasks x seeds, honestly.
 
@@ -102,13 +102,8 @@ def method_options(args) -> dict:
             if name in classes and option in {f for f in classes[name].Config.__dataclass_fields__}:
                 options[name][option] = value
     for text in args.option:
-        key, sep, value = text.partition("=")
-        name, dot, option = key.strip().rpartition(".")
-        if not (sep and dot and name and option):
-            raise ValueError(f"-o {text!r}: write METHOD.OPTION=VALUE, e.g. -o dt_dev.steps=10")
-        if name not in options:
-            raise ValueError(f"-o {text!r}: method {name!r} is not among --methods ({' '.join(names)})")
-        options[name][option] = parse_value(classes[name].Config, option, value.strip())
+        name, option, value = parse_method_option(text, classes)
+        options[name][option] = value
     return options
 
 
