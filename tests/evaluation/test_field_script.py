@@ -305,3 +305,22 @@ def test_a_method_run_on_one_seed_is_held_against_icl_on_that_seed(tmp_path, mon
     units = fd.confirm_units() + fd.large_units()
     row = {r["method"]: r for r in fd.judge(units)}["one_seed"]
     assert row["worst"][0] == pytest.approx(-0.5)                    # 49.5 against seed 3's 50.0, not against 70.0
+
+
+def test_the_rule_reads_only_the_confirmation_seeds_every_candidate_ran_on(tmp_path, monkeypatch):
+    """grad KV's units of seeds 4 and 5 exist beside seed 3, but every candidate is judged on seed 3 alone."""
+    import copy
+    fd, units, rows = _judged(tmp_path, monkeypatch, {"grad_kv@lr01": {m: (130, 120) for m in ALL},
+                                                      "a": {m: (125, 125) for m in ALL}})
+    extra = []
+    for u in units:
+        if u["model"] in fd.SMALL:
+            twin = copy.deepcopy(u)
+            twin["seed"] = 4                    # were it read, grad KV's intervals would narrow (twice the items)
+            extra.append(twin)
+    assert fd.judged(units + extra) == units
+    again = {r["method"]: r for r in fd.judge(units + extra)}
+    for k in rows:
+        assert {m: (iv.low, iv.high) for m, iv in again[k]["ivs"].items() if iv} == \
+            {m: (iv.low, iv.high) for m, iv in rows[k]["ivs"].items() if iv}
+    assert fd.recommend(units + extra) == fd.recommend(units)
