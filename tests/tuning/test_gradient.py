@@ -340,3 +340,15 @@ def test_artifacts_record_micro_batch_and_old_ones_still_load(tmp_path):
     back = TunedContext.load(tmp_path / "old", lm)
     assert "micro_batch" not in back.method["options"]
     assert GradientConfig.from_dict(back.method["options"]).micro_batch == 0
+
+
+@pytest.mark.parametrize("micro_batch", [0, 1, 2])
+def test_a_diverging_update_stops_at_the_last_finite_step(micro_batch):
+    """lr 1e30: the cache after one update is finite but the next objective is not; tuning keeps step 2, warns
+    and says why, with or without micro-batches (a non-finite part stops the accumulation: no step is taken)."""
+    t = tuner(steps=4, lr=1e30, micro_batch=micro_batch)
+    with pytest.warns(RuntimeWarning, match="non-finite objective or cache at step 3; kept step 2"):
+        contexts = list(t)
+    assert len(t.history) == 2 and t.stopped and contexts[-1].steps_done == 2
+    assert all(bool(torch.isfinite(x).all()) for x in contexts[-1].keys + contexts[-1].values)
+    assert all(torch.equal(a, b) for a, b in zip(contexts[-1].keys, contexts[1].keys))
