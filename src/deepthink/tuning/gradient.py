@@ -608,13 +608,13 @@ class GradientTuner:
         for a in range(0, len(rows), m):
             lp = self.logprobs(rows[a:a + m], dropped=None if dropped is None else dropped[a:a + m])   # (<= m,)
             part = -lp.sum() / denominator
-            total = total + part.detach().float()
+            total = total + part.detach().double()          # the sum in float64 whatever the model's dtype
             if not torch.isfinite(part):
                 return total
             part.backward()                                # frees this part's graph: the peak is one part's
         pull = self._pull(self.keys, self.values)
         if pull is not None:
-            total = total + pull.detach().float()
+            total = total + pull.detach().double()
             if torch.isfinite(pull):
                 pull.backward()
         return total
