@@ -99,6 +99,17 @@ def tiny_lm(arch: str, seed: int = 0, **overrides) -> deepthink.LM:
     return deepthink.wrap_model(model, tiny_tokenizer(arch in BOS), name=f"tiny-{arch}")
 
 
+@functools.cache
+def tiny_lm64(arch: str) -> deepthink.LM:
+    """tiny_lm(arch) in float64: for properties that hold exactly in arithmetic but that Adam magnifies in float32
+    (it divides each gradient element by its own size, so one rounding of a nearly cancelled element moves that
+    element by a fraction of lr)."""
+    import copy
+
+    lm = tiny_lm(arch)
+    return deepthink.wrap_model(copy.deepcopy(lm.model).double(), lm.tokenizer, name=f"{lm.name}-float64")
+
+
 @pytest.fixture(params=ARCHS)
 def lm(request) -> deepthink.LM:
     return tiny_lm(request.param)

@@ -341,3 +341,27 @@ def test_progress_moves_with_every_tuning_step_not_only_every_method(monkeypatch
         f"dt_fixed (2/3): forward step {t}" for t in range(1, 4)]
     assert [p for p in bar.postfixes if "gradient step" in p] == [f"grad_kv (3/3): gradient step {t}"
                                                                   for t in range(1, 5)]
+
+
+def test_units_resume_across_memory_knobs_but_not_across_results(tmp_path):
+    """grad_kv's micro_batch changes memory, not results: a unit made with it counts as finished for a run without
+    it (and one made before the option existed, whose saved options lack it, too); lr still refuses to mix."""
+    from conftest import SHARED_DATA, tiny_lm
+
+    lm = tiny_lm("llama")
+    grad = {"steps": 2, "selection": "loo", "micro_batch": 1}
+    cfg = EvalConfig(shots=1, dev_size=0, max_eval=3, methods={"icl": {}, "grad_kv": grad})
+    runner.run([lm.name], ["sst2"], [0], cfg, tmp_path, data_dir=SHARED_DATA, progress=False, log=lambda *a: None,
+               lm_cache={(lm.name, "cpu", "float32", None): lm}, write=False)
+    (path,) = (tmp_path / "units").glob("*.json")
+    assert json.loads(path.read_text())["config"]["methods"]["grad_kv"]["micro_batch"] == 1
+    for m in (0, 4):
+        assert runner.finished(tmp_path, lm.name, "sst2", 0, EvalConfig(**{**cfg.to_dict(), "methods": {
+            "icl": {}, "grad_kv": {**grad, "micro_batch": m}}}))
+    unit = json.loads(path.read_text())
+    del unit["config"]["methods"]["grad_kv"]["micro_batch"]             # saved before the option existed
+    path.write_text(json.dumps(unit))
+    assert runner.finished(tmp_path, lm.name, "sst2", 0, cfg)
+    with pytest.raises(ValueError, match="other settings.*grad_kv"):
+        runner.finished(tmp_path, lm.name, "sst2", 0, EvalConfig(**{**cfg.to_dict(), "methods": {
+            "icl": {}, "grad_kv": {**grad, "lr": 0.5}}}))

@@ -13,7 +13,7 @@ from deepthink.methods import METHODS, Setup, make_method
 from deepthink.tasks import Example
 from deepthink.tuning import gradient
 from deepthink.tuning.gradient import GradientConfig, GradientTuner, _allowed
-from conftest import CHOICES, QUERIES, approx, tiny_lm
+from conftest import CHOICES, QUERIES, approx, tiny_lm, tiny_lm64
 
 ITEMS = [Example("Review: a gorgeous, witty, seductive movie.\nSentiment:", tuple(CHOICES), 1, 0, "train"),
          Example("Review: the plot is nothing but boilerplate clichés.\nSentiment:", tuple(CHOICES), 0, 1, "train"),
@@ -202,6 +202,27 @@ def test_ct_kv_records_dev_every_k_epochs_and_answers_with_the_last():
     assert nodev.info["selection_used"] == "last" and nodev.info["chosen_epoch"] == 3 and nodev.info["dev_record"] == []
 
 
+def test_micro_batches_run_the_same_recipe():
+    """ct_kv, the memory-hungriest method: its rows one or two at a time give the same epochs (token loss over the
+    whole batch, dropout drawn for the whole batch, clipping on the accumulated gradient). In float64: Adam
+    magnifies float32 rounding (tests/tuning/test_gradient.py checks the float32 gradient)."""
+    with pytest.raises(ValueError, match=r"method 'ct_kv'.*CTKVConfig\.micro_batch=-1: must be >= 0"):
+        make_method("ct_kv", {"micro_batch": -1})
+    assert make_method("ct_kv", {"micro_batch": 2}).config.gradient_config().micro_batch == 2
+    recipe = {"epochs": 4, "lr": 0.05, "clip": 0.01, "token_dropout": 0.3}
+    runs = {m: make_method("ct_kv", {**recipe, "micro_batch": m}).prepare(Setup(tiny_lm64("llama"), TEXT, (),
+                                                                                demos=ITEMS)) for m in (0, 1, 2)}
+    full = runs[0].info
+    assert full["clipped"] == 4                                   # every epoch clipped at 0.01
+    for m in (1, 2):
+        info, ctx = runs[m].info, runs[m].scorer
+        assert info["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+        assert info["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5) and info["clipped"] == full["clipped"]
+        assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(
+            ctx.keys + ctx.values, runs[0].scorer.keys + runs[0].scorer.values))
+        assert ctx.method["options"]["micro_batch"] == m
+
+
 def test_one_demonstration_is_plain_icl_and_says_so():
     one = Setup(tiny_lm("llama"), ITEMS[0].demo_text + "\n\n", DEV, demos=ITEMS[:1])
     method = make_method("ct_kv", {"epochs": 3})
@@ -215,7 +236,7 @@ def test_eval_runs_ct_kv(tiny_model_dir, tmp_path):
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--seeds", "0", "--shots", "2",
                  "--dev-size", "4", "--max-eval", "4", "--methods", "icl", "ct_kv", "ct_kv@dev", "-o", "ct_kv.epochs=4",
                  "-o", "ct_kv.record_every=2", "-o", "ct_kv@dev.epochs=4", "-o", "ct_kv@dev.record_every=2",
-                 "-o", "ct_kv@dev.selection=dev-acc", "--quiet", "--out", str(out)]) == 0
+                 "-o", "ct_kv@dev.selection=dev-acc", "-o", "ct_kv.micro_batch=1", "--quiet", "--out", str(out)]) == 0
     (unit,) = (json.loads(p.read_text()) for p in (out / "units").glob("*seed0.json"))
     assert set(unit["accuracy"]) == {"icl", "ct_kv", "ct_kv@dev"}
     info, dev = unit["methods"]["ct_kv"], unit["methods"]["ct_kv@dev"]
@@ -223,3 +244,6 @@ def test_eval_runs_ct_kv(tiny_model_dir, tmp_path):
     assert dev["dev_record"] == info["dev_record"] and dev["selection_used"] == "dev-acc"
     assert dev["chosen_steps"] == dev["chosen_epoch"] + 1
     assert unit["config"]["methods"]["ct_kv"]["epochs"] == 4 and unit["config"]["methods"]["ct_kv"]["clip"] == 1.0
+    # micro_batch is recorded, and ct_kv (1 row at a time) and ct_kv@dev (all at once) are one shared run
+    assert unit["config"]["methods"]["ct_kv"]["micro_batch"] == 1
+    assert unit["config"]["methods"]["ct_kv@dev"]["micro_batch"] == 0

@@ -112,14 +112,15 @@ def test_tune_cli_saves_a_gradient_tuned_context(tiny_model_dir, tmp_path, capsy
     out = tmp_path / "ctx"
     argv = ["tune", "--model", str(tiny_model_dir), "--task", "sentiment-demo", "--seed", "0", "--shots", "2",
             "--method", "grad_kv", "--steps", "3", "--lr", "0.01", "--update", "v", "--checkpointing",
-            "--selection", "last", "--out", str(out)]
+            "--micro-batch", "1", "--selection", "last", "--out", str(out)]
     assert main(argv) == 0
     meta = json.loads((out / "context.json").read_text())
     assert meta["tuning"] is None and meta["steps_done"] == 3
     assert meta["method"]["name"] == "grad_kv"
     assert meta["method"]["selection"] == {"rule": "last", "chosen_steps": 3}
     opts = meta["method"]["options"]
-    assert (opts["lr"], opts["update"], opts["checkpointing"], opts["steps"]) == (0.01, "v", True, 3)
+    assert (opts["lr"], opts["update"], opts["checkpointing"], opts["steps"], opts["micro_batch"]) == \
+        (0.01, "v", True, 3, 1)
     capsys.readouterr()
     assert main(["predict", "--context", str(out), "--task", "sentiment-demo", "--input", str(DEMO_TEST)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

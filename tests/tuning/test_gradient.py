@@ -10,7 +10,7 @@ from deepthink import TunedContext, TuningConfig
 from deepthink.tasks import Example
 from deepthink.tuning.gradient import (GradientConfig, GradientTuner, Row, demonstration_spans, gradient_tune, leak,
                                        row_logprobs)
-from conftest import ARCHS, CHOICES, QUERIES, assert_same_json, tiny_lm
+from conftest import ARCHS, CHOICES, QUERIES, assert_same_json, tiny_lm, tiny_lm64
 
 ITEMS = [Example("Review: a gorgeous, witty, seductive movie.\nSentiment:", tuple(CHOICES), 1, 0, "train"),
          Example("Review: the plot is nothing but boilerplate clichés.\nSentiment:", tuple(CHOICES), 0, 1, "train"),
@@ -251,3 +251,104 @@ def test_queries_that_cross_a_sliding_window_see_what_scoring_sees(arch):
     far = GradientTuner(unwindowed, TEXT, ITEMS, GradientConfig(lr=0.0, steps=2))
     far.step()
     assert far.logprobs([Row(None, r.ids, r.start) for r in far.rows]).tolist() != pytest.approx(ref, abs=1e-4)
+
+
+# ---- micro-batches: the same objective and gradient, a few rows at a time --------------------------------------
+
+def same_tensors(a, b):
+    return all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss="row", token_dropout=0.3, l2=0.5),
+    dict(loss="token", token_dropout=0.3, l2=0.5, optimizer="adamw", schedule="cosine", clip=0.05),
+    dict(loss="row", objective="loo-reencode", checkpointing=True),
+], ids=["row", "token", "reencode-checkpointed"])
+def test_micro_batches_give_the_full_batch_updates(options):
+    """3 rows in parts of 1 (three parts) and 2 (a part of 2 and one of 1): the same losses, gradient norms and
+    cache after every update as all 3 at once; token dropout drawn for the whole batch, the pull added once.
+    In float64 (tiny_lm64): in float32 the gradients agree to 1e-5 (next test) but Adam magnifies the rounding."""
+    lm = tiny_lm64("llama")
+    runs = {m: GradientTuner(lm, TEXT, ITEMS, GradientConfig(steps=4, lr=0.05, micro_batch=m, **options))
+            for m in (0, 1, 2)}
+    contexts = {m: list(t) for m, t in runs.items()}
+    full = runs[0].history[1:]
+    assert all(h["loss"] > 0 and h["grad_norm"] > 0 for h in full)
+    for m in (1, 2):
+        for a, b in zip(contexts[0], contexts[m]):
+            assert same_tensors(a.keys + a.values, b.keys + b.values)
+        assert not same_tensors(contexts[m][0].keys, contexts[m][-1].keys)          # it did move
+        assert [h["loss"] for h in runs[m].history[1:]] == pytest.approx([h["loss"] for h in full], rel=1e-5)
+        assert [h["grad_norm"] for h in runs[m].history[1:]] == pytest.approx([h["grad_norm"] for h in full],
+                                                                               rel=1e-5)
+        assert runs[m].context().method["options"]["micro_batch"] == m      # recorded in the artifact
+    if options.get("clip"):
+        assert all(h["grad_norm"] > options["clip"] for h in full)            # clipping was active
+
+
+@pytest.mark.parametrize("loss", ["row", "token"])
+def test_one_updates_gradient_is_the_full_batch_gradient(loss):
+    """The accumulated .grad after one update's backward equals the gradient of the objective J (with its pull)
+    on the same rows and the same dropout draw; so does the returned loss."""
+    from deepthink.tuning.gradient import frozen
+
+    t = tuner(steps=2, lr=0.05, loss=loss, token_dropout=0.3, l2=0.5)
+    t.step()
+    which, dropped = [0, 1, 2], t.draw_dropout(3)
+    assert dropped.any()
+    with torch.enable_grad():
+        J = t.objective(which, dropped=dropped)
+        reference = torch.autograd.grad(J, t.params)
+    for m in (1, 2, 3, 7):                   # 3 and 7: all rows in one part, today's single backward
+        t.config = GradientConfig(steps=2, lr=0.05, loss=loss, token_dropout=0.3, l2=0.5, micro_batch=m)
+        for p in t.params:
+            p.grad = None
+        with frozen(t.lm.model), torch.enable_grad():
+            value = t._backward(which, dropped)
+        assert float(value) == pytest.approx(float(J.detach()), rel=1e-5)
+        assert same_tensors([p.grad for p in t.params], reference)
+
+
+def test_micro_batch_is_validated_recorded_and_not_part_of_a_runs_identity():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"GradientConfig\.micro_batch="):
+            GradientConfig(micro_batch=bad)
+    with pytest.raises(ValueError, match=r"micro_batch=-1: must be >= 0 \(0 = all rows"):
+        GradientConfig(micro_batch=-1)
+    cfg = GradientConfig(steps=3, micro_batch=4, token_dropout=0.1)
+    back = GradientConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back.to_dict() == cfg.to_dict() and back.micro_batch == 4
+    old = {k: v for k, v in cfg.to_dict().items() if k != "micro_batch"}      # recorded before the option existed
+    assert GradientConfig.from_dict(old).micro_batch == 0
+    # a memory knob: runs that differ only in it are the same run (a workspace shares it)
+    assert cfg == GradientConfig(steps=3, token_dropout=0.1) and hash(cfg) == hash(GradientConfig(steps=3,
+                                                                                                  token_dropout=0.1))
+
+
+def test_artifacts_record_micro_batch_and_old_ones_still_load(tmp_path):
+    lm = tiny_lm("llama")
+    ctx = gradient_tune(lm, TEXT, ITEMS, GradientConfig(steps=2, lr=0.01, micro_batch=2))
+    ctx.save(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "context.json").read_text())["method"]["options"]["micro_batch"] == 2
+    assert TunedContext.load(tmp_path / "new", lm).method == ctx.method
+    # an artifact saved before the option existed: its options lack it, and it loads as it was saved
+    before = TunedContext(lm, ctx.keys, ctx.values, ctx.prefix_ids, config=None, demonstrations=TEXT,
+                          steps_done=ctx.steps_done, history=ctx.history,
+                          method={"name": "grad_kv", "options": {k: v for k, v in ctx.method["options"].items()
+                                                                 if k != "micro_batch"}})
+    before.save(tmp_path / "old")
+    back = TunedContext.load(tmp_path / "old", lm)
+    assert "micro_batch" not in back.method["options"]
+    assert GradientConfig.from_dict(back.method["options"]).micro_batch == 0
+
+
+@pytest.mark.parametrize("micro_batch", [0, 1, 2])
+def test_a_diverging_update_stops_at_the_last_finite_step(micro_batch):
+    """lr 1e30: the cache after one update is finite but the next objective is not; tuning keeps step 2, warns
+    and says why, with or without micro-batches (a non-finite part stops the accumulation: no step is taken)."""
+    t = tuner(steps=4, lr=1e30, micro_batch=micro_batch)
+    with pytest.warns(RuntimeWarning, match="non-finite objective or cache at step 3; kept step 2"):
+        contexts = list(t)
+    assert len(t.history) == 2 and t.stopped and contexts[-1].steps_done == 2
+    assert all(bool(torch.isfinite(x).all()) for x in contexts[-1].keys + contexts[-1].values)
+    assert all(torch.equal(a, b) for a, b in zip(contexts[-1].keys, contexts[1].keys))

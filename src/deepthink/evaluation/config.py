@@ -1,7 +1,7 @@
 """EvalConfig: what one evaluation run measures; stored in every unit so that a resumed run can check it."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ..methods import DEFAULT_METHODS, Method, make_method
 
@@ -74,6 +74,17 @@ def upgrade_config(d: dict) -> dict:
                 "methods": {key: _with_defaults(key, opts) for key, opts in d["methods"].items()}}
     legacy = {k: v for k, v in d.items() if k not in RUN_FIELDS}
     return EvalConfig(**{k: d[k] for k in RUN_FIELDS if k in d}, methods=legacy_methods(**legacy)).to_dict()
+
+
+def result_options(key: str, options: dict) -> dict:
+    """The options of method `key` that decide its results: all but the ones its config keeps out of comparison
+    (compare=False: memory knobs such as grad_kv's micro_batch), so that units made with other values of those
+    count as the same units (as saved when the method is unknown here)."""
+    try:
+        cost = {f.name for f in fields(make_method(key, options).config) if not f.compare}
+    except (TypeError, ValueError):
+        return options
+    return {k: v for k, v in options.items() if k not in cost}
 
 
 def _with_defaults(key: str, options: dict) -> dict:

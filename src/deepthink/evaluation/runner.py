@@ -22,7 +22,7 @@ from ..io import safe_name, write_atomic
 from ..kv import DemonstrationsTooLong
 from ..methods import MethodFailed, NotApplicable, Setup, accuracies
 from ..scoring import Scores
-from .config import ORACLE, EvalConfig, upgrade_config
+from .config import ORACLE, EvalConfig, result_options, upgrade_config
 from .cost import HOW as MEMORY_HOW
 from .cost import PeakMemory, cache_bytes, kv_bytes_per_token
 from .distributed import Processes
@@ -191,7 +191,8 @@ def same_items(plan, unit: dict) -> None:
 def lacking(out: Path, model: str, task: str, seed: int, cfg: EvalConfig) -> list[str] | None:
     """The method keys of `cfg` that the unit in `out` lacks: None when there is no unit (or a damaged one: it is
     run whole), [] when it holds every one. Its other settings must be the same as cfg's, and so must the options
-    of every method both hold (else a ValueError); methods the unit holds beyond cfg's stay in it."""
+    of every method both hold (else a ValueError), but for memory knobs that do not change results (result_options);
+    methods the unit holds beyond cfg's stay in it."""
     path = unit_path(out, model, task, seed)
     unit = read_unit(path)
     if unit is None:
@@ -201,8 +202,8 @@ def lacking(out: Path, model: str, task: str, seed: int, cfg: EvalConfig) -> lis
             == saved["shots"]:
         saved["fit_shots"] = now["fit_shots"]    # made with every shot asked for: the same unit either way
     diff = {k: (saved.get(k), v) for k, v in now.items() if k != "methods" and saved.get(k) != v}
-    diff.update({k: (saved["methods"][k], v) for k, v in now["methods"].items()
-                 if k in saved["methods"] and saved["methods"][k] != v})
+    diff.update({k: (saved["methods"][k], v) for k, v in now["methods"].items()   # memory knobs aside (micro_batch)
+                 if k in saved["methods"] and result_options(k, saved["methods"][k]) != result_options(k, v)})
     if diff:
         raise ValueError(f"{path} was made with other settings {diff} (saved, now): use a new --out "
                          "or the same flags to resume")

@@ -27,7 +27,7 @@ SELECTIONS = ("last", "dev-acc")
 @dataclass(frozen=True)
 class CTKVConfig:
     """CT-KV's recipe (defaults: the authors' code); every option is a GradientConfig option but `epochs`,
-    `record_every` and `selection`."""
+    `record_every` and `selection`; `micro_batch` (like checkpointing) changes memory, not the result."""
 
     epochs: int = field(default=200, metadata={
         "help": "E: AdamW updates, one per epoch over all demonstrations (the cache after epoch E answers)"})
@@ -51,6 +51,10 @@ class CTKVConfig:
     seed: int = field(default=0, metadata={"help": "seed of the token-dropout draws"})
     checkpointing: bool = field(default=False, metadata={
         "help": "recompute each layer's activations in the backward pass (less memory, more time)"})
+    micro_batch: int = field(default=0, compare=False, metadata={
+        "help": "rows back-propagated at once in an epoch, the gradient accumulated over micro-batches of at most "
+                "this many before the one AdamW step: less peak memory, the same result up to float rounding "
+                "(0 = all at once)"})
 
     def __post_init__(self):
         for name in ("epochs", "record_every"):
@@ -70,8 +74,8 @@ class CTKVConfig:
         return GradientConfig(steps=self.epochs + 1, lr=self.lr, optimizer=self.optimizer,
                               weight_decay=self.weight_decay, schedule=self.schedule, clip=self.clip,
                               token_dropout=self.token_dropout, loss=self.loss, seed=self.seed,
-                              checkpointing=self.checkpointing, batch=0, objective="loo-mask", update="kv",
-                              layers="all")
+                              checkpointing=self.checkpointing, micro_batch=self.micro_batch, batch=0,
+                              objective="loo-mask", update="kv", layers="all")
 
 
 def recorded_epochs(epochs: int, every: int) -> list[int]:

@@ -25,6 +25,10 @@ agentic-learning-ai-lab/context-tuning). The options that make up their recipe a
 decay, a cosine schedule from lr to 0 over the T - 1 updates, the cache's gradient norm clipped, token dropout on
 the cache (each prefix position hidden from a training row with some probability, drawn per row and update) and
 the loss as a mean over answer tokens; methods/ctkv.py sets them to their values.
+
+Memory: an update scores its rows in one forward (the prefix expanded per row), so its peak grows with the rows
+trained at once. `micro_batch` scores and back-propagates them a few at a time and accumulates the gradient
+before the one optimiser step: the same objective, gradient and updates (up to float rounding), less memory.
 """
 from __future__ import annotations
 
@@ -98,12 +102,19 @@ class GradientConfig:
     loss: str = field(default="row", metadata={
         "help": "row: mean over demonstrations of the answer's summed NLL; token: mean NLL over all answer "
                 "tokens of the batch (CT-KV's)", "choices": LOSSES})
+    # a memory knob, not part of what a run computes: compare=False keeps it out of ==/hash (runs that differ only
+    # in it are the same run); it is still recorded in to_dict, i.e. in artifacts and results
+    micro_batch: int = field(default=0, compare=False, metadata={
+        "help": "rows scored and back-propagated at once within an update: the batch's gradient is accumulated "
+                "over micro-batches of at most this many rows, then one optimiser step; less peak memory (about "
+                "0.9 GB per row at once on a 7B shape), same objective, gradient and result up to float rounding "
+                "(0 = all rows of the update at once)"})
 
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("steps", "batch", "seed"):
+        for name in ("steps", "batch", "seed", "micro_batch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(name, "must be an integer")
@@ -111,6 +122,8 @@ class GradientConfig:
             bad("steps", "must be >= 1 (1 = plain ICL, the demonstrations' own cache)")
         if self.batch < 0:
             bad("batch", "must be >= 0 (0 = every demonstration in every step)")
+        if self.micro_batch < 0:
+            bad("micro_batch", "must be >= 0 (0 = all rows of an update at once; e.g. 4 backpropagates 4 at a time)")
         for name in ("lr", "l2"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -557,13 +570,54 @@ class GradientTuner:
         rows = [self.rows[i] for i in which]
         lp = self.logprobs(rows, keys, values, dropped=dropped)
         if self.config.loss == "token":
-            loss = -lp.sum() / sum(len(r.ids) - r.start for r in rows)
+            loss = -lp.sum() / self._denominator(rows)
         else:
             loss = -lp.mean()
-        if self.config.l2 and self.params:
-            pulls = [(t - t0).pow(2) for t, t0 in self._pairs(keys, values)]
-            loss = loss + self.config.l2 * sum(p.sum() for p in pulls) / sum(p.numel() for p in pulls)
-        return loss
+        pull = self._pull(keys, values)
+        return loss if pull is None else loss + pull
+
+    def _denominator(self, rows: Sequence[Row]) -> int:
+        """What the summed NLL of a batch's rows is divided by: its rows (loss "row") or answer tokens ("token")."""
+        if self.config.loss == "token":
+            return sum(len(r.ids) - r.start for r in rows)
+        return len(rows)
+
+    def _pull(self, keys, values) -> torch.Tensor | None:
+        """The L2 pull l2 * mean((K~ - K_1)^2) over the tuned tensors (None without one)."""
+        if not (self.config.l2 and self.params):
+            return None
+        pulls = [(t - t0).pow(2) for t, t0 in self._pairs(keys, values)]
+        return self.config.l2 * sum(p.sum() for p in pulls) / sum(p.numel() for p in pulls)
+
+    def _backward(self, which: list[int], dropped: torch.Tensor | None) -> torch.Tensor:
+        """J over the demonstrations `which` (detached) with its gradient accumulated into the cache's .grad.
+
+        With micro_batch m (0 < m < |which|) the rows are scored and back-propagated m at a time, each part's
+        summed NLL divided by the whole batch's denominator (rows, or answer tokens with loss "token"), so that the
+        parts add up to J and their gradients to J's; `dropped` (|which|, L) is drawn once for the batch and sliced,
+        and the L2 pull is added once. A non-finite part stops there (no step follows: see _update)."""
+        m = self.config.micro_batch
+        if not m or m >= len(which):                       # all at once: one graph, one backward
+            loss = self.objective(which, dropped=dropped)
+            if torch.isfinite(loss):
+                loss.backward()
+            return loss.detach()
+        rows = [self.rows[i] for i in which]
+        denominator = self._denominator(rows)
+        total = 0.0
+        for a in range(0, len(rows), m):
+            lp = self.logprobs(rows[a:a + m], dropped=None if dropped is None else dropped[a:a + m])   # (<= m,)
+            part = -lp.sum() / denominator
+            total = total + part.detach().double()          # the sum in float64 whatever the model's dtype
+            if not torch.isfinite(part):
+                return total
+            part.backward()                                # frees this part's graph: the peak is one part's
+        pull = self._pull(self.keys, self.values)
+        if pull is not None:
+            total = total + pull.detach().double()
+            if torch.isfinite(pull):
+                pull.backward()
+        return total
 
     def _pairs(self, keys, values):
         cfg = self.config
@@ -612,9 +666,8 @@ class GradientTuner:
         grad_norm = None
         with frozen(self.lm.model), torch.enable_grad():
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.objective(which, dropped=self.draw_dropout(len(which)))
+            loss = self._backward(which, self.draw_dropout(len(which)))
             if torch.isfinite(loss):
-                loss.backward()
                 # the total norm before clipping; max_norm inf (clip 0) multiplies every gradient by 1.0 exactly
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.clip or math.inf))
                 self.optimizer.step()
