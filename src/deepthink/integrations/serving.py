@@ -127,7 +127,8 @@ def parse_context_specs(specs: list[str]) -> dict[str, Path]:
 
 def load_contexts(specs: dict[str, Path], model: str | None = None, device: str = "cpu",
                   dtype: str | None = None) -> dict[str, TunedContext]:
-    """Load every context for the model it records (or `model`), each distinct model once, and verify it."""
+    """Load every context for the model it records (or `model`), each distinct model once, and verify it. A context
+    that needs its peft adapter in the model (lora, lora_icl, ia3) gets a model of its own, which holds the adapter."""
     import torch
 
     metas = {}
@@ -136,7 +137,7 @@ def load_contexts(specs: dict[str, Path], model: str | None = None, device: str 
             metas[name] = TunedContext.read_config(path)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"context {name!r}: {e}") from None
-    lms: dict[tuple[str, str], object] = {}
+    lms: dict[tuple[str, str, str | None], object] = {}
     out = {}
     for name, path in specs.items():
         meta = metas[name]
@@ -145,10 +146,12 @@ def load_contexts(specs: dict[str, Path], model: str | None = None, device: str 
         if source == "in-memory":
             raise ValueError(f"context {name!r} ({path}) was tuned with an in-memory model ({m['name']!r}); pass --model")
         dt = dtype or meta["dtype"]
-        if (source, dt) not in lms:
-            lms[source, dt] = load_model(source, device=device, dtype=getattr(torch, dt))
+        own = (meta.get("adapter") or {}).get("in_model")
+        key = (source, dt, name if own else None)
+        if key not in lms:
+            lms[key] = load_model(source, device=device, dtype=getattr(torch, dt))
         try:
-            out[name] = TunedContext.load(path, lms[source, dt])
+            out[name] = TunedContext.load(path, lms[key])
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"context {name!r}: {e}") from None
     return out
