@@ -252,10 +252,12 @@ def run(args) -> int:
                    "loo": f" (grad KV, lr {grad.lr:g}: T chosen by leave-one-out over the demonstrations"
                           f"{', no dev items' if args.selection == 'dev-acc' else ''})",
                    "last": f" (grad KV, lr {grad.lr:g}: the cache after --steps {grad.steps})"}[sel["rule"]]
-    what = ("a peft adapter and " if ctx.adapter is not None else "") + f"{ctx.length} tokens of " + (
-        "demonstrations" if method in ("grad_kv", "forward", "ct_kv") or ctx.demonstrations else "prefix")
-    steps = "" if method not in ("grad_kv", "forward") else f", {ctx.steps_done} steps"
-    print(f"saved {out}: {what}{steps}{how}, {len(ctx.keys)} layers, {ctx.nbytes / 1e6:.2f} MB, model {lm.name}")
+    if ctx.adapter is not None:
+        what = f"a peft adapter ({out / 'adapter'}) and a {ctx.length}-token prefix"
+    else:
+        what = f"{ctx.length} tokens of demonstrations" + (
+            f", {ctx.steps_done} steps" if method in ("grad_kv", "forward") else "")
+    print(f"saved {out}: {what}{how}, {len(ctx.keys)} layers, {ctx.nbytes / 1e6:.2f} MB, model {lm.name}")
     return 0
 
 

@@ -152,6 +152,6 @@ def load_contexts(specs: dict[str, Path], model: str | None = None, device: str 
             lms[key] = load_model(source, device=device, dtype=getattr(torch, dt))
         try:
             out[name] = TunedContext.load(path, lms[key])
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError, ImportError) as e:       # ImportError: peft, for an adapter
             raise type(e)(f"context {name!r}: {e}") from None
     return out
