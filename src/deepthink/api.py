@@ -167,9 +167,10 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
         if grad and out.items is None:
             if task is None:
                 raise ValueError(f"{source}: {method}{' (the default method)' if method == 'grad_kv' else ''} "
-                                 "needs each demonstration's query and answer: give the task whose template they follow (--task T, or --template and "
-                                 "--choices), so that the text can be split into demonstrations; or tune them with "
-                                 "--method forward (the paper's forward tuning takes any text)")
+                                 "needs each demonstration's query and answer: give the task whose template they "
+                                 "follow (--task T, or --template and --choices), so that the text can be split into "
+                                 "demonstrations; or tune them with --method forward (the paper's forward tuning "
+                                 "takes any text)")
             out.items = task.parse_demonstrations(out.text, source)
             out.text = _joined(out.items)
         if want_dev and task is not None:
@@ -425,6 +426,7 @@ def _peft_context(lm, inputs: Inputs, method, state: dict, scorer, record: dict)
     model, as a loaded one does), the prompt (special tokens; the demonstrations for lora_icl) encoded by it, as
     their scorer encodes it. prefix, prompt, cpt: their scorer is already a prefix cache; the adapter is saved
     beside it for peft users."""
+    import peft
     import torch
 
     from . import kv
@@ -442,8 +444,9 @@ def _peft_context(lm, inputs: Inputs, method, state: dict, scorer, record: dict)
         ids = lm.tokenizer(text).input_ids                      # as AdaptedScorer encodes its prompt
         with torch.no_grad():
             keys, values = kv.encode(lm.model, torch.tensor([ids], device=lm.device)) if ids else ([], [])
-        return TunedContext(lm, list(keys), list(values), ids, demonstrations=text, steps_done=record["selection"][
-            "chosen_steps"], method=record, adapter=saved_by(model, in_model=True))
+        return TunedContext(lm, list(keys), list(values), ids, demonstrations=text,
+                            steps_done=record["selection"]["chosen_steps"], method=record,
+                            adapter=saved_by(model, in_model=True))
 
     def write(folder) -> None:
         model = _wrap(method, bare, state=state)
@@ -451,8 +454,6 @@ def _peft_context(lm, inputs: Inputs, method, state: dict, scorer, record: dict)
             model.save_pretrained(str(folder), save_embedding_layers=False)
         finally:
             method._remove(model)
-
-    import peft
 
     return TunedContext(lm, scorer.keys, scorer.values, scorer.prefix_ids, demonstrations=scorer.demonstrations,
                         steps_done=record["selection"]["chosen_steps"], method=record,

@@ -147,7 +147,7 @@ def _method_config(args):
     try:
         config = api.make_config(method, **options)
     except (TypeError, ValueError) as e:
-        raise ValueError(str(e).replace(f"{cls.__name__}.", f"-o ").replace("method ", "--method ", 1)) from None
+        raise ValueError(str(e).replace(f"{cls.__name__}.", "-o ").replace("method ", "--method ", 1)) from None
     selection = config.selection if method == "ct_kv" else "dev-acc"
     if args.dev_size not in (DEV_SIZE, 0) and not reads_dev(method, selection):
         raise ValueError(f"--dev-size: ct_kv with selection {selection} reads no dev items (the cache after the last "

@@ -46,9 +46,7 @@ LR_GRID = {"lora": (1e-4, 1e-3, 1e-2), "ia3": (1e-3, 1e-2, 1e-1), "prefix": (1e-
            "prompt": (1e-3, 1e-2, 1e-1), "cpt": (1e-3, 1e-2, 1e-1)}
 ATTENTION = ("attn", "attention")     # a module whose name holds one of these is an attention block
 
-
-def _peft():
-    return peft_module()
+_peft = peft_module        # the peft library, or an ImportError with the install hint (INSTALL)
 
 
 # ---- configs ------------------------------------------------------------------------------------------------------
