@@ -182,8 +182,14 @@ def test_peft_missing_is_the_install_hint(saved, tiny_model_dir, tmp_path, capsy
     err = error(capsys, *tune_args(tiny_model_dir, "lora", tmp_path / "new"))
     assert "pip install 'deepthink[peft]'" in err and not (tmp_path / "new").exists()
     (tmp_path / "q.txt").write_text("Review: witty\n")
-    err = error(capsys, "predict", "--context", saved["lora"], "--choices", "a,b", "--input", tmp_path / "q.txt")
+    with monkeypatch.context() as m:                         # ... said before any model loads
+        m.setattr(deepthink.infer, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        err = error(capsys, "predict", "--context", saved["lora"], "--choices", "a,b", "--input", tmp_path / "q.txt")
     assert "pip install 'deepthink[peft]'" in err
+    from deepthink.integrations.serving import load_contexts
+
+    with pytest.raises(ImportError, match=r"^context 'l': the peft baselines need the peft library: pip install"):
+        load_contexts({"p": saved["prefix"], "l": saved["lora"]})
     # prefix tuning's context is an ordinary prefix cache: it needs no peft to answer
     code, _, err = run(capsys, "predict", "--context", saved["prefix"], "--choices", "a,b", "--input",
                        tmp_path / "q.txt")

@@ -135,7 +135,11 @@ def load_contexts(specs: dict[str, Path], model: str | None = None, device: str 
     for name, path in specs.items():            # read every config first: a bad folder fails before any model loads
         try:
             metas[name] = TunedContext.read_config(path)
-        except (ValueError, FileNotFoundError) as e:
+            if (metas[name].get("adapter") or {}).get("in_model"):
+                from ..adapter import peft_module
+
+                peft_module()        # lora, lora_icl, ia3: their adapter goes into the model
+        except (ValueError, FileNotFoundError, ImportError) as e:
             raise type(e)(f"context {name!r}: {e}") from None
     lms: dict[tuple[str, str, str | None], object] = {}
     out = {}
