@@ -290,6 +290,8 @@ def test_serve_gives_an_adapter_context_a_model_of_its_own(saved):
     assert contexts["lora"].lm is not contexts["ctkv"].lm and contexts["ctkv"].lm is contexts["prefix"].lm
     queries, choices = ["Review: witty and gorgeous\nSentiment:"], [" negative", " positive"]
     with TestClient(create_app(contexts, ServeConfig())) as client:
+        info = {c["name"]: c["method"] for c in client.get("/v1/contexts").json()}
+        assert info == {"lora": "lora", "ctkv": "ct_kv", "prefix": "prefix"}
         for name in contexts:
             r = client.post("/v1/score", json={"context": name, "queries": queries, "choices": choices})
             assert r.status_code == 200, r.text
