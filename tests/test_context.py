@@ -256,7 +256,7 @@ def test_refuses_tensors_that_do_not_match_the_json(saved, copy_of):
         TunedContext.load(copy_of, saved[0])
 
 
-@pytest.mark.parametrize("version, match", [(3, "newer than the 2 this deepthink reads.*upgrade"),
+@pytest.mark.parametrize("version, match", [(4, "newer than the 3 this deepthink reads.*upgrade"),
                                             (0, "not one deepthink knows"), ("1", "not one deepthink knows")])
 def test_refuses_unknown_format_version(saved, copy_of, version, match):
     meta = json.loads((copy_of / context.CONFIG).read_text())

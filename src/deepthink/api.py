@@ -3,6 +3,7 @@
     ctx = deepthink.tune(lm, task)                        # gradient KV tuning (the default), T chosen on dev items
     ctx = deepthink.tune(lm, text, task=task)             # text split into demonstrations by the task's template
     ctx = deepthink.tune(lm, text, method="forward", steps=5)   # the paper's forward tuning, any text
+    ctx = deepthink.tune(lm, task, method="ct_kv", epochs=50)   # CT-KV's recipe; or a peft baseline: "lora", ...
 
 Two halves, so that the CLI can check everything before it loads a model: `resolve` finds the demonstrations
 (their text, their items, dev items, where they came from, and what to warn about) and `run` tunes them.
@@ -22,11 +23,21 @@ from .tasks import SEPARATOR, Example, Task, get_task
 from .tuning.config import TuningConfig
 from .tuning.gradient import GradientConfig
 
-METHODS = ("grad_kv", "forward")
+PEFT_METHODS = ("lora", "lora_icl", "ia3", "prefix", "prompt", "cpt")   # methods/peft_baselines.py, saved with
+                                                                          # their adapter in peft's format
+METHODS = ("grad_kv", "forward", "ct_kv", *PEFT_METHODS)
 SELECTIONS = ("dev-acc", "dev-mcnemar", "dev-bootstrap", "loo", "last")
 GUARDED = ("dev-mcnemar", "dev-bootstrap")   # T = 1 unless a T > 1 beats it on dev by a paired test at `level`
 DEV_RULES = ("dev-acc", *GUARDED)            # the rules that read dev items
 DEV_SIZE = 64         # the dev size the recommendation (benchmarks/results/ABLATIONS.md) was measured with
+
+
+def reads_dev(method: str, selection: str) -> bool:
+    """Whether `method` with `selection` chooses its step on dev items (ct_kv: its option; the peft baselines
+    always do, the last step without any)."""
+    if method == "grad_kv":
+        return selection in DEV_RULES
+    return method in PEFT_METHODS or (method == "ct_kv" and selection == "dev-acc")
 
 
 @dataclass
@@ -79,9 +90,11 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
     demonstration text), a Path (a file: .jsonl rows in the task's layout, any other file's text), a list of task
     items (tasks.Example), or token ids (forward tuning only). Gradient KV tuning needs each demonstration's query
     and answer: text is split on the blank line that ends each demonstration and read with the task's template.
-    Dev items (grad_kv, selection dev-acc, dev-mcnemar or dev-bootstrap): `dev` as given, else up to `dev_size`
-    training rows of the task that are not demonstrations, drawn as `deepthink eval` draws them. Without any,
-    dev-acc falls back to leave-one-out and the guarded rules keep T = 1 (plain ICL); both warn.
+    Dev items (grad_kv, selection dev-acc, dev-mcnemar or dev-bootstrap; ct_kv with selection dev-acc; the peft
+    baselines): `dev` as given, else up to `dev_size` training rows of the task that are not demonstrations, drawn
+    as `deepthink eval` draws them. Without any, dev-acc falls back to leave-one-out and the guarded rules keep
+    T = 1 (plain ICL); ct_kv and the peft baselines keep their last step; all warn.
+    Every method but forward needs the demonstrations as items (each one's query and answer).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -90,7 +103,7 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
             raise ValueError("give the task once: as the demonstrations or as task=, not both")
         task, demonstrations = demonstrations, None
     task, origin = _task(task)
-    grad = method == "grad_kv"
+    grad = method != "forward"       # every method but forward reads each demonstration's query and answer
     if isinstance(shots, bool) or shots is not None and (not isinstance(shots, int) or shots < 1):
         raise ValueError(f"shots must be an integer >= 1, got {shots!r}")
     if isinstance(dev_size, bool) or not isinstance(dev_size, int) or dev_size < 0:
@@ -98,7 +111,7 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
     if shots is not None and demonstrations is not None:
         raise ValueError("shots sets the size of a draw from the task's training data (--shots); it cannot be "
                          "combined with given demonstrations (--demos FILE)")
-    want_dev = grad and selection in DEV_RULES and dev_size > 0 and dev is None
+    want_dev = reads_dev(method, selection) and dev_size > 0 and dev is None
     out = Inputs(text="", task=task)
 
     if demonstrations is None:
@@ -145,7 +158,7 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
             elif isinstance(demonstrations, (list, tuple)) and demonstrations and all(
                     isinstance(t, int) and not isinstance(t, bool) for t in demonstrations):
                 if grad:
-                    raise ValueError("grad_kv needs each demonstration's query and answer, which token ids do not "
+                    raise ValueError(f"{method} needs each demonstration's query and answer, which token ids do not "
                                      "give: pass the text with a task, or method='forward'")
                 out.text = list(demonstrations)
             else:
@@ -153,10 +166,11 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
                                  "(tasks.Example), token ids, or a Task to draw them from")
         if grad and out.items is None:
             if task is None:
-                raise ValueError(f"{source}: grad_kv (the default method) needs each demonstration's query and "
-                                 "answer: give the task whose template they follow (--task T, or --template and "
-                                 "--choices), so that the text can be split into demonstrations; or tune them with "
-                                 "--method forward (the paper's forward tuning takes any text)")
+                raise ValueError(f"{source}: {method}{' (the default method)' if method == 'grad_kv' else ''} "
+                                 "needs each demonstration's query and answer: give the task whose template they "
+                                 "follow (--task T, or --template and --choices), so that the text can be split into "
+                                 "demonstrations; or tune them with --method forward (the paper's forward tuning "
+                                 "takes any text)")
             out.items = task.parse_demonstrations(out.text, source)
             out.text = _joined(out.items)
         if want_dev and task is not None:
@@ -165,7 +179,7 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
             why = "no task gives training rows"
     if dev is not None:
         out.dev = list(dev)
-    if grad and selection in GUARDED and not out.dev:
+    if method == "grad_kv" and selection in GUARDED and not out.dev:
         why = ("dev= is empty" if dev is not None else "--dev-size 0" if dev_size == 0
                else f"{why}, {len(out.items or ())} demonstrations")
         out.warnings.append(
@@ -174,7 +188,13 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
             "another way: --selection loo, or --selection last --steps T")
     elif dev is None and want_dev:
         n = len(out.items or ())
-        if not out.dev:
+        if not out.dev and method != "grad_kv":
+            steps = "epochs" if method == "ct_kv" else "steps"
+            out.warnings.append(
+                f"no dev items ({why}, {n} demonstrations): {method} keeps its last {steps[:-1]} instead of choosing "
+                f"one on dev items. Add labelled rows to the training data, or set the {steps} yourself: -o "
+                f"{method}.{steps}=N (--dev-size 0 also silences this)")
+        elif not out.dev:
             out.warnings.append(
                 f"no dev items ({why}, {n} demonstrations): T is chosen by leave-one-out over the demonstrations, "
                 "an optimistic reading (those are the terms Adam fits). Add labelled rows to the training data, or "
@@ -186,9 +206,11 @@ def resolve(demonstrations=None, *, task=None, method: str = "grad_kv", seed: in
                              f"{DEV_SIZE})")
         elif len(out.dev) < dev_size:
             out.warnings.append(
-                f"only {len(out.dev)} dev items ({why}) where --dev-size asks for {dev_size}: T is chosen on "
-                f"{len(out.dev)} items, a coarse choice; more labelled rows make it firmer (or --selection loo / "
-                "--selection last --steps T choose without dev items)")
+                f"only {len(out.dev)} dev items ({why}) where --dev-size asks for {dev_size}: "
+                f"{'T' if method == 'grad_kv' else 'the step'} is chosen on "
+                f"{len(out.dev)} items, a coarse choice; more labelled rows make it firmer"
+                + (" (or --selection loo / --selection last --steps T choose without dev items)"
+                   if method == "grad_kv" else ""))
     return out
 
 
@@ -238,11 +260,20 @@ def _progress(progress) -> Callable | None:
     return progress
 
 
-def make_config(method: str, config=None, **options):
-    """The config of `method`: `config` as given (checked), or built from `options` (its fields)."""
+def config_class(method: str) -> type:
+    """The config dataclass of a method `tune` runs: GradKVConfig, TuningConfig (forward), or the registered
+    method's own (ct_kv: CTKVConfig; the peft baselines: their options, methods/peft_baselines.py)."""
+    from .methods import get_method
     from .methods.gradient import GradKVConfig
 
-    cls = GradKVConfig if method == "grad_kv" else TuningConfig
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    return {"grad_kv": GradKVConfig, "forward": TuningConfig}.get(method) or get_method(method).Config
+
+
+def make_config(method: str, config=None, **options):
+    """The config of `method`: `config` as given (checked), or built from `options` (its fields)."""
+    cls = config_class(method)
     if config is not None and options:
         raise ValueError(f"give either config= or options ({', '.join(sorted(options))}), not both")
     if config is None:
@@ -252,7 +283,7 @@ def make_config(method: str, config=None, **options):
             raise ValueError(f"method {method!r} has no option(s) {unknown}; its options: {sorted(known)}")
         return cls(**options)
     if method == "grad_kv" and type(config) is GradientConfig:
-        return GradKVConfig(**config.to_dict())            # the bare tuner's config: its values, T chosen
+        return cls(**config.to_dict())                     # the bare tuner's config: its values, T chosen
     if not isinstance(config, cls):
         hint = "; method='forward' takes a TuningConfig" if method == "grad_kv" else ""
         raise TypeError(f"method {method!r} takes a {cls.__name__}, got {type(config).__name__}{hint}")
@@ -283,8 +314,10 @@ def run(lm, inputs: Inputs, method: str = "grad_kv", config=None, selection: str
         ctx = None
         for ctx in tuner:
             step(tuner.step_count, config.steps)
-    else:
+    elif method == "grad_kv":
         ctx = _grad_kv(lm, inputs, config, selection, step, say)
+    else:
+        ctx = _method(lm, inputs, method, config, step, say)
     ctx.origin = inputs.origin
     ctx.task = inputs.task
     return ctx
@@ -334,6 +367,99 @@ def _grad_kv(lm, inputs: Inputs, cfg, selection: str, step, say):
                         stopped=best.stopped, method=record)
 
 
+def _method(lm, inputs: Inputs, name: str, cfg, step, say):
+    """ct_kv or a peft baseline, trained and its step chosen by the method's own code (what `deepthink eval` runs),
+    as a TunedContext with its record under "method" (options, rule, chosen step, dev curve) and, for a peft
+    baseline, its adapter."""
+    from .adapter import holds_adapter
+    from .methods import Setup, get_method
+
+    method = get_method(name)(cfg, key=name)
+    total = cfg.epochs if name == "ct_kv" else cfg.steps
+    setup = Setup(lm, inputs.text, inputs.dev, demos=inputs.items,
+                  on_step=lambda info: step(info["step"], total, info["loss"], info["dev_accuracy"]))
+    if name in PEFT_METHODS:
+        if holds_adapter(lm.model):
+            raise ValueError(f"the model {lm.name!r} already holds a peft adapter (put in by an earlier "
+                             f"deepthink.tune or context load): load the model again to train {name} on it")
+        lm.fingerprint          # the base model's identity, taken before any adapter is in it (saved, checked on load)
+    method.check(setup)
+    if say:
+        n = len(inputs.dev)
+        if name == "ct_kv":
+            how = f"{cfg.epochs} epochs, " + (f"the epoch chosen on {n} dev items" if n else "the cache after the last")
+        else:
+            how = f"steps 0..{cfg.steps}, " + (f"the step chosen on {n} dev items" if n else "the last one kept")
+        say(f"{method.title}: {len(inputs.items)} demonstrations, lr {cfg.lr:g}, {how}")
+    prepared = method.prepare(setup)
+    info = prepared.info
+    if name == "ct_kv":
+        return _ctkv_context(lm, inputs, method, prepared)
+    chosen = info["chosen_step"]
+    state = method.run(setup).states[info["dev_steps"].index(chosen)]      # the same run prepare read
+    selection = {"rule": "dev-acc" if info["selection_used"] == "dev-acc" else "last", "chosen_steps": chosen,
+                 "dev_items": len(inputs.dev), "dev_steps": info["dev_steps"],
+                 "accuracy_curve": [round(c["sum"], 4) for c in info["dev_curve"]], "train_loss": info["train_loss"],
+                 "trainable_parameters": info["trainable_parameters"], "adapter_bytes": info["adapter_bytes"]}
+    record = {"name": name, "options": method.options(), "selection": selection}
+    return _peft_context(lm, inputs, method, state, prepared.scorer, record)
+
+
+def _ctkv_context(lm, inputs: Inputs, method, prepared):
+    from .context import TunedContext
+
+    info, best = prepared.info, prepared.scorer
+    tuned = bool(best.method)       # a context of the gradient tuner (else plain ICL: epoch 0, or one demonstration)
+    steps = best.steps_done if tuned else 1          # grad_kv's count: step 1 is plain ICL, epoch e is step e + 1
+    record = info["dev_record"]
+    selection = {"rule": info["selection_used"], "chosen_steps": steps, "chosen_epoch": info["chosen_epoch"],
+                 "dev_items": len(inputs.dev), "dev_epochs": [r["epoch"] for r in record],
+                 "accuracy_curve": [round(r["sum"], 4) for r in record], "train_loss": info["train_loss"],
+                 **({"note": info["note"]} if info.get("note") else {})}
+    return TunedContext(lm, best.keys, best.values, best.prefix_ids, config=None, demonstrations=inputs.text,
+                        steps_done=steps, history=best.history if tuned else [], stopped=best.stopped,
+                        method={"name": method.name, "options": method.options(), "selection": selection})
+
+
+def _peft_context(lm, inputs: Inputs, method, state: dict, scorer, record: dict):
+    """lora, lora_icl, ia3: the chosen adapter is put into lm.model (and stays: the context answers with the adapted
+    model, as a loaded one does), the prompt (special tokens; the demonstrations for lora_icl) encoded by it, as
+    their scorer encodes it. prefix, prompt, cpt: their scorer is already a prefix cache; the adapter is saved
+    beside it for peft users."""
+    import peft
+    import torch
+
+    from . import kv
+    from .adapter import Adapter, saved_by
+    from .context import TunedContext
+    from .methods import Setup
+    from .methods.peft_baselines import AdaptedScorer, _wrap
+
+    bare = Setup(lm, inputs.text, (), demos=inputs.items)     # what the adapter's peft config is built from
+    if isinstance(scorer, AdaptedScorer):
+        model = _wrap(method, bare, state=state)
+        for p in lm.model.parameters():
+            p.requires_grad_(False)
+        text = scorer.demonstrations
+        ids = lm.tokenizer(text).input_ids                      # as AdaptedScorer encodes its prompt
+        with torch.no_grad():
+            keys, values = kv.encode(lm.model, torch.tensor([ids], device=lm.device)) if ids else ([], [])
+        return TunedContext(lm, list(keys), list(values), ids, demonstrations=text,
+                            steps_done=record["selection"]["chosen_steps"], method=record,
+                            adapter=saved_by(model, in_model=True))
+
+    def write(folder) -> None:
+        model = _wrap(method, bare, state=state)
+        try:
+            model.save_pretrained(str(folder), save_embedding_layers=False)
+        finally:
+            method._remove(model)
+
+    return TunedContext(lm, scorer.keys, scorer.values, scorer.prefix_ids, demonstrations=scorer.demonstrations,
+                        steps_done=record["selection"]["chosen_steps"], method=record,
+                        adapter=Adapter(False, write, peft.__version__))
+
+
 def _evidence(rule: str, detail: dict | None) -> dict:
     """A guarded rule's tests against T = 1, as lists over T = 1..steps (T = 1 itself: 0, 0, null): dev items won
     and lost, and the p-value of the sign test (dev-mcnemar) or the bootstrap lower bound of the dev accuracy gain
@@ -376,7 +502,12 @@ def tune(lm, demonstrations=None, config=None, *, method: str | None = None, tas
 
     method: "grad_kv" (the default: gradient KV tuning, Adam at lr 0.01, T in 1..15 chosen on dev items; its
     config is a methods.gradient.GradKVConfig) or "forward" (the paper's forward tuning, a TuningConfig). A
-    TuningConfig passed as `config` without `method` means forward tuning.
+    TuningConfig passed as `config` without `method` means forward tuning. "ct_kv" (CT-KV's recipe, a
+    methods.ctkv.CTKVConfig; selection "last", its default, or "dev-acc") and the peft baselines "lora",
+    "lora_icl", "ia3", "prefix", "prompt", "cpt" (their options, methods/peft_baselines.py; the step chosen on dev
+    items, the last without any) run the code `deepthink eval` runs. A peft baseline's context carries its adapter
+    (saved in peft's format); for lora, lora_icl and ia3 the adapter is put into lm.model, in place, and stays
+    there: the context answers with the adapted model, and lm then serves that context alone (docs/methods.md).
     Changed after deepthink 0.1.0: `tune(lm, text)` used to be forward tuning (steps 15, momentum 0.9); it is now gradient KV
     tuning, which needs the demonstrations' queries and answers (a task). `tune(lm, text, TuningConfig(...))`
     still forward-tunes, as before; `tune(lm, text, method="forward")` forward-tunes with TuningConfig's defaults.
@@ -395,7 +526,16 @@ def tune(lm, demonstrations=None, config=None, *, method: str | None = None, tas
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     config = make_config(method, config, **options)
-    if method == "forward":
+    if method in PEFT_METHODS:
+        if selection is not None:
+            raise ValueError(f"{method} chooses its step on dev items (the last step without any), as in "
+                             "`deepthink eval`: drop selection")
+        selection = "dev-acc"
+    elif method == "ct_kv":
+        if selection is not None:
+            config = dataclasses.replace(config, selection=selection)    # CTKVConfig checks it: last or dev-acc
+        selection = config.selection
+    elif method == "forward":
         if selection is not None:
             raise ValueError("selection chooses T for gradient KV tuning; forward tuning runs config.steps steps")
         selection = "last"

@@ -11,6 +11,9 @@ A context saves to a folder (`save` / `load`, `deepthink tune --out DIR`):
                           why tuning stopped early (if it did), every tensor's name/shape/dtype, the
                           tensor file's sha256, the task definition (so a copied context needs no task
                           file), and json_sha256: the sha256 of the canonical JSON of all of that
+    adapter/              a peft baseline's adapter in peft's own format (adapter_config.json,
+                          adapter_model.safetensors; context.json's "adapter" holds their sha256, format 3):
+                          lora, lora_icl and ia3 need it in the model, which loading does (deepthink/adapter.py)
 
 Loading never unpickles (safetensors + JSON only). Before any tensor is read or a model is loaded,
 context.json is parsed with bounds (size, nesting), checked field by field (context_schema.check_meta:
@@ -35,8 +38,10 @@ from typing import Sequence
 import torch
 
 from . import kv, scoring
-from .context_schema import (DTYPES, FORMAT_VERSION, ContextError, UnverifiedContextWarning, check_meta,
-                             check_tensor_header, json_sha256, read_json, task_definition, task_from_definition)
+from .adapter import ADAPTER_DIR, holds_adapter
+from .context_schema import (ADAPTER_FORMAT, DTYPES, FORMAT_VERSION, ContextError, UnverifiedContextWarning,
+                             check_meta, check_tensor_header, json_sha256, read_json, task_definition,
+                             task_from_definition)
 from .io import sha256_bytes, write_synced
 from .tuning.config import TuningConfig
 from .version import __version__
@@ -50,7 +55,7 @@ class TunedContext:
     def __init__(self, lm, keys: list[torch.Tensor], values: list[torch.Tensor], prefix_ids: list[int],
                  config: TuningConfig | None = None, demonstrations: str = "", steps_done: int = 1,
                  history: list[dict] | None = None, stopped: str | None = None, origin: dict | None = None,
-                 method: dict | None = None, task=None):
+                 method: dict | None = None, task=None, adapter=None):
         self.lm, self.keys, self.values = lm, keys, values
         self.prefix_ids = list(prefix_ids)
         self.config = config
@@ -65,6 +70,8 @@ class TunedContext:
         # the tasks.Task the demonstrations follow (saved as its definition, so that a copied context formats
         # queries with no task file); None for demonstrations from a text file
         self.task = task
+        # a peft baseline's adapter (adapter.Adapter), saved beside the cache; with in_model, lm.model holds it
+        self.adapter = adapter
 
     @property
     def length(self) -> int:
@@ -203,7 +210,9 @@ class TunedContext:
     @staticmethod
     def load(path, lm, device=None) -> "TunedContext":
         """Read a saved context for `lm`; refuses another model, tokenizer or dtype and altered or hostile files
-        (a ContextError naming the file and the field)."""
+        (a ContextError naming the file and the field). A context that needs its peft adapter in the model (lora,
+        lora_icl, ia3) puts it into lm.model, in place: that model then answers for this context alone (a model
+        that already holds an adapter is refused)."""
         return _load(path, lm, device)
 
     @staticmethod
@@ -287,9 +296,12 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
                    for kind, ts in (("k", ctx.keys), ("v", ctx.values)) for i, t in enumerate(ts)}
         blob = save(tensors)
         write_synced(tmp / TENSORS, lambda f: f.write(blob))
+        adapter = None
+        if ctx.adapter is not None:
+            adapter = _save_adapter(ctx.adapter, tmp / ADAPTER_DIR)
         lm = ctx.lm
         meta = {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if adapter is None else ADAPTER_FORMAT,
             "deepthink_version": __version__,
             "model": model_record(lm),
             "dtype": dtype,
@@ -306,6 +318,7 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
             "tensors": {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for name, t in tensors.items()},
             "checksums": {TENSORS: sha256_bytes(blob)},
             "task": task_definition(ctx.task) if ctx.task is not None else None,
+            **({"adapter": adapter} if adapter is not None else {}),
         }
         meta = json.loads(json.dumps(meta))       # exactly what a reader parses (tuples as lists, ...)
         meta["json_sha256"] = json_sha256(meta)
@@ -324,6 +337,19 @@ def _save(ctx: TunedContext, path, overwrite: bool = False) -> Path:
             if leftover is not None and leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
     return path
+
+
+def _save_adapter(adapter, folder: Path) -> dict:
+    """Write the adapter's files (peft's format) into `folder`; -> context.json's "adapter" record."""
+    from .adapter import FILES
+
+    folder.mkdir()
+    adapter.write(folder)
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise OSError(f"peft wrote no {', '.join(missing)} for the adapter: nothing was saved")
+    return {"peft_version": adapter.peft_version, "in_model": adapter.in_model,
+            "sha256": {name: sha256_bytes((folder / name).read_bytes()) for name in FILES}}
 
 
 def _dumps(meta: dict) -> str:
@@ -349,6 +375,13 @@ def read_config(path) -> dict:
     if not tensor_file.is_file():
         raise FileNotFoundError(f"{tensor_file} is missing: the artifact is incomplete; re-run `deepthink tune`")
     check_tensor_header(tensor_file, meta)
+    if meta.get("adapter") is not None:
+        from .adapter import FILES
+
+        for name in FILES:
+            if not (path / ADAPTER_DIR / name).is_file():
+                raise FileNotFoundError(f"{path / ADAPTER_DIR / name} is missing: the context's peft adapter is "
+                                        "incomplete; re-run `deepthink tune`")
     return meta
 
 
@@ -369,6 +402,9 @@ def _load(path, lm, device=None) -> TunedContext:
                       "context.json itself): edits to it cannot be detected; re-save it to add one "
                       "(TunedContext.load(...).save(new folder)) or re-run `deepthink tune`",
                       UnverifiedContextWarning, stacklevel=3)
+    if holds_adapter(lm.model):
+        raise ValueError(f"the model {lm.name!r} already holds a peft adapter (put in by another context's load or "
+                         f"by deepthink.tune): {path} needs the model as it was loaded; load the model again for it")
     m = meta["model"]
     dtype = _dtype_name(lm.dtype)
     if meta["dtype"] != dtype:
@@ -409,13 +445,23 @@ def _load(path, lm, device=None) -> TunedContext:
         raise ValueError(f"{tensor_file} does not match {CONFIG}: " + "; ".join(
             f"{k}: expected {recorded.get(k) or 'no such tensor'}, found {found.get(k) or 'nothing'}" for k in diff[:4])
             + "; re-run `deepthink tune`")
+    adapter = None
+    if meta.get("adapter") is not None:
+        from .adapter import copied, put_into, read_files
+
+        record = meta["adapter"]
+        files = read_files(path / ADAPTER_DIR, record)            # checked against context.json's sha256
+        if record["in_model"]:
+            put_into(lm, path / ADAPTER_DIR, files, str(path))
+        adapter = copied(files, record)
     target = torch.device(device) if device is not None else lm.device
     keys = [tensors[f"k.{i}"][None].to(target) for i in range(n)]           # (1, kv_heads, L, head_dim)
     values = [tensors[f"v.{i}"][None].to(target) for i in range(n)]
     config = TuningConfig.from_dict(meta["tuning"]) if meta["tuning"] else None
     return TunedContext(lm, keys, values, meta["prefix_ids"], config=config, demonstrations=meta["demonstrations"],
                         steps_done=meta["steps_done"], history=meta["history"], stopped=meta["stopped"],
-                        origin=meta.get("origin"), method=meta.get("method"), task=context_task(meta, path))
+                        origin=meta.get("origin"), method=meta.get("method"), task=context_task(meta, path),
+                        adapter=adapter)
 
 
 # generation's sampling rule, shared by the library, /v1/generate and `deepthink generate`: temperature is 0

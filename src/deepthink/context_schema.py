@@ -9,6 +9,8 @@ against the JSON; `json_sha256` is the integrity digest over the JSON's content.
     1  no digest: still loads, with an `UnverifiedContextWarning` (its edits cannot be detected)
     2  "json_sha256" (sha256 of the canonical JSON of every other field; it covers the tensors through
        "checksums") and "task" (the task definition the context was tuned on, or null)
+    3  "adapter": a peft adapter saved beside the cache (the folder adapter/, deepthink/adapter.py) and its files'
+       sha256; written only for a context that carries one (a peft baseline's), every other context is format 2
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import re
 import string
 from pathlib import Path
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2          # what a context without an adapter is written as
+ADAPTER_FORMAT = 3          # ... and one with an adapter; the newest this deepthink reads
 DTYPES = ("float32", "bfloat16", "float16")             # what a context is saved and loaded in
 SAFETENSORS_DTYPES = {"F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2)}
 MAX_JSON_BYTES = 32 << 20       # context.json: prefix ids, per-step norms and the demonstration text
@@ -33,12 +36,17 @@ REQUIRED = ("format_version", "model", "dtype", "tuning", "steps_done", "stopped
             "tokens", "layers", "history", "tensors", "checksums")
 OPTIONAL = ("deepthink_version", "origin", "method")
 ADDED_IN_2 = ("json_sha256", "task")
+ADDED_IN_3 = ("adapter",)
+ADAPTER_KEYS = ("peft_version", "in_model", "sha256")
 MODEL_REQUIRED = ("name", "source", "fingerprint", "tokenizer_fingerprint")
 MODEL_OPTIONAL = ("model_type", "max_positions", "sliding_window")
 ORIGIN_KEYS = ("task", "seed", "shots", "demos_file")
 HISTORY_KEYS = ("step", "dk", "dv", "loss", "batch", "lr", "grad_norm")   # lr, grad_norm: gradient updates
 METHOD_KEYS = ("name", "options", "selection")
-SAVING_METHODS = ("grad_kv",)       # methods whose cache `deepthink tune` saves (tuning.gradient.METHOD_NAME)
+# methods whose cache `deepthink tune` saves (tuning.gradient.METHOD_NAME, methods/ctkv.py, methods/peft_baselines.py)
+SAVING_METHODS = ("grad_kv", "ct_kv", "lora", "lora_icl", "ia3", "prefix", "prompt", "cpt")
+IN_MODEL = ("lora", "lora_icl", "ia3")                      # their cache and scores need the adapter in the model
+PEFT_SAVED = (*IN_MODEL, "prefix", "prompt", "cpt")           # contexts that carry a peft adapter
 # task fields that do not change how a row becomes a query and its choices (compared when --task is also given)
 TASK_NOT_FORMAT = ("name", "description", "hf_dataset", "hf_config", "hf_splits", "data_files", "sampling",
                    "scored_subset", "demo_pool", "quirks", "deviations")
@@ -194,12 +202,12 @@ def _check_meta(meta, c: "_Check") -> int:
     if not _is_int(version) or version < 1:
         c.fail("format_version", f"{show(version)} is not one deepthink knows (expected an integer "
                                  f"1..{FORMAT_VERSION}): not a deepthink context")
-    if version > FORMAT_VERSION:
+    if version > ADAPTER_FORMAT:
         made = meta.get("deepthink_version")
         made = made if isinstance(made, str) and len(made) < 40 else "a newer deepthink"
-        c.fail("format_version", f"context format version {version} is newer than the {FORMAT_VERSION} this "
+        c.fail("format_version", f"context format version {version} is newer than the {ADAPTER_FORMAT} this "
                                  f"deepthink reads (it was written by deepthink {made}): upgrade deepthink")
-    added = ADDED_IN_2 if version >= 2 else ()
+    added = (ADDED_IN_2 if version >= 2 else ()) + (ADDED_IN_3 if version >= 3 else ())
     missing = [k for k in REQUIRED + added if k not in meta]
     model = meta.get("model")
     missing += [f"model.{k}" for k in MODEL_REQUIRED if not isinstance(model, dict) or k not in model]
@@ -292,6 +300,8 @@ def _check_how(c: _Check, meta: dict) -> tuple[int, str]:
     from .tuning.config import TuningConfig
 
     tuning, method = meta["tuning"], meta.get("method")
+    if meta.get("adapter") is not None and (tuning is not None or not isinstance(method, dict)):
+        c.fail("adapter", "is set, but no peft baseline made this context (its method record says which)")
     if tuning is not None:
         if method is not None:
             c.fail("method", "is set together with tuning: a context is made by forward tuning (tuning) or by a "
@@ -315,7 +325,11 @@ def _check_how(c: _Check, meta: dict) -> tuple[int, str]:
     if not isinstance(options, dict) or len(options) > 100 or not all(
             k.isidentifier() and len(k) <= 100 and _is_plain(v) for k, v in options.items()):
         c.fail("method.options", f"{show(options)} is not an object of option names and plain values")
-    cap = c.int("method.options.steps", options.get("steps"), 1, MAX_STEPS)
+    if method["name"] == "ct_kv":      # epochs E: steps 1 (plain ICL, epoch 0) .. E + 1
+        cap = c.int("method.options.epochs", options.get("epochs"), 1, MAX_STEPS - 1) + 1
+    else:                              # grad_kv: T in 1..steps; a peft baseline: updates in 0..steps
+        cap = c.int("method.options.steps", options.get("steps"), 1, MAX_STEPS)
+    _check_adapter(c, meta, method["name"])
     selection = method.get("selection")
     if selection is not None:
         if not isinstance(selection, dict) or len(selection) > 100 or not all(
@@ -331,7 +345,30 @@ def _check_how(c: _Check, meta: dict) -> tuple[int, str]:
             if selection["chosen_steps"] != meta["steps_done"]:
                 c.fail("steps_done", f"{show(meta['steps_done'])}, but method.selection.chosen_steps is "
                                      f"{selection['chosen_steps']}")
-    return cap, f" (method.options.steps is {cap})"
+    return cap, (f" (method.options.epochs is {cap - 1})" if method["name"] == "ct_kv" else
+                 f" (method.options.steps is {cap})")
+
+
+def _check_adapter(c: _Check, meta: dict, name: str) -> None:
+    """A peft baseline's context carries its adapter (format 3), and no other context does."""
+    adapter = meta.get("adapter")
+    if name not in PEFT_SAVED:
+        if adapter is not None:
+            c.fail("adapter", f"is set, but method {name} saves no peft adapter")
+        return
+    if adapter is None:
+        c.fail("adapter", f"is missing: method {name} saves its peft adapter (format {ADAPTER_FORMAT}); {RESAVE}")
+    c.keys("adapter", adapter, ADAPTER_KEYS, ADAPTER_KEYS)
+    c.text("adapter.peft_version", adapter["peft_version"], limit=100, empty=False)
+    if adapter["in_model"] is not (name in IN_MODEL):
+        c.fail("adapter.in_model", f"{show(adapter['in_model'])}, but method {name} "
+                                   + ("needs" if name in IN_MODEL else "does not need") + " its adapter in the model")
+    from .adapter import FILES
+
+    c.keys("adapter.sha256", adapter["sha256"], FILES, FILES)
+    for k, v in adapter["sha256"].items():
+        if not isinstance(v, str) or not HEX64.fullmatch(v):
+            c.fail(f"adapter.sha256.{k}", f"{show(v)} is not a sha256 (64 hexadecimal digits)")
 
 
 def _is_plain(v) -> bool:

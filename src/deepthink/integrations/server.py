@@ -202,6 +202,8 @@ class ContextInfo(BaseModel):
     tokens: int = Field(description="prefix length L (tuned demonstration tokens)")
     steps: int = Field(description="forward-tuning steps done")
     tuning: dict | None = Field(description="the TuningConfig it was tuned with (null for a zero-shot context)")
+    method: str | None = Field(default=None, description="the method that made it when not forward tuning: grad_kv, "
+                               "ct_kv or a peft baseline (lora, lora_icl, ia3: served with the adapter in the model)")
     origin: dict | None = Field(description="where the demonstrations came from (task, seed, shots or file)")
     stopped: str | None = Field(description="why tuning stopped early, if it did")
 
@@ -761,7 +763,8 @@ def create_app(contexts: dict[str, TunedContext], config: ServeConfig | None = N
     async def list_contexts():
         return [ContextInfo(name=name, model={"name": c.lm.name},
                             dtype=str(c.lm.dtype).removeprefix("torch."), tokens=c.length, steps=c.steps_done,
-                            tuning=c.config.to_dict() if c.config else None, origin=c.origin, stopped=c.stopped)
+                            tuning=c.config.to_dict() if c.config else None, origin=c.origin, stopped=c.stopped,
+                            method=(c.method or {}).get("name"))
                 for name, c in contexts.items()]
 
     @app.post("/v1/score", response_model=ScoreResponse,

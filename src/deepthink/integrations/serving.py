@@ -127,16 +127,21 @@ def parse_context_specs(specs: list[str]) -> dict[str, Path]:
 
 def load_contexts(specs: dict[str, Path], model: str | None = None, device: str = "cpu",
                   dtype: str | None = None) -> dict[str, TunedContext]:
-    """Load every context for the model it records (or `model`), each distinct model once, and verify it."""
+    """Load every context for the model it records (or `model`), each distinct model once, and verify it. A context
+    that needs its peft adapter in the model (lora, lora_icl, ia3) gets a model of its own, which holds the adapter."""
     import torch
 
     metas = {}
     for name, path in specs.items():            # read every config first: a bad folder fails before any model loads
         try:
             metas[name] = TunedContext.read_config(path)
-        except (ValueError, FileNotFoundError) as e:
+            if (metas[name].get("adapter") or {}).get("in_model"):
+                from ..adapter import peft_module
+
+                peft_module()        # lora, lora_icl, ia3: their adapter goes into the model
+        except (ValueError, FileNotFoundError, ImportError) as e:
             raise type(e)(f"context {name!r}: {e}") from None
-    lms: dict[tuple[str, str], object] = {}
+    lms: dict[tuple[str, str, str | None], object] = {}
     out = {}
     for name, path in specs.items():
         meta = metas[name]
@@ -145,10 +150,12 @@ def load_contexts(specs: dict[str, Path], model: str | None = None, device: str 
         if source == "in-memory":
             raise ValueError(f"context {name!r} ({path}) was tuned with an in-memory model ({m['name']!r}); pass --model")
         dt = dtype or meta["dtype"]
-        if (source, dt) not in lms:
-            lms[source, dt] = load_model(source, device=device, dtype=getattr(torch, dt))
+        own = (meta.get("adapter") or {}).get("in_model")
+        key = (source, dt, name if own else None)
+        if key not in lms:
+            lms[key] = load_model(source, device=device, dtype=getattr(torch, dt))
         try:
-            out[name] = TunedContext.load(path, lms[source, dt])
-        except (ValueError, FileNotFoundError) as e:
+            out[name] = TunedContext.load(path, lms[key])
+        except (ValueError, FileNotFoundError, ImportError) as e:       # ImportError: peft, for an adapter
             raise type(e)(f"context {name!r}: {e}") from None
     return out

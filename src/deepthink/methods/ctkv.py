@@ -148,6 +148,11 @@ class CTKV(Method):
                 ctx = icl                 # the same object as every other method's ICL: its scores are shared
             if epoch in keep:
                 points.append((epoch, ctx))
+            if setup.on_step is not None and epoch > 0:     # `deepthink tune`'s progress line, one per epoch
+                last = tuner.history[-1]
+                setup.on_step({"step": epoch, "loss": last["loss"] if last["step"] == epoch + 1 else None,
+                               "dev_accuracy": setup.dev_accuracy(ctx)["sum"] if setup.dev and epoch in keep
+                               else None})
         return tuner, points, time.perf_counter() - start, _peak_rss_mb()
 
     def describe(self, info: dict) -> str:

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import kv
+from ..adapter import INSTALL, peft_module  # noqa: F401  (INSTALL: the hint, re-exported)
 from ..context import TunedContext
 from .base import Method, MethodFailed, Prepared, Setup, register_method
 from .selection import argmax_first
@@ -44,15 +45,8 @@ from .selection import argmax_first
 LR_GRID = {"lora": (1e-4, 1e-3, 1e-2), "ia3": (1e-3, 1e-2, 1e-1), "prefix": (1e-3, 1e-2, 1e-1),
            "prompt": (1e-3, 1e-2, 1e-1), "cpt": (1e-3, 1e-2, 1e-1)}
 ATTENTION = ("attn", "attention")     # a module whose name holds one of these is an attention block
-INSTALL = "pip install 'deepthink[peft]' (peft==0.21.2)"
 
-
-def _peft():
-    try:
-        import peft
-    except ImportError:
-        raise ImportError(f"the peft baselines need the peft library: {INSTALL}") from None
-    return peft
+_peft = peft_module        # the peft library, or an ImportError with the install hint (INSTALL)
 
 
 # ---- configs ------------------------------------------------------------------------------------------------------
@@ -282,6 +276,8 @@ class PeftMethod(Method):
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 losses.append(loss.item())
+                if setup.on_step is not None:       # `deepthink tune`'s progress line (dev is scored after the run)
+                    setup.on_step({"step": t + 1, "loss": losses[-1], "dev_accuracy": None})
             nbytes = sum(v.numel() * v.element_size() for v in states[-1].values())
         finally:
             self._remove(model)
