@@ -350,6 +350,15 @@ def _grad_kv(lm, inputs: Inputs, cfg, selection: str, step, say):
     cfg = dataclasses.replace(cfg, selection=selection)
     setup = Setup(lm, inputs.text, dev, demos=items,
                   on_step=lambda info: step(info["step"], cfg.steps, info["loss"], info["dev_accuracy"]))
+    if selection in GUARDED and not dev and len(items) > 1:
+        # a guarded rule without dev items keeps T = 1 whatever the steps would give: none are run (plain ICL)
+        icl = setup.icl()
+        record = {"name": GradKV.name, "options": options.to_dict(),
+                  "selection": {"rule": selection, "chosen_steps": 1, "level": cfg.level, "dev_items": 0,
+                                "accuracy_curve": [], "train_loss": [],
+                                "note": f"{selection} without dev items: T = 1 (plain ICL); no step was run"}}
+        return TunedContext(lm, icl.keys, icl.values, icl.prefix_ids, config=None, demonstrations=inputs.text,
+                            steps_done=1, history=[], stopped=None, method=record)
     prepared = GradKV(cfg).prepare(setup)
     info, best = prepared.info, prepared.scorer
     used = info["selection_used"]

@@ -105,7 +105,7 @@ def test_guarded_rule_without_dev_items_warns_and_is_plain_icl():
         assert why in msg and "keeps T = 1 (plain ICL)" in msg and "--selection loo" in msg
         sel = ctx.method["selection"]
         assert ctx.steps_done == 1 and sel["rule"] == "dev-mcnemar" and sel["dev_items"] == 0
-        assert "without dev items" in sel["note"]
+        assert "without dev items" in sel["note"] and sel["train_loss"] == []     # no Adam step was run for it
         assert api.selection_summary(sel) == "T = 1 kept: dev-mcnemar needs dev items and had none (plain ICL)"
 
 
