@@ -31,6 +31,17 @@ def peft_module():
     return peft
 
 
+def in_model(meta: dict) -> bool:
+    """Whether the context whose context.json is `meta` needs its adapter in the model (lora, lora_icl, ia3)."""
+    return bool((meta.get("adapter") or {}).get("in_model"))
+
+
+def require_peft(meta: dict) -> None:
+    """The install hint (ImportError) before a model loads, if the context's adapter must go into it."""
+    if in_model(meta):
+        peft_module()
+
+
 def holds_adapter(model) -> bool:
     """Whether peft has put an adapter's layers into `model` (a LoRA or IA3 layer in place of a linear one)."""
     return any(type(m).__module__.startswith("peft.") for m in model.modules())

@@ -20,10 +20,9 @@ def load_context(path, model: str | None = None, dtype: str | None = None, devic
     import torch
 
     meta = TunedContext.read_config(path)
-    if (meta.get("adapter") or {}).get("in_model"):
-        from .adapter import peft_module
+    from .adapter import require_peft
 
-        peft_module()                  # the install hint before the model loads: its adapter goes into the model
+    require_peft(meta)                 # the install hint before the model loads: its adapter goes into the model
     m = meta["model"]
     if model is None:
         if m["name"] in REGISTRY:

@@ -131,14 +131,13 @@ def load_contexts(specs: dict[str, Path], model: str | None = None, device: str 
     that needs its peft adapter in the model (lora, lora_icl, ia3) gets a model of its own, which holds the adapter."""
     import torch
 
+    from ..adapter import in_model, require_peft
+
     metas = {}
     for name, path in specs.items():            # read every config first: a bad folder fails before any model loads
         try:
             metas[name] = TunedContext.read_config(path)
-            if (metas[name].get("adapter") or {}).get("in_model"):
-                from ..adapter import peft_module
-
-                peft_module()        # lora, lora_icl, ia3: their adapter goes into the model
+            require_peft(metas[name])        # lora, lora_icl, ia3: their adapter goes into the model
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise type(e)(f"context {name!r}: {e}") from None
     lms: dict[tuple[str, str, str | None], object] = {}
@@ -150,8 +149,7 @@ def load_contexts(specs: dict[str, Path], model: str | None = None, device: str 
         if source == "in-memory":
             raise ValueError(f"context {name!r} ({path}) was tuned with an in-memory model ({m['name']!r}); pass --model")
         dt = dtype or meta["dtype"]
-        own = (meta.get("adapter") or {}).get("in_model")
-        key = (source, dt, name if own else None)
+        key = (source, dt, name if in_model(meta) else None)
         if key not in lms:
             lms[key] = load_model(source, device=device, dtype=getattr(torch, dt))
         try:
