@@ -239,6 +239,12 @@ CHOICE = ("The rule is chosen on the screen alone, by this rule written before a
           "the one with the highest mean difference to the bar (mean over models); a tie goes to the earlier "
           "candidate in the table (64 dev items before 128, lower levels before higher). If no candidate clears "
           "the worst-case line, the one with the highest worst (model, task) mean.")
+PRODUCT = ("What the product does with it, written after 35 of the confirmation's 45 units had been read and before "
+           "the last 10 were: grad_kv's default selection moves from dev-acc to the rule chosen on the screen when, "
+           "on the complete confirmation, the chosen rule's paired difference to dev-acc (same items, each rule's "
+           "own T) has a mean of at least 0 on every model and its worst (model, task) mean vs ICL is no lower "
+           "than dev-acc's, whether the goal below is met or not (it is then at least as good and as safe as what "
+           "users get today); otherwise the default stays dev-acc.")
 
 
 def load_cases(stage: str) -> list[dict]:
@@ -319,6 +325,21 @@ def measure(cases: list[dict], name: str, rule: str, level: float, items: str) -
             "mean_icl": sum(per_model[m][0].mean for m in models) / len(models)}
 
 
+def versus(cases: list[dict], a: dict, b: dict) -> dict:
+    """Per model, the paired difference of rule `a`'s eval outcomes to rule `b`'s (results of `measure` on the
+    same cases; each at its own T), mean over tasks with its interval."""
+    from deepthink.evaluation.stats import paired_bootstrap
+
+    out = {}
+    for m in sorted({c["model"] for c in cases}):
+        by_task = {}
+        for c, ta, tb in zip(cases, a["Ts"], b["Ts"]):
+            if c["model"] == m:
+                by_task.setdefault(c["task"], []).extend(x - y for x, y in zip(c["eval"][ta - 1], c["eval"][tb - 1]))
+        out[m] = paired_bootstrap(by_task)
+    return out
+
+
 def choose_rule(results: list[dict]) -> str:
     """The screen's choice (CHOICE, in words)."""
     safe = [r for r in results if r["worst_pair"][0] >= GOAL_WORST]
@@ -380,7 +401,7 @@ def write_markdown() -> Path:
              "Rules (methods/selection.py): dev-acc = today's default (dev accuracy, ties to the smaller T); "
              "dev-mcnemar@L = T = 1 unless some T beats it on dev by an exact one-sided sign test at level L, then "
              "the best such T by dev accuracy, then dev log-likelihood; dev-bootstrap@L = the same with a paired "
-             "bootstrap lower bound (quantile L) above 0.", "", CHOICE, ""]
+             "bootstrap lower bound (quantile L) above 0.", "", CHOICE, "", PRODUCT, ""]
     body, results = stage_lines("screen", screen, wants["screen"])
     lines += body + [""]
     chosen = None
@@ -400,6 +421,13 @@ def write_markdown() -> Path:
         lines += ["", f"Goal{done}: worst (model, task) mean of {chosen} vs ICL {c['worst_pair'][0]:+.1f} (needs ≥ "
                   f"{GOAL_WORST:+g}); mean Δ vs bar {c['mean_bar']:+.1f} against dev-acc's {today['mean_bar']:+.1f} "
                   f"(needs ≥ {today['mean_bar'] - GOAL_BAR:+.1f}): **{'met' if ok else 'not met'}**."]
+        if chosen != TODAY:
+            vs = versus(confirm, c, today)
+            switch = (all(v.mean >= 0 for v in vs.values()) and c["worst_pair"][0] >= today["worst_pair"][0])
+            lines += ["", f"Product{done}: {chosen} − {TODAY}, paired: "
+                      + "; ".join(f"{m} {v}" for m, v in vs.items())
+                      + f"; worst (model, task) vs ICL {c['worst_pair'][0]:+.1f} against {today['worst_pair'][0]:+.1f}"
+                      f": **the default {'becomes ' + chosen if switch else 'stays ' + TODAY}**."]
     write_atomic(MARKDOWN, "\n".join(lines) + "\n")
     return MARKDOWN
 

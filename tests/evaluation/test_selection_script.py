@@ -90,6 +90,21 @@ def test_the_confirmation_is_read_only_after_the_screen_and_checked_against_the_
     text = sel.MARKDOWN.read_text()
     assert row(text, "## Confirmation", "dev-mcnemar@0.05")[1].startswith("+15.0 [")
     assert "worst (model, task) mean of dev-mcnemar@0.05 vs ICL +0.0" in text and "**met**" in text
+    # against today's default on the same items: sst2 +20 (T = 1 against dev-acc's T = 2), mr 0 (both T = 2)
+    product = next(l for l in text.splitlines() if l.startswith("Product"))
+    assert "dev-mcnemar@0.05 − dev-acc, paired: m +10.0 [" in product and "against -20.0" in product
+    assert product.endswith("**the default becomes dev-mcnemar@0.05**.") and "provisional" not in product
+
+
+def test_the_default_stays_when_the_chosen_rule_loses_to_it_on_the_confirmation(sel):
+    fill(sel, "screen", 0)
+    # sst2 on the confirmation: dev-acc's T = 2 now wins 4 eval items that the guarded rule's T = 1 loses
+    write_unit(sel, "confirm", "sst2", 3, dev=[bits(5, 10), bits(7, 10), bits(5, 10)],
+               ev=[bits(10, 20), bits(14, 20), bits(10, 20)], icl=bits(10, 20), icl_cc=bits(0, 20), chosen=2)
+    sel.main(["--write-only"])
+    product = next(l for l in sel.MARKDOWN.read_text().splitlines() if l.startswith("Product"))
+    assert "(provisional: the confirmation is not complete)" in product        # mr of seed 3 is missing
+    assert "m -20.0 [" in product and product.endswith("**the default stays dev-acc**.")
 
 
 def test_replay_refuses_a_larger_dev_split_that_was_not_recorded(sel):
