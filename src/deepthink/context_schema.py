@@ -440,7 +440,7 @@ def check_tensor_header(path, meta: dict) -> None:
     recorded = meta["tensors"]
     extra, lacking = sorted(set(header) - set(recorded)), sorted(set(recorded) - set(header))
     if extra or lacking:
-        c.fail(None, f"does not match context.json: " + (f"tensor(s) {show(extra)} not listed there" if extra else
+        c.fail(None, "does not match context.json: " + (f"tensor(s) {show(extra)} not listed there" if extra else
                                                          f"tensor(s) {show(lacking)} missing") + f"; {RESAVE}")
     data = size - 8 - n
     for name, want in recorded.items():
