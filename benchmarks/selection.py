@@ -295,8 +295,6 @@ def bars(cases: list[dict]) -> dict:
 def measure(cases: list[dict], name: str, rule: str, level: float, items: str) -> dict:
     """One rule on the cases: per model the paired difference to ICL and to the bar, the worst (model, task) mean
     and unit against ICL, how often T = 1 was kept, the Ts chosen."""
-    from deepthink.evaluation.stats import paired_bootstrap
-
     bar = bars(cases)
     rows = []
     for c in cases:
@@ -305,14 +303,8 @@ def measure(cases: list[dict], name: str, rule: str, level: float, items: str) -
         rows.append({"case": c, "T": t, "vs_icl": [a - b for a, b in zip(got, c["icl"])],
                      "vs_bar": [a - b for a, b in zip(got, c[bar[(c["model"], c["task"])]])]})
     models = sorted({c["model"] for c in cases})
-    per_model = {}
-    for m in models:
-        by_icl, by_bar = {}, {}
-        for r in rows:
-            if r["case"]["model"] == m:
-                by_icl.setdefault(r["case"]["task"], []).extend(r["vs_icl"])
-                by_bar.setdefault(r["case"]["task"], []).extend(r["vs_bar"])
-        per_model[m] = (paired_bootstrap(by_icl), paired_bootstrap(by_bar))
+    icl, bar_ = by_model(cases, [r["vs_icl"] for r in rows]), by_model(cases, [r["vs_bar"] for r in rows])
+    per_model = {m: (icl[m], bar_[m]) for m in models}
     groups = {}
     for r in rows:
         groups.setdefault((r["case"]["model"], r["case"]["task"]), []).append(100 * sum(r["vs_icl"]) / len(r["vs_icl"]))
@@ -325,19 +317,26 @@ def measure(cases: list[dict], name: str, rule: str, level: float, items: str) -
             "mean_icl": sum(per_model[m][0].mean for m in models) / len(models)}
 
 
-def versus(cases: list[dict], a: dict, b: dict) -> dict:
-    """Per model, the paired difference of rule `a`'s eval outcomes to rule `b`'s (results of `measure` on the
-    same cases; each at its own T), mean over tasks with its interval."""
+def by_model(cases: list[dict], diffs: list[list[int]]) -> dict:
+    """Per model (sorted), the paired difference over its tasks' items: `diffs` holds each case's per-item
+    differences, in case order; mean over tasks with its 95 % bootstrap interval."""
     from deepthink.evaluation.stats import paired_bootstrap
 
     out = {}
     for m in sorted({c["model"] for c in cases}):
         by_task = {}
-        for c, ta, tb in zip(cases, a["Ts"], b["Ts"]):
+        for c, d in zip(cases, diffs):
             if c["model"] == m:
-                by_task.setdefault(c["task"], []).extend(x - y for x, y in zip(c["eval"][ta - 1], c["eval"][tb - 1]))
+                by_task.setdefault(c["task"], []).extend(d)
         out[m] = paired_bootstrap(by_task)
     return out
+
+
+def versus(cases: list[dict], a: dict, b: dict) -> dict:
+    """Per model, the paired difference of rule `a`'s eval outcomes to rule `b`'s (results of `measure` on the
+    same cases; each at its own T)."""
+    return by_model(cases, [[x - y for x, y in zip(c["eval"][ta - 1], c["eval"][tb - 1])]
+                            for c, ta, tb in zip(cases, a["Ts"], b["Ts"])])
 
 
 def choose_rule(results: list[dict]) -> str:
