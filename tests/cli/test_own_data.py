@@ -292,3 +292,23 @@ def test_generate_stop(tiny_model_dir, tmp_path, capsys):
     cut = run(capsys, *base, "--stop", stop, "--stop", "never-generated")[1][:-1]
     assert cut == full[:full.find(stop)]                                 # the server's rule: before the first one
     assert "--stop strings must be non-empty" in refused(capsys, *base, "--stop", "")
+
+
+# ---------------------------------------------------------------- the default dev split (issue 31)
+
+@pytest.mark.parametrize("rows, warned", [(200, False), (90, False), (40, True)])
+def test_the_default_dev_split_takes_what_there_is_and_warns_below_64(tmp_path, rows, warned):
+    """The default asks for api.DEV_SIZE (128) dev items; with fewer left it takes them all, and says the choice is
+    coarse only below api.DEV_FIRM (64), the size the default was measured with before."""
+    assert (api.DEV_SIZE, api.DEV_FIRM) == (128, 64)
+    train = write_rows(tmp_path / "t.jsonl", [{"text": f"ticket {i}", "label": ["low", "medium", "high"][i % 3]}
+                                              for i in range(rows)])
+    task = deepthink.task_from_template("Ticket: {text}\nUrgency:", ["low", "medium", "high"], train=train)
+    inputs = api.resolve(task, method="grad_kv")
+    assert len(inputs.dev) == min(rows - 3, api.DEV_SIZE)
+    assert any("dev items" in w for w in inputs.warnings) == warned
+    if warned:
+        assert f"only {rows - 3} dev items" in " ".join(inputs.warnings)
+    # an explicit size larger than the rows left is refused, as before
+    with pytest.raises(ValueError, match=f"only {min(rows - 3, 200)} rows are left"):
+        api.resolve(task, method="grad_kv", dev_size=1000)

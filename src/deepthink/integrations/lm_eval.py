@@ -43,6 +43,7 @@ except ModuleNotFoundError as e:         # pragma: no cover - the message is the
                               "pip install 'deepthink[lm-eval]'") from e
 
 import deepthink
+from deepthink.api import DEV_SIZE
 from deepthink.methods.gradient import GradKVConfig
 from deepthink.tuning import TuningConfig
 
@@ -116,7 +117,7 @@ class DeepThinkLM(TemplateLM):
                                  "few-shot prompts do not give: tune with `deepthink tune ... --out DIR` and pass "
                                  "context=DIR, or pass demos=FILE with task=T (a deepthink task name or .yaml file "
                                  "whose template the demonstrations follow)")
-            dev_size = _coerce("dev_size", tuning.pop("dev_size", 64), 64)
+            dev_size = _coerce("dev_size", tuning.pop("dev_size", DEV_SIZE), DEV_SIZE)
             defaults = GradKVConfig()
             grad = GradKVConfig(**{**defaults.to_dict(), **{k: _coerce(k, v, getattr(defaults, k))
                                                           for k, v in tuning.items()}})   # validated before loading
