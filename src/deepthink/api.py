@@ -554,7 +554,8 @@ def tune(lm, demonstrations=None, config=None, *, method: str | None = None, tas
         selection = config.selection if selection is None else selection
         if selection not in SELECTIONS:
             raise ValueError(f"unknown selection {selection!r}; valid: {', '.join(SELECTIONS)}")
-        if "level" in options and selection not in GUARDED:
+        default = {f.name: f.default for f in dataclasses.fields(config)}.get("level")
+        if ("level" in options or getattr(config, "level", None) != default) and selection not in GUARDED:
             raise ValueError(f"level is the threshold of the guarded rules ({', '.join(GUARDED)}); selection "
                              f"{selection!r} has none: drop level, or choose one of them")
     inputs = resolve(demonstrations, task=task, method=method, seed=seed, shots=shots, dev=dev, dev_size=dev_size,

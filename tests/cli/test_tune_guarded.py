@@ -9,6 +9,7 @@ import deepthink
 from deepthink import TunedContext, api
 from deepthink.cli import main
 from deepthink.methods import Setup
+from deepthink.methods.gradient import GradKVConfig
 from deepthink.methods.selection import sign_test
 from deepthink.scoring import Scores
 from deepthink.tasks import Example
@@ -113,6 +114,10 @@ def test_library_level_belongs_to_the_guarded_rules():
     lm = tiny_lm("llama")
     with pytest.raises(ValueError, match="level is the threshold of the guarded rules.*selection 'dev-acc'"):
         deepthink.tune(lm, ITEMS, dev=DEV, level=0.2)
+    with pytest.raises(ValueError, match="level is the threshold of the guarded rules.*selection 'dev-acc'"):
+        deepthink.tune(lm, ITEMS, dev=DEV, config=GradKVConfig(level=0.05))           # not silently ignored
+    with pytest.raises(ValueError, match="selection 'loo'"):
+        deepthink.tune(lm, ITEMS, dev=DEV, config=GradKVConfig(selection="dev-mcnemar", level=0.05), selection="loo")
     with pytest.raises(ValueError, match="level"):
         deepthink.tune(lm, ITEMS, dev=DEV, selection="dev-mcnemar", level=1.0)
     assert "dev-mcnemar" in api.SELECTIONS and "dev-bootstrap" in api.SELECTIONS
