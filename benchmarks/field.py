@@ -124,8 +124,17 @@ def lr_grid(method: str) -> tuple:
     return LR_GRID["lora" if method == "lora_icl" else method]    # lora_icl reads lora's training run
 
 
-def grid_methods() -> dict:
-    return {grid_key(m, lr): {**PEFT_OPTIONS, "lr": lr} for m in PEFT for lr in lr_grid(m)}
+def grid_methods(methods=None) -> dict:
+    return {grid_key(m, lr): {**PEFT_OPTIONS, "lr": lr} for m in methods or PEFT for lr in lr_grid(m)}
+
+
+def training_groups() -> list[list[str]]:
+    """PEFT as runs that each train their own adapters (lora_icl beside lora: it reads lora's training run). A unit
+    is saved after each run, so that an interrupt loses one method's work, not the unit's."""
+    groups: dict[str, list[str]] = {}
+    for m in PEFT:
+        groups.setdefault("lora" if m == "lora_icl" else m, []).append(m)
+    return list(groups.values())
 
 
 def collisions() -> set[str]:
@@ -263,15 +272,15 @@ def load_chosen() -> dict:
 # ---- the confirmation: the new methods added to the ablation confirmation's units --------------------------------
 
 def confirm_methods(seed: int) -> list[dict]:
-    """The methods added to a confirmation unit of `seed`, in two runs (a unit is saved after each: an interrupt in
-    ct_kv's long run keeps the peft methods): the peft methods at their chosen lr, then ct_kv on CT_KV_SEEDS."""
+    """The methods added to a confirmation unit of `seed`, one run per training group (a unit is saved after each:
+    an interrupt keeps every run before it): the peft methods at their chosen lr, then ct_kv on CT_KV_SEEDS."""
     chosen = load_chosen()["chosen"]
-    runs = [{m: {**PEFT_OPTIONS, "lr": chosen[m]} for m in PEFT}]
+    runs = [{m: {**PEFT_OPTIONS, "lr": chosen[m]} for m in group} for group in training_groups()]
     return runs + ([dict(CT_KV)] if seed in CT_KV_SEEDS else [])
 
 
 def confirm_jobs(models=None, tasks=None, seeds=None) -> list[list[tuple]]:
-    """Per run of confirm_methods, the (model, task, seed, config) jobs, each config the unit's own (ab.stage_config);
+    """The runs, each a list of (model, task, seed, config) jobs, each config the unit's own (ab.stage_config):
     every unit must already exist (this stage adds to them; it never starts one)."""
     stage = ab.STAGES["confirm"]
     units = [(m, t, s) for s in seeds or CONFIRM_SEEDS for m in models or stage["models"] for t in tasks or ab.TASKS]
@@ -280,11 +289,12 @@ def confirm_jobs(models=None, tasks=None, seeds=None) -> list[list[tuple]]:
         raise FileNotFoundError(f"the ablation confirmation lacks {len(missing)} unit(s) ({', '.join(missing[:3])}"
                                 f"{', ...' if len(missing) > 3 else ''}) in {CONFIRM / 'units'}: this stage only adds "
                                 "methods to finished units (benchmarks/ablations.py --stage confirm makes them)")
-    phases: list[list[tuple]] = [[], []]
+    peft, ct_kv = [], []          # each unit's peft runs in turn (a unit at a time), then ct_kv's long runs
     for m, t, s in units:
-        for i, methods in enumerate(confirm_methods(s)):
-            phases[i].append((m, t, s, ab.stage_config("confirm", m, t, s, methods)))
-    return [p for p in phases if p]
+        for methods in confirm_methods(s):
+            job = (m, t, s, ab.stage_config("confirm", m, t, s, methods))
+            (ct_kv if set(methods) <= set(CT_KV) else peft).append([job])
+    return peft + ([sum(ct_kv, [])] if ct_kv else [])
 
 
 def planned(seed: int) -> list[str]:
@@ -661,9 +671,10 @@ def write_markdown() -> Path:
 
 # ---- running -----------------------------------------------------------------------------------------------------
 
-def lr_config(model: str, task: str, seed: int) -> EvalConfig:
-    """The screen unit's own settings, the grid as methods, no per-step eval curve (the copies say curve False)."""
-    cfg = ab.stage_config("screen", model, task, seed, grid_methods())
+def lr_config(model: str, task: str, seed: int, methods=None) -> EvalConfig:
+    """The screen unit's own settings, the grid (of `methods`, default PEFT) as methods, no per-step eval curve (the
+    copies say curve False)."""
+    cfg = ab.stage_config("screen", model, task, seed, grid_methods(methods))
     return EvalConfig(**{**cfg.to_dict(), "curve": False})
 
 
@@ -674,12 +685,15 @@ def stage_jobs(stage: str, models=None, tasks=None, seeds=None) -> tuple[Path, l
                 if (not models or m in models) and (not tasks or t in tasks) and (not seeds or s in seeds)]
         for u in todo:
             copy_screen_unit(*u)
-        return RESULTS / "lr", [[(m, t, s, lr_config(m, t, s)) for m, t, s in todo]]
+        # a run per (unit, training group): each saves the unit, so that an interrupt loses one method's grid at most
+        return RESULTS / "lr", [[(m, t, s, lr_config(m, t, s, group))]
+                                for m, t, s in todo for group in training_groups()]
     if stage == "confirm":
         return CONFIRM, confirm_jobs(models, tasks, seeds)
-    methods = large_methods()
-    return RESULTS / "large", [[(m, t, s, large_config(t, methods)) for s in seeds or LARGE["seeds"]
-                                for m in models or LARGE["models"] for t in tasks or ab.TASKS]]
+    methods = large_methods()     # a run per (unit, part): the baselines with grad KV, then each picked method alone
+    parts = [{k: methods[k] for k in BASE}] + [{k: v} for k, v in methods.items() if k not in BASE]
+    return RESULTS / "large", [[(m, t, s, large_config(t, part))] for s in seeds or LARGE["seeds"]
+                               for m in models or LARGE["models"] for t in tasks or ab.TASKS for part in parts]
 
 
 def finished_units(out: Path, jobs: list[tuple]) -> set[str]:
@@ -717,10 +731,10 @@ def main(argv=None) -> int:
         every = [j for run in runs for j in run]
         before = finished_units(out, every)
         sitting = Sitting("python benchmarks/field.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-        error = None
+        error, models = None, {}          # one load of each model for all the runs
         try:
             for jobs in runs:
-                run_units(jobs, out, data_dir=args.data_dir, progress=not args.quiet, procs=procs)
+                run_units(jobs, out, data_dir=args.data_dir, progress=not args.quiet, procs=procs, lm_cache=models)
         except BaseException as e:    # recorded (a failed sitting costs time too), then raised
             error = stopped_by(e)
             raise

@@ -324,3 +324,32 @@ def test_the_rule_reads_only_the_confirmation_seeds_every_candidate_ran_on(tmp_p
         assert {m: (iv.low, iv.high) for m, iv in again[k]["ivs"].items() if iv} == \
             {m: (iv.low, iv.high) for m, iv in rows[k]["ivs"].items() if iv}
     assert fd.recommend(units + extra) == fd.recommend(units)
+
+
+def test_an_interrupt_in_the_lr_stage_loses_one_training_group_not_the_unit(tree, monkeypatch):
+    fd, model, abl, field = tree
+    calls = {}
+
+    def counting(name, real):
+        def prepare(self, setup):
+            calls[name] = calls.get(name, 0) + 1
+            if name == "prefix" and calls.get("stop"):
+                raise KeyboardInterrupt
+            return real(self, setup)
+        return prepare
+
+    for name in ("lora", "prefix"):
+        monkeypatch.setattr(METHODS[name], "prepare", counting(name, METHODS[name].prepare))
+    calls["stop"] = 1
+    with pytest.raises(KeyboardInterrupt):                            # in seed 0's prefix, after its lora run
+        fd.main(["--stage", "lr", *ARGS])
+    first = calls["lora"]
+    seed0 = json.loads(unit_path(field / "lr", model, "sst2", 0).read_text())
+    assert set(fd.grid_methods(["lora", "lora_icl"])) <= set(seed0["accuracy"])    # saved before the interrupt
+    assert not set(fd.grid_methods(["prefix"])) & set(seed0["methods"])
+    assert not (field / "lr" / "chosen.json").exists()
+    calls.clear()
+    assert fd.main(["--stage", "lr", *ARGS]) == 0
+    assert calls == {"lora": first, "prefix": 2 * len(fd.lr_grid("prefix"))}   # lora for seed 1 alone; prefix for both
+    assert (field / "lr" / "chosen.json").exists()
+    assert [g for g in fd.training_groups()] == [["lora", "lora_icl"], ["prefix"]]
