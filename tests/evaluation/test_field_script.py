@@ -51,6 +51,24 @@ def tree(tiny_model_dir, tmp_path, monkeypatch):
     return fd, model, abl, field
 
 
+def count_prepares(monkeypatch, names: tuple, stopping: str) -> dict:
+    """Count each named method's prepare calls in the returned dict; while it holds "stop", `stopping`'s prepare
+    raises KeyboardInterrupt (an interrupt in the middle of that method's run)."""
+    calls = {}
+
+    def counting(name, real):
+        def prepare(self, setup):
+            calls[name] = calls.get(name, 0) + 1
+            if name == stopping and calls.get("stop"):
+                raise KeyboardInterrupt
+            return real(self, setup)
+        return prepare
+
+    for name in names:
+        monkeypatch.setattr(METHODS[name], "prepare", counting(name, METHODS[name].prepare))
+    return calls
+
+
 ARGS = ["--quiet", "--data-dir", str(SHARED_DATA)]
 
 
@@ -85,18 +103,7 @@ def test_the_three_stages_on_a_tiny_model(tree, capsys, monkeypatch):
     assert made["rule"] == fd.RULE_LR and len((field / "lr" / "sittings.jsonl").read_text().splitlines()) == 1
 
     # the confirmation: interrupted in ct_kv (the second run), the peft methods are kept; resumed, only ct_kv runs
-    calls = {}
-
-    def counting(name, real):
-        def prepare(self, setup):
-            calls[name] = calls.get(name, 0) + 1
-            if name == "ct_kv" and calls.get("stop"):
-                raise KeyboardInterrupt
-            return real(self, setup)
-        return prepare
-
-    for name in ("lora", "ct_kv"):
-        monkeypatch.setattr(METHODS[name], "prepare", counting(name, METHODS[name].prepare))
+    calls = count_prepares(monkeypatch, ("lora", "ct_kv"), stopping="ct_kv")
     calls["stop"] = 1
     with pytest.raises(KeyboardInterrupt):
         fd.main(["--stage", "confirm", *ARGS])
@@ -328,18 +335,7 @@ def test_the_rule_reads_only_the_confirmation_seeds_every_candidate_ran_on(tmp_p
 
 def test_an_interrupt_in_the_lr_stage_loses_one_training_group_not_the_unit(tree, monkeypatch):
     fd, model, abl, field = tree
-    calls = {}
-
-    def counting(name, real):
-        def prepare(self, setup):
-            calls[name] = calls.get(name, 0) + 1
-            if name == "prefix" and calls.get("stop"):
-                raise KeyboardInterrupt
-            return real(self, setup)
-        return prepare
-
-    for name in ("lora", "prefix"):
-        monkeypatch.setattr(METHODS[name], "prepare", counting(name, METHODS[name].prepare))
+    calls = count_prepares(monkeypatch, ("lora", "prefix"), stopping="prefix")
     calls["stop"] = 1
     with pytest.raises(KeyboardInterrupt):                            # in seed 0's prefix, after its lora run
         fd.main(["--stage", "lr", *ARGS])
