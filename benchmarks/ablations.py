@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from deepthink.evaluation import EvalConfig, run_units
 from deepthink.evaluation.distributed import Processes
-from deepthink.evaluation.provenance import Sitting, sitting_lines, stopped_by
+from deepthink.evaluation.provenance import Sitting, interrupt_on_sigterm, sitting_lines, stopped_by
 from deepthink.evaluation.report import fmt, label, load_units, replace_marked, unit_correct
 from deepthink.evaluation.runner import FITTED
 from deepthink.evaluation.stats import paired_bootstrap, wins_ties_losses
@@ -612,6 +612,7 @@ def main(argv=None) -> int:
         methods = GRID if args.stage == "screen" else confirm_methods()
         out = RESULTS / args.stage
         before = {f.name for f in (out / "units").glob("*.json")} if (out / "units").exists() else set()
+        interrupt_on_sigterm()     # a kill ends the sitting as Ctrl-C does: recorded, the units written kept
         sitting = Sitting("python benchmarks/ablations.py " + " ".join(argv or sys.argv[1:]))
         # seed-major: an interrupt leaves whole seeds
         jobs = [(model, task, seed, stage_config(args.stage, model, task, seed, methods))

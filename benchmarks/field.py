@@ -48,7 +48,7 @@ import ablations as ab  # noqa: E402  (the units, protocol and statistics of the
 
 from deepthink.evaluation import EvalConfig, run_units  # noqa: E402
 from deepthink.evaluation.distributed import Processes  # noqa: E402
-from deepthink.evaluation.provenance import Sitting, sitting_lines, stopped_by  # noqa: E402
+from deepthink.evaluation.provenance import Sitting, interrupt_on_sigterm, sitting_lines, stopped_by  # noqa: E402
 from deepthink.evaluation.report import fmt, label, load_units, replace_marked  # noqa: E402
 from deepthink.evaluation.runner import read_unit, unit_path  # noqa: E402
 from deepthink.evaluation.stats import wins_ties_losses  # noqa: E402
@@ -730,6 +730,7 @@ def main(argv=None) -> int:
         log = RESULTS / args.stage / "sittings.jsonl"
         every = [j for run in runs for j in run]
         before = finished_units(out, every)
+        interrupt_on_sigterm()     # a kill ends the sitting as Ctrl-C does: recorded, the units written kept
         sitting = Sitting("python benchmarks/field.py " + " ".join(argv if argv is not None else sys.argv[1:]))
         error, models = None, {}          # one load of each model for all the runs
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from deepthink.evaluation import EvalConfig, run_units
 from deepthink.evaluation.distributed import Processes
-from deepthink.evaluation.provenance import Sitting, sitting_lines, stopped_by
+from deepthink.evaluation.provenance import Sitting, interrupt_on_sigterm, sitting_lines, stopped_by
 from deepthink.evaluation.report import label, load_units, unit_correct
 from deepthink.evaluation.stats import paired_bootstrap
 from deepthink.io import write_atomic
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     procs = Processes()
     set_threads(procs.threads(None))
     if not args.write_only:
+        interrupt_on_sigterm()     # a kill ends the sitting as Ctrl-C does: recorded, the units written kept
         sitting, lm_cache = Sitting("python benchmarks/grad_oneshot.py " + " ".join(argv or sys.argv[1:])), {}
         before, error = finished_files(), None
         try:

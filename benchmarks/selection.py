@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -202,12 +201,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     if not args.write_only:
-        from deepthink.evaluation.provenance import Sitting, stopped_by
+        from deepthink.evaluation.provenance import Sitting, interrupt_on_sigterm, stopped_by
         from deepthink.models import set_threads
 
         set_threads(args.threads)
-        # a kill (SIGTERM) ends the sitting like an interrupt: recorded, the unit in flight lost, the rest kept
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")))
+        interrupt_on_sigterm()   # a kill ends the sitting like an interrupt: recorded, the rest kept
         for stage in args.stage:
             jobs = jobs_of([stage], args.models, args.tasks, args.seeds)
             sitting = Sitting("python benchmarks/selection.py " + " ".join(sys.argv[1:] if argv is None else argv))

@@ -717,7 +717,7 @@ def main(argv=None) -> int:
     if args.seeds is not None and any(s < 0 for s in args.seeds):
         p.error("--seeds must be integers >= 0")
     if not args.write_only:
-        from deepthink.evaluation.provenance import Sitting, stopped_by
+        from deepthink.evaluation.provenance import Sitting, interrupt_on_sigterm, stopped_by
         from deepthink.models import set_threads
 
         set_threads()                   # the physical cores, as the other benchmarks
@@ -726,6 +726,7 @@ def main(argv=None) -> int:
         files = (lambda: {f.stem for f in out.glob("*__*.json")}) if args.diagnose else \
             (lambda: {f.stem for f in (out / "units").glob("*.json")})
         before = files()
+        interrupt_on_sigterm()     # a kill ends the sitting as Ctrl-C does: recorded, the units written kept
         sitting = Sitting("python benchmarks/staicc.py " + " ".join(sys.argv[1:] if argv is None else argv))
         error = None
         try:

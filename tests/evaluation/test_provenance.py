@@ -1,9 +1,11 @@
 """The provenance a result carries: the git of the code that ran, and the sittings log of resumable benchmarks."""
 import json
+import os
+import signal
 
 import pytest
 
-from deepthink.evaluation.provenance import Sitting, git_hash, sitting_lines, stopped_by
+from deepthink.evaluation.provenance import Sitting, git_hash, interrupt_on_sigterm, sitting_lines, stopped_by
 
 
 def test_git_hash_names_this_checkout():
@@ -56,3 +58,14 @@ def test_a_sitting_takes_the_git_hash_when_it_starts():
     git_hash.cache_clear()
     Sitting("python bench.py")
     assert git_hash.cache_info().currsize == 1
+
+
+def test_a_kill_ends_a_sitting_as_an_interrupt_does():
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        interrupt_on_sigterm()
+        with pytest.raises(KeyboardInterrupt) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stopped_by(e.value) == "KeyboardInterrupt: SIGTERM"
+    finally:
+        signal.signal(signal.SIGTERM, before)

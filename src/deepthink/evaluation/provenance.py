@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import platform
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -38,6 +39,15 @@ def environment() -> dict:
     return {"deepthink": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "git": git_hash(),
             "threads": torch.get_num_threads()}
+
+
+def interrupt_on_sigterm() -> None:
+    """Make a kill (SIGTERM) end a benchmark's sitting as Ctrl-C does, with KeyboardInterrupt("SIGTERM"): the sitting
+    is recorded and the units already written are kept. Needed beside Ctrl-C because a job started in the background
+    of a non-interactive shell (nohup ... &) ignores SIGINT, and an unhandled SIGTERM ends Python without a record."""
+    def _raise(*_):
+        raise KeyboardInterrupt("SIGTERM")
+    signal.signal(signal.SIGTERM, _raise)
 
 
 def stopped_by(e: BaseException) -> str:
