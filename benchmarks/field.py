@@ -624,13 +624,15 @@ def readme_block(confirm: list[dict], large: list[dict]) -> str:
     bar = ab.better_baseline(all_units)
     models = sorted({u["model"] for u in all_units}, key=lambda m: (m not in SMALL, m))
     lines = [head + " Points against the bar (the better of ICL and calibrated ICL per task), paired 95 % interval; "
-             "units finished so far.", "", "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+             "units finished so far, counted in each cell (a partial cell is not yet comparable with its row).", "",
+             "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for k in [DEFAULT] + new_methods():
         cells = []
         for m in models:
             mu = [u for u in all_units if u["model"] == m]
             f = failures(mu, k)
-            cells.append(f"fails: {next(iter(f.values()))}" if f else str(ab.compare(mu, k, bar) or "not measured yet"))
+            d, n = ab.compare(mu, k, bar), sum(k in u["accuracy"] for u in mu)     # n: the methods differ in units
+            cells.append(f"fails: {next(iter(f.values()))}" if f else f"{d} ({n} units)" if d else "not measured yet")
         lines.append(f"| {label(k)} | " + " | ".join(cells) + " |")
     best = recommend(all_units)[0] if confirm_complete(confirm) and len(large) == len(ab.TASKS) * len(LARGE["seeds"]) \
         else None
