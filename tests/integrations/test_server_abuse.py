@@ -214,10 +214,10 @@ def test_sigterm_with_an_unfinished_upload_answers_the_rest_and_exits(ctx_dir, t
 
 
 def test_sigterm_cancels_what_outlasts_the_graceful_timeout(ctx_dir, tmp_path):
-    server = Server(ctx_dir, tmp_path, "--graceful-timeout", 0.5, "--max-new-tokens", 1500)
+    server = Server(ctx_dir, tmp_path, "--graceful-timeout", 0.05, "--max-new-tokens", 1900)
     try:
         t, out = post_in_thread(server.url, "/v1/generate", {"context": "sent", "prompt": "Review: witty",
-                                                             "max_new_tokens": 1500, "stop_at_eos": False})
+                                                             "max_new_tokens": 1900, "stop_at_eos": False})
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(20) in (0, -signal.SIGTERM)
         t.join(30)
