@@ -348,4 +348,4 @@ def test_an_interrupt_in_the_lr_stage_loses_one_training_group_not_the_unit(tree
     assert fd.main(["--stage", "lr", *ARGS]) == 0
     assert calls == {"lora": first, "prefix": 2 * len(fd.lr_grid("prefix"))}   # lora for seed 1 alone; prefix for both
     assert (field / "lr" / "chosen.json").exists()
-    assert [g for g in fd.training_groups()] == [["lora", "lora_icl"], ["prefix"]]
+    assert fd.training_groups() == [["lora", "lora_icl"], ["prefix"]]
