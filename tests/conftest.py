@@ -179,6 +179,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_in_flight(url: str, endpoint: str, headers: dict | None = None, seconds: float = 30) -> None:
+    """Return once the server at `url` has begun a request to `endpoint` (its /metrics in-flight gauge), so that a
+    test signals the server while the request is surely being served, not while it is still on its way."""
+    import re
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    pattern = re.compile(rf'^deepthink_requests_in_flight\{{endpoint="{re.escape(endpoint)}"\}} [1-9]', re.M)
+    while not pattern.search(httpx.get(url + "/metrics", headers=headers, timeout=5).text):
+        assert time.monotonic() < deadline, f"no request to {endpoint} in flight after {seconds} s"
+        time.sleep(0.01)
+
+
 @pytest.fixture(scope="module")
 def ctx_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A context `deepthink tune` saved on the tiny model (forward tuning, sentiment-demo, 2 steps), one per test

@@ -20,7 +20,7 @@ import deepthink  # noqa: E402
 from deepthink.cli import main  # noqa: E402
 from deepthink.integrations.server import RepeatFilter, ScoreRequest, ServeConfig, create_app  # noqa: E402
 from deepthink.infer import task_queries  # noqa: E402
-from conftest import CHOICES, DEMOS, MULTI, QUERIES, approx, free_port, tiny_lm  # noqa: E402
+from conftest import CHOICES, DEMOS, MULTI, QUERIES, approx, free_port, tiny_lm, wait_in_flight  # noqa: E402
 
 DEMO_TEST = Path(deepthink.__file__).parent / "demo_data" / "sentiment_test.jsonl"
 ROWS = [json.loads(line) for line in DEMO_TEST.read_text().splitlines()]
@@ -364,6 +364,8 @@ def test_metrics_and_openapi(client):
     assert re.search(r'^deepthink_requests_total\{endpoint="/v1/score",status="200"\} [1-9]\d*$', text, re.M)
     assert re.search(r'^deepthink_request_seconds_bucket\{endpoint="/v1/score",le="\+Inf"\} [1-9]', text, re.M)
     assert re.search(r"^deepthink_batch_queries_count [1-9]", text, re.M)
+    assert re.search(r'^deepthink_requests_in_flight\{endpoint="/v1/score"\} 0$', text, re.M)    # answered
+    assert re.search(r'^deepthink_requests_in_flight\{endpoint="/metrics"\} 1$', text, re.M)     # this one
     assert re.search(r"^process_resident_memory_bytes [1-9]\d+$", text, re.M)
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     for name in ("ScoreRequest", "ScoreResult", "ScoreResponse", "PredictRequest", "PredictResult",
@@ -467,7 +469,7 @@ def test_sigterm_finishes_requests_in_flight(server):
         out["done"] = time.monotonic()
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.15)
+    wait_in_flight(url, "/v1/generate")
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     t.join(60)

@@ -18,7 +18,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
-from conftest import CHOICES, QUERIES, free_port  # noqa: E402
+from conftest import CHOICES, QUERIES, free_port, wait_in_flight  # noqa: E402
 
 KEY = "k3y-from-a-file"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -174,7 +174,7 @@ def test_the_key_comes_from_a_file_and_no_path_is_shown(guarded, tiny_model_dir,
 
 def post_in_thread(url: str, path: str, body: dict) -> tuple[threading.Thread, dict]:
     """POST on a connection the server has already accepted (a /healthz first, kept alive), from a thread;
-    returns once the POST is on its way."""
+    returns once the server has begun the POST."""
     out, connected = {}, threading.Event()
 
     def go():
@@ -188,7 +188,7 @@ def post_in_thread(url: str, path: str, body: dict) -> tuple[threading.Thread, d
     t = threading.Thread(target=go)
     t.start()
     assert connected.wait(30)
-    time.sleep(0.3)
+    wait_in_flight(url, path)
     return t, out
 
 

@@ -281,12 +281,19 @@ class Metrics:
     def __init__(self):
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.in_flight: dict[str, int] = defaultdict(int)
         self.latency: dict[str, _Histogram] = {}
         self.batch_requests = _Histogram(self.SIZES)
         self.batch_queries = _Histogram(self.SIZES)
 
-    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+    def begin_request(self, endpoint: str) -> None:
         with self.lock:
+            self.in_flight[endpoint] += 1
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """A request's end: counted by status, its latency observed, and no longer in flight."""
+        with self.lock:
+            self.in_flight[endpoint] -= 1
             self.requests[endpoint, status] += 1
             self.latency.setdefault(endpoint, _Histogram(self.LATENCY)).observe(seconds)
 
@@ -303,6 +310,9 @@ class Metrics:
                    "# TYPE deepthink_requests_total counter"]
             out += [f'deepthink_requests_total{{endpoint="{e}",status="{s}"}} {n}'
                     for (e, s), n in sorted(self.requests.items())]
+            out += ["# HELP deepthink_requests_in_flight HTTP requests begun and not yet answered, by endpoint.",
+                    "# TYPE deepthink_requests_in_flight gauge"]
+            out += [f'deepthink_requests_in_flight{{endpoint="{e}"}} {n}' for e, n in sorted(self.in_flight.items())]
             out += ["# HELP deepthink_request_seconds Request latency by endpoint.",
                     "# TYPE deepthink_request_seconds histogram"]
             for e, h in sorted(self.latency.items()):
@@ -513,6 +523,7 @@ class _Front:
             await send(message)
 
         openai = is_openai_path(path)
+        self.metrics.begin_request(endpoint)
         try:
             if self.api_key is not None and path not in OPEN_PATHS and not self._authorized(scope):
                 return await _send_json(send_noting, 401, _error_body(
