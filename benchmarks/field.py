@@ -464,38 +464,54 @@ def recommend(units: list[dict]) -> tuple[str, str]:
 
 def delta_section(units: list[dict], keys: list[str]) -> list[str]:
     """Per model: accuracy per task (fails shown), Δ vs ICL, vs the bar and vs grad KV with paired intervals; then
-    W/T/L per task against the bar over seeds."""
-    bar = ab.better_baseline(units)
+    W/T/L per task against the bar over seeds. Where the new methods ran on fewer seeds than the unit's baselines
+    (the small models: CONFIRM_SEEDS), the first table holds every method on those seeds alone (what the rules read,
+    everything on the same items), the second the methods that ran on every seed, on all of them."""
     lines = []
     for model in sorted({u["model"] for u in units}):
         mu = [u for u in units if u["model"] == model]
-        tasks = [t for t in ab.TASKS if any(u["task"] == t for u in mu)]
-        present = [k for k in keys if any(k in u["methods"] for u in mu)]
+        ju = judged(mu)
         seeds = sorted({u["seed"] for u in mu})
         lines += [f"### {model} ({len(mu)} units; seeds {', '.join(map(str, seeds))})", "",
-                  "Accuracy % (summed log-prob, mean ± std over the seeds it ran on; ct_kv on seed 3 alone). Δ = mean "
-                  "over tasks of the paired difference in points [95 % bootstrap interval over (seed, item)]; bar = the "
-                  f"better of ICL and calibrated ICL per task (chosen on eval); grad KV = `{DEFAULT}`. A method that "
-                  "failed on any seed of a task shows \"fails\" there and no Δ.", "",
-                  "| method | " + " | ".join(tasks) + " | Δ vs ICL | Δ vs bar | Δ vs grad KV |",
-                  "|---|" + "---|" * len(tasks) + "---|---|---|"]
-        wtl = []
-        for k in present:
-            cells = [cell(mu, k, model, t) for t in tasks]
-            failed = bool(failures(mu, k))
-            ds = ["–" if failed or k == ref else str(ab.compare(mu, k, ref) or "–")
-                  for ref in (ab.REFERENCE, bar, DEFAULT)]
-            lines.append(f"| {label(k)} | " + " | ".join(cells) + " | " + " | ".join(ds) + " |")
-            per = []
-            for t in tasks:
-                us = [u for u in mu if u["task"] == t and k in u["accuracy"] and bar(model, t) in u["accuracy"]]
-                w, ti, lo = wins_ties_losses([u["accuracy"][k]["sum"] for u in us],
-                                             [u["accuracy"][bar(model, t)]["sum"] for u in us])
-                per.append(f"{w}/{ti}/{lo}" if us else "–")
-            wtl.append(f"| {label(k)} | " + " | ".join(per) + " |")
-        lines += ["", "W/T/L per task against the bar, over seeds (accuracy per unit):", "",
-                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks), *wtl, ""]
+                  "Accuracy % (summed log-prob, mean ± std over the table's seeds). Δ = mean over tasks of the paired "
+                  "difference in points [95 % bootstrap interval over (seed, item)]; bar = the better of ICL and "
+                  f"calibrated ICL per task (chosen on eval, on the table's units); grad KV = `{DEFAULT}`. A method "
+                  "that failed on any seed of a task shows \"fails\" there and no Δ.", ""]
+        if len(ju) < len(mu):
+            js = sorted({u["seed"] for u in ju})
+            lines += [f"Seed{'s' if len(js) > 1 else ''} {', '.join(map(str, js))} alone: every method on the same "
+                      "units (the rules read these):", "", *method_table(ju, keys),
+                      f"Seeds {', '.join(map(str, seeds))}: the methods that ran on all of them:", "",
+                      *method_table(mu, [k for k in keys if all(k in u["methods"] or k in u["accuracy"] for u in mu)])]
+        else:
+            lines += method_table(mu, keys)
     return lines
+
+
+def method_table(mu: list[dict], keys: list[str]) -> list[str]:
+    """One model's units `mu`: the accuracy and Δ table of `keys` (those present), then its W/T/L table."""
+    bar = ab.better_baseline(mu)
+    model = mu[0]["model"]
+    tasks = [t for t in ab.TASKS if any(u["task"] == t for u in mu)]
+    present = [k for k in keys if any(k in u["methods"] for u in mu)]
+    lines = ["| method | " + " | ".join(tasks) + " | Δ vs ICL | Δ vs bar | Δ vs grad KV |",
+             "|---|" + "---|" * len(tasks) + "---|---|---|"]
+    wtl = []
+    for k in present:
+        cells = [cell(mu, k, model, t) for t in tasks]
+        failed = bool(failures(mu, k))
+        ds = ["–" if failed or k == ref else str(ab.compare(mu, k, ref) or "–")
+              for ref in (ab.REFERENCE, bar, DEFAULT)]
+        lines.append(f"| {label(k)} | " + " | ".join(cells) + " | " + " | ".join(ds) + " |")
+        per = []
+        for t in tasks:
+            us = [u for u in mu if u["task"] == t and k in u["accuracy"] and bar(model, t) in u["accuracy"]]
+            w, ti, lo = wins_ties_losses([u["accuracy"][k]["sum"] for u in us],
+                                         [u["accuracy"][bar(model, t)]["sum"] for u in us])
+            per.append(f"{w}/{ti}/{lo}" if us else "–")
+        wtl.append(f"| {label(k)} | " + " | ".join(per) + " |")
+    return lines + ["", "W/T/L per task against the bar, over seeds (accuracy per unit):", "",
+                    "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks), *wtl, ""]
 
 
 def _mb(x) -> str:
@@ -620,11 +636,13 @@ def readme_block(confirm: list[dict], large: list[dict]) -> str:
             "default: [benchmarks/results/FIELD.md](benchmarks/results/FIELD.md)).")
     if not units:
         return head + " Not measured yet: " + ", ".join(f"`{k}`" for k in new_methods()) + "."
-    all_units = confirm + large
+    all_units = judged(confirm + large)     # every method on the same units: what the rule reads
     bar = ab.better_baseline(all_units)
     models = sorted({u["model"] for u in all_units}, key=lambda m: (m not in SMALL, m))
-    lines = [head + " Points against the bar (the better of ICL and calibrated ICL per task), paired 95 % interval; "
-             "units finished so far, counted in each cell (a partial cell is not yet comparable with its row).", "",
+    lines = [head + " Points against the bar (the better of ICL and calibrated ICL per task), paired 95 % interval, "
+             f"on the units the rule reads (the small models' seed {', '.join(map(str, CONFIRM_SEEDS))} of each task, "
+             "where every method ran; grad KV's Δ over seeds 3-5 is in the ablation table above); units finished so "
+             "far, counted in each cell (a partial cell is not yet comparable with its row).", "",
              "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for k in [DEFAULT] + new_methods():
         cells = []

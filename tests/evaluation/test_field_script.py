@@ -314,6 +314,30 @@ def test_a_method_run_on_one_seed_is_held_against_icl_on_that_seed(tmp_path, mon
     assert row["worst"][0] == pytest.approx(-0.5)                    # 49.5 against seed 3's 50.0, not against 70.0
 
 
+def test_the_tables_set_every_method_on_the_seeds_the_rule_reads(tmp_path, monkeypatch):
+    """A small model's baselines ran on seeds 3 and 4, the new method on seed 3: FIELD.md's first table for it holds
+    every method on seed 3 alone (ICL's trec there 50.0, not the mean 70.0 over both seeds), the second only the
+    methods that ran on both seeds, and the README's cells read seed 3 alone."""
+    fd, units, rows = _judged(tmp_path, monkeypatch, {"one_seed": {m: (150, 99) for m in ALL}})
+    extra = tmp_path / "c" / "units"
+    icl, cc = _correct(180), _correct(90)
+    (extra / "m1__trec__seed4.predictions.jsonl").write_text("".join(
+        json.dumps({"index": i, "gold": 1, "icl": {"pred": icl[i]}, "icl_cc": {"pred": cc[i]}}) + "\n" for i in range(200)))
+    (extra / "m1__trec__seed4.json").write_text(json.dumps({
+        "model": "m1", "task": "trec", "seed": 4, "methods": {},
+        "accuracy": {"icl": {"sum": 90.0, "norm": 90.0}, "icl_cc": {"sum": 45.0, "norm": 45.0}}}))
+    confirm = fd.confirm_units()
+    text = "\n".join(fd.delta_section(confirm, ["icl", "icl_cc", "one_seed"]))
+    m1 = text.split("### m1")[1].split("### m2")[0]
+    first, second = m1.split("Seed 3 alone")[1].split("Seeds 3, 4")
+    assert "| ICL | 50.0 | 50.0 |" in first and "| one_seed | 75.0 | 49.5 |" in first
+    assert "| ICL | 50.0 | 70.0 ± 28.3 |" in second and "one_seed" not in second
+    assert "Seeds 3, 4" not in text.split("### m2")[1]                 # m2 ran on seed 3 alone: one table
+    monkeypatch.setattr(fd, "README", tmp_path / "README.md")
+    block = fd.readme_block(confirm, fd.large_units())
+    assert "| one_seed | +12.2 [" in block and "(2 units)" in block and "(3 units)" not in block
+
+
 def test_the_rule_reads_only_the_confirmation_seeds_every_candidate_ran_on(tmp_path, monkeypatch):
     """grad KV's units of seeds 4 and 5 exist beside seed 3, but every candidate is judged on seed 3 alone."""
     import copy
