@@ -477,7 +477,7 @@ def delta_section(units: list[dict], keys: list[str]) -> list[str]:
                   "difference in points [95 % bootstrap interval over (seed, item)]; bar = the better of ICL and "
                   f"calibrated ICL per task (chosen on eval, on the table's units); grad KV = `{DEFAULT}`. A method "
                   "that failed on any seed of a task shows \"fails\" there and no Δ.", ""]
-        if len(ju) < len(mu):
+        if ju and len(ju) < len(mu):      # no unit judged (a small name off its seeds): one table
             js = sorted({u["seed"] for u in ju})
             lines += [f"Seed{'s' if len(js) > 1 else ''} {', '.join(map(str, js))} alone: every method on the same "
                       "units (the rules read these):", "", *method_table(ju, keys),
