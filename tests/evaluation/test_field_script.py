@@ -299,16 +299,21 @@ def test_field_keys_do_not_collide_with_the_ablation_keys():
     assert all("@lr" in k and k.split("@")[0] in fd.PEFT for k in fd.grid_methods())
 
 
+def _icl_unit_seed4(units_dir: Path) -> None:
+    """m1 trec seed 4 with ICL (90 %) and calibrated ICL (45 %) alone: a seed the new methods did not run on."""
+    icl, cc = _correct(180), _correct(90)
+    (units_dir / "m1__trec__seed4.predictions.jsonl").write_text("".join(
+        json.dumps({"index": i, "gold": 1, "icl": {"pred": icl[i]}, "icl_cc": {"pred": cc[i]}}) + "\n" for i in range(200)))
+    (units_dir / "m1__trec__seed4.json").write_text(json.dumps({
+        "model": "m1", "task": "trec", "seed": 4, "methods": {},
+        "accuracy": {"icl": {"sum": 90.0, "norm": 90.0}, "icl_cc": {"sum": 45.0, "norm": 45.0}}}))
+
+
 def test_a_method_run_on_one_seed_is_held_against_icl_on_that_seed(tmp_path, monkeypatch):
     # ct_kv runs on seed 3 alone: its floor against ICL reads ICL on seed 3, not ICL's mean over every seed
     fd, units, rows = _judged(tmp_path, monkeypatch, {"one_seed": {m: (150, 99) for m in ALL}})
     extra = tmp_path / "c" / "units"                                  # a seed 4 unit without it, ICL far better
-    icl, cc = _correct(180), _correct(90)
-    (extra / "m1__trec__seed4.predictions.jsonl").write_text("".join(
-        json.dumps({"index": i, "gold": 1, "icl": {"pred": icl[i]}, "icl_cc": {"pred": cc[i]}}) + "\n" for i in range(200)))
-    (extra / "m1__trec__seed4.json").write_text(json.dumps({
-        "model": "m1", "task": "trec", "seed": 4, "methods": {},
-        "accuracy": {"icl": {"sum": 90.0, "norm": 90.0}, "icl_cc": {"sum": 45.0, "norm": 45.0}}}))
+    _icl_unit_seed4(extra)
     units = fd.confirm_units() + fd.large_units()
     row = {r["method"]: r for r in fd.judge(units)}["one_seed"]
     assert row["worst"][0] == pytest.approx(-0.5)                    # 49.5 against seed 3's 50.0, not against 70.0
@@ -320,12 +325,7 @@ def test_the_tables_set_every_method_on_the_seeds_the_rule_reads(tmp_path, monke
     methods that ran on both seeds, and the README's cells read seed 3 alone."""
     fd, units, rows = _judged(tmp_path, monkeypatch, {"one_seed": {m: (150, 99) for m in ALL}})
     extra = tmp_path / "c" / "units"
-    icl, cc = _correct(180), _correct(90)
-    (extra / "m1__trec__seed4.predictions.jsonl").write_text("".join(
-        json.dumps({"index": i, "gold": 1, "icl": {"pred": icl[i]}, "icl_cc": {"pred": cc[i]}}) + "\n" for i in range(200)))
-    (extra / "m1__trec__seed4.json").write_text(json.dumps({
-        "model": "m1", "task": "trec", "seed": 4, "methods": {},
-        "accuracy": {"icl": {"sum": 90.0, "norm": 90.0}, "icl_cc": {"sum": 45.0, "norm": 45.0}}}))
+    _icl_unit_seed4(extra)
     confirm = fd.confirm_units()
     text = "\n".join(fd.delta_section(confirm, ["icl", "icl_cc", "one_seed"]))
     m1 = text.split("### m1")[1].split("### m2")[0]
