@@ -477,14 +477,14 @@ def delta_section(units: list[dict], keys: list[str]) -> list[str]:
                   "difference in points [95 % bootstrap interval over (seed, item)]; bar = the better of ICL and "
                   f"calibrated ICL per task (chosen on eval, on the table's units); grad KV = `{DEFAULT}`. A method "
                   "that failed on any seed of a task shows \"fails\" there and no Δ.", ""]
-        if ju and len(ju) < len(mu):      # no unit judged (a small name off its seeds): one table
+        if not ju or len(ju) == len(mu):      # every unit judged, or none (a small model's name off its seeds)
+            lines += method_table(mu, keys)
+        else:
             js = sorted({u["seed"] for u in ju})
             lines += [f"Seed{'s' if len(js) > 1 else ''} {', '.join(map(str, js))} alone: every method on the same "
                       "units (the rules read these):", "", *method_table(ju, keys),
                       f"Seeds {', '.join(map(str, seeds))}: the methods that ran on all of them:", "",
                       *method_table(mu, [k for k in keys if all(k in u["methods"] or k in u["accuracy"] for u in mu)])]
-        else:
-            lines += method_table(mu, keys)
     return lines
 
 

@@ -179,7 +179,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_in_flight(url: str, endpoint: str, headers: dict | None = None, seconds: float = 30) -> None:
+def wait_in_flight(url: str, endpoint: str, seconds: float = 30) -> None:
     """Return once the server at `url` has begun a request to `endpoint` (its /metrics in-flight gauge), so that a
     test signals the server while the request is surely being served, not while it is still on its way."""
     import re
@@ -189,7 +189,7 @@ def wait_in_flight(url: str, endpoint: str, headers: dict | None = None, seconds
 
     deadline = time.monotonic() + seconds
     pattern = re.compile(rf'^deepthink_requests_in_flight\{{endpoint="{re.escape(endpoint)}"\}} [1-9]', re.M)
-    while not pattern.search(httpx.get(url + "/metrics", headers=headers, timeout=5).text):
+    while not pattern.search(httpx.get(url + "/metrics", timeout=5).text):
         assert time.monotonic() < deadline, f"no request to {endpoint} in flight after {seconds} s"
         time.sleep(0.01)
 

@@ -323,7 +323,7 @@ def test_the_tables_set_every_method_on_the_seeds_the_rule_reads(tmp_path, monke
     """A small model's baselines ran on seeds 3 and 4, the new method on seed 3: FIELD.md's first table for it holds
     every method on seed 3 alone (ICL's trec there 50.0, not the mean 70.0 over both seeds), the second only the
     methods that ran on both seeds, and the README's cells read seed 3 alone."""
-    fd, units, rows = _judged(tmp_path, monkeypatch, {"one_seed": {m: (150, 99) for m in ALL}})
+    fd = _judged(tmp_path, monkeypatch, {"one_seed": {m: (150, 99) for m in ALL}})[0]
     extra = tmp_path / "c" / "units"
     _icl_unit_seed4(extra)
     confirm = fd.confirm_units()
