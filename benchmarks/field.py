@@ -637,12 +637,14 @@ def readme_block(confirm: list[dict], large: list[dict]) -> str:
     if not units:
         return head + " Not measured yet: " + ", ".join(f"`{k}`" for k in new_methods()) + "."
     all_units = judged(confirm + large)     # every method on the same units: what the rule reads
+    ab_seeds = ab.STAGES["confirm"]["seeds"]     # the ablation confirmation's seeds, grad KV's row in its table
     bar = ab.better_baseline(all_units)
     models = sorted({u["model"] for u in all_units}, key=lambda m: (m not in SMALL, m))
     lines = [head + " Points against the bar (the better of ICL and calibrated ICL per task), paired 95 % interval, "
              f"on the units the rule reads (the small models' seed {', '.join(map(str, CONFIRM_SEEDS))} of each task, "
-             "where every method ran; grad KV's Δ over seeds 3-5 is in the ablation table above); units finished so "
-             "far, counted in each cell (a partial cell is not yet comparable with its row).", "",
+             f"where every method ran; grad KV's Δ over seeds {min(ab_seeds)}-{max(ab_seeds)} is in the ablation "
+             "table above); units finished so far, counted in each cell (a partial cell is not yet comparable with "
+             "its row).", "",
              "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for k in [DEFAULT] + new_methods():
         cells = []
