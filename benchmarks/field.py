@@ -350,6 +350,15 @@ def large_methods() -> dict:
     return {**{k: ab.GRID[k] for k in BASE}, **{k: made["options"][k] for k in made["picked"]}}
 
 
+def large_complete(large: list[dict]) -> bool:
+    """Whether every large-model unit holds the baselines, grad KV and the picked methods (a unit's file exists as soon as
+    its first part, the baselines, has run: counting files is not enough)."""
+    if len(large) < len(ab.TASKS) * len(LARGE["seeds"]) * len(LARGE["models"]) or not large_pick_path().exists():
+        return False
+    want = large_methods()
+    return all(all(k in u["methods"] for k in want) for u in large)
+
+
 def large_config(task: str, methods: dict) -> EvalConfig:
     return EvalConfig(shots=ab.SHOTS[task], dev_size=LARGE["dev_size"], max_eval=LARGE["max_eval"], curve=False,
                       batch_size=16, methods=methods, fit_shots=True)
@@ -608,10 +617,11 @@ def lr_section(units: list[dict]) -> list[str]:
 
 def recommendation_section(confirm: list[dict], large: list[dict]) -> list[str]:
     lines = ["## Recommended default", "", RULE, ""]
-    want_large = len(ab.TASKS) * len(LARGE["seeds"])
-    if not confirm_complete(confirm) or len(large) < want_large:
+    want_large = len(ab.TASKS) * len(LARGE["seeds"]) * len(LARGE["models"])
+    if not confirm_complete(confirm) or not large_complete(large):
+        done = sum(all(k in u["methods"] for k in large_methods()) for u in large) if large and large_pick_path().exists() else 0
         return lines + [f"Pending: the confirmation is {'complete' if confirm_complete(confirm) else 'not complete'}, "
-                        f"{len(large)} of {want_large} large-model units have finished. Until the rule is applied the "
+                        f"{done} of {want_large} large-model units have finished. Until the rule is applied the "
                         "default stays grad KV."]
     units = confirm + large
     rows = judge(units)
@@ -654,8 +664,7 @@ def readme_block(confirm: list[dict], large: list[dict]) -> str:
             d, n = ab.compare(mu, k, bar), sum(k in u["accuracy"] for u in mu)     # n: the methods differ in units
             cells.append(f"fails: {next(iter(f.values()))}" if f else f"{d} ({n} units)" if d else "not measured yet")
         lines.append(f"| {label(k)} | " + " | ".join(cells) + " |")
-    best = recommend(all_units)[0] if confirm_complete(confirm) and len(large) == len(ab.TASKS) * len(LARGE["seeds"]) \
-        else None
+    best = recommend(all_units)[0] if confirm_complete(confirm) and large_complete(large) else None
     return "\n".join(lines) + "\n\n" + (f"Recommended default by FIELD.md's rule: `{best}`." if best else
                                         "Recommended default by FIELD.md's rule: pending; grad KV until then.")
 

@@ -149,6 +149,15 @@ def test_the_three_stages_on_a_tiny_model(tree, capsys, monkeypatch):
     readme = fd.README.read_text()
     assert "| LoRA | " in readme and "Recommended default by FIELD.md's rule: `" in readme
 
+    # a large unit holding only its first part (the baselines; its file exists already) is not finished: the rule waits
+    first_part = {**large, "accuracy": {k: v for k, v in large["accuracy"].items() if k not in picked["picked"]},
+                  "methods": {k: v for k, v in large["methods"].items() if k not in picked["picked"]}}
+    monkeypatch.setattr(fd, "large_units", lambda: [first_part])
+    fd.write_markdown()
+    text = (field.parent / "FIELD.md").read_text()
+    assert "0 of 1 large-model units have finished" in text and "**Recommended default: `" not in text
+    assert "Recommended default by FIELD.md's rule: pending" in fd.README.read_text()
+
 
 def test_with_no_results_the_pages_say_not_measured_and_show_the_rule(tmp_path, monkeypatch):
     fd = load_benchmark("field")
