@@ -350,13 +350,14 @@ def large_methods() -> dict:
     return {**{k: ab.GRID[k] for k in BASE}, **{k: made["options"][k] for k in made["picked"]}}
 
 
-def large_complete(large: list[dict]) -> bool:
-    """Whether every large-model unit holds the baselines, grad KV and the picked methods (a unit's file exists as soon as
-    its first part, the baselines, has run: counting files is not enough)."""
-    if len(large) < len(ab.TASKS) * len(LARGE["seeds"]) * len(LARGE["models"]) or not large_pick_path().exists():
-        return False
-    want = large_methods()
-    return all(all(k in u["methods"] for k in want) for u in large)
+def large_finished(large: list[dict]) -> tuple[int, int]:
+    """(finished, wanted) large-model units: finished ones hold the baselines, grad KV and the picked methods (a unit's
+    file exists as soon as its first part, the baselines, has run: counting files is not enough)."""
+    wanted = len(ab.TASKS) * len(LARGE["seeds"]) * len(LARGE["models"])
+    if not large_pick_path().exists():
+        return 0, wanted
+    methods = large_methods()
+    return sum(all(k in u["methods"] for k in methods) for u in large), wanted
 
 
 def large_config(task: str, methods: dict) -> EvalConfig:
@@ -617,11 +618,10 @@ def lr_section(units: list[dict]) -> list[str]:
 
 def recommendation_section(confirm: list[dict], large: list[dict]) -> list[str]:
     lines = ["## Recommended default", "", RULE, ""]
-    want_large = len(ab.TASKS) * len(LARGE["seeds"]) * len(LARGE["models"])
-    if not confirm_complete(confirm) or not large_complete(large):
-        done = sum(all(k in u["methods"] for k in large_methods()) for u in large) if large and large_pick_path().exists() else 0
-        return lines + [f"Pending: the confirmation is {'complete' if confirm_complete(confirm) else 'not complete'}, "
-                        f"{done} of {want_large} large-model units have finished. Until the rule is applied the "
+    complete, (done, wanted) = confirm_complete(confirm), large_finished(large)
+    if not complete or done < wanted:
+        return lines + [f"Pending: the confirmation is {'complete' if complete else 'not complete'}, "
+                        f"{done} of {wanted} large-model units have finished. Until the rule is applied the "
                         "default stays grad KV."]
     units = confirm + large
     rows = judge(units)
@@ -664,7 +664,8 @@ def readme_block(confirm: list[dict], large: list[dict]) -> str:
             d, n = ab.compare(mu, k, bar), sum(k in u["accuracy"] for u in mu)     # n: the methods differ in units
             cells.append(f"fails: {next(iter(f.values()))}" if f else f"{d} ({n} units)" if d else "not measured yet")
         lines.append(f"| {label(k)} | " + " | ".join(cells) + " |")
-    best = recommend(all_units)[0] if confirm_complete(confirm) and large_complete(large) else None
+    done, wanted = large_finished(large)
+    best = recommend(all_units)[0] if confirm_complete(confirm) and done >= wanted else None
     return "\n".join(lines) + "\n\n" + (f"Recommended default by FIELD.md's rule: `{best}`." if best else
                                         "Recommended default by FIELD.md's rule: pending; grad KV until then.")
 
