@@ -386,7 +386,8 @@ def _run(models, task_objs, seeds, cfg, out, data_dir, device, dtype, progress, 
                          "environment": environment()})
             if have is not None:
                 merged = merge_unit(path, unit, preds, lm, dtype, quantize)
-                log(summary_line(merged, cfg) + f"  (added {', '.join(missing)})")
+                # [Ns] is the whole unit's time, the earlier methods' included; the added ones' own time follows
+                log(summary_line(merged, cfg) + f"  (added {', '.join(missing)} in {unit['wall_s']['total']:.0f}s)")
                 continue
             write_atomic(path.with_suffix(".predictions.jsonl"),
                          "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
