@@ -179,9 +179,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_in_flight(url: str, endpoint: str, seconds: float = 30) -> None:
+def wait_in_flight(url: str, endpoint: str, seconds: float = 30, finished=lambda: False) -> None:
     """Return once the server at `url` has begun a request to `endpoint` (its /metrics in-flight gauge), so that a
-    test signals the server while the request is surely being served, not while it is still on its way."""
+    test signals the server while the request is surely being served, not while it is still on its way.
+    `finished()` says whether the request has already been answered: then the gauge will never show it, and the
+    test fails at once, saying the request is too short to be caught in flight (not after `seconds` of polling)."""
     import re
     import time
 
@@ -190,6 +192,7 @@ def wait_in_flight(url: str, endpoint: str, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     pattern = re.compile(rf'^deepthink_requests_in_flight\{{endpoint="{re.escape(endpoint)}"\}} [1-9]', re.M)
     while not pattern.search(httpx.get(url + "/metrics", timeout=5).text):
+        assert not finished(), f"the request to {endpoint} was answered before it was seen in flight: make it longer"
         assert time.monotonic() < deadline, f"no request to {endpoint} in flight after {seconds} s"
         time.sleep(0.01)
 

@@ -469,7 +469,7 @@ def test_sigterm_finishes_requests_in_flight(server):
         out["done"] = time.monotonic()
     t = threading.Thread(target=slow)
     t.start()
-    wait_in_flight(url, "/v1/generate")
+    wait_in_flight(url, "/v1/generate", finished=lambda: "response" in out)
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     t.join(60)

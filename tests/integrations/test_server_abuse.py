@@ -188,7 +188,7 @@ def post_in_thread(url: str, path: str, body: dict) -> tuple[threading.Thread, d
     t = threading.Thread(target=go)
     t.start()
     assert connected.wait(30)
-    wait_in_flight(url, path)
+    wait_in_flight(url, path, finished=lambda: bool(out))
     return t, out
 
 
@@ -198,8 +198,10 @@ def test_sigterm_with_an_unfinished_upload_answers_the_rest_and_exits(ctx_dir, t
     server = Server(ctx_dir, tmp_path, "--read-timeout", 30, "--graceful-timeout", 30)
     try:
         stuck = connect(server.port, PARTIAL_HEADERS + b"Content-Length: 1000\r\n\r\n" + b'{"context":')
+        # 512 tokens, the most the server allows: long enough to be seen in flight even on a fast machine (32 were
+        # not, on CI: the answer came between two polls of /metrics and the wait ran out)
         t, out = post_in_thread(server.url, "/v1/generate", {"context": "sent", "prompt": "Review: witty",
-                                                             "max_new_tokens": 32, "stop_at_eos": False})
+                                                             "max_new_tokens": 512, "stop_at_eos": False})
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         [answer] = answers([stuck], seconds=10)
@@ -207,7 +209,7 @@ def test_sigterm_with_an_unfinished_upload_answers_the_rest_and_exits(ctx_dir, t
         assert server.proc.wait(20) in (0, -signal.SIGTERM)
         assert time.monotonic() - signalled < 20
         t.join(30)
-        assert out["response"].status_code == 200 and out["response"].json()["tokens"] == 32
+        assert out["response"].status_code == 200 and out["response"].json()["tokens"] == 512
         stuck.close()
     finally:
         server.stop()
