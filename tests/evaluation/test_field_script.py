@@ -382,3 +382,27 @@ def test_an_interrupt_in_the_lr_stage_loses_one_training_group_not_the_unit(tree
     assert calls == {"lora": first, "prefix": 2 * len(fd.lr_grid("prefix"))}   # lora for seed 1 alone; prefix for both
     assert (field / "lr" / "chosen.json").exists()
     assert fd.training_groups() == [["lora", "lora_icl"], ["prefix"]]
+
+
+def test_the_goal_section_says_who_beats_grad_kv_where_and_the_readme_which_methods_the_large_model_skipped(
+        tmp_path, monkeypatch):
+    fd, units, rows = _judged(tmp_path, monkeypatch, {
+        "grad_kv@lr01": {m: (140, 140) for m in ALL},                                   # +20 over the bar everywhere
+        "a": {"m1": (160, 160), "m2": (120, 120), "m3": (120, 120), "m4": (150, 150)},  # beats it on m1 and m4
+        "ct_kv": {**{m: (130, 130) for m in ("m1", "m2", "m3")}, "_s": 100.0}})          # not run on m4, dearer
+    text = "\n".join(fd.goal_section(units))
+    assert "| m1 | +20.0 [" in text and "| a | +30.0 [" in text.split("| m1 |")[1] and "| +10.0 [" in text
+    assert "| m2 | +20.0 [" in text and "| CT-KV | +15.0 [" in text.split("| m2 |")[1] and "| -5.0 [" in text
+    assert "Level with the best on every model: no; below a on m1, a on m4." in text
+    assert "At least 3 points over the bar, interval above 0, on all four: yes." in text
+    assert "Cheaper to tune than CT-KV: yes, 10 s against 100 s" in text
+    # the large model ran the pick alone: the README's cells say so rather than "not measured yet"
+    (tmp_path / "f" / "large").mkdir(parents=True, exist_ok=True)
+    fd.large_pick_path().write_text(json.dumps({"picked": ["a"], "options": {"a": {}}}))
+    monkeypatch.setattr(fd, "BASE", ["icl", "icl_cc", "grad_kv@lr01"])
+    monkeypatch.setattr(fd, "README", tmp_path / "README.md")
+    block = fd.readme_block(fd.confirm_units(), fd.large_units())
+    ct_row = next(l for l in block.splitlines() if l.startswith("| CT-KV |"))
+    assert ct_row.rstrip(" |").endswith("not run here (RULE_LARGE)") and "not measured yet" not in block
+    assert "Recommended default by FIELD.md's rule: `grad_kv`." in block
+    assert "m1 a +10.0 [" in block and "m2 CT-KV -5.0 [" in block
