@@ -149,3 +149,13 @@ def test_diagnosis_compares_icl_and_grad_kv_on_fixed_sets(sst2, tiny_model_dir, 
     assert "## Diagnosis: template and demonstration sensitivity" in text
     assert len([l for l in text.splitlines() if l.startswith("| tiny-llama")]) == 1
     assert json.loads((tmp_path / "staicc" / "diagnosis" / "sittings.jsonl").read_text())["units"] == 1
+
+
+def test_the_small_models_run_seed_major_before_the_large_model():
+    st = load_benchmark("staicc")
+    jobs = st.job_order(["smollm2-135m", "qwen2.5-coder-1.5b", "gemma3-270m"], ["glue_sst2", "trec"], [0, 1])
+    assert jobs[:4] == [("smollm2-135m", "glue_sst2", 0), ("smollm2-135m", "trec", 0),
+                        ("gemma3-270m", "glue_sst2", 0), ("gemma3-270m", "trec", 0)]
+    assert jobs[4][2] == 1 and {m for m, _, _ in jobs[:8]} == {"smollm2-135m", "gemma3-270m"}
+    assert jobs[8:] == [("qwen2.5-coder-1.5b", d, s) for s in (0, 1) for d in ("glue_sst2", "trec")]
+    assert len(set(jobs)) == len(jobs) == 12
