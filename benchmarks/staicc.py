@@ -657,7 +657,7 @@ def readme_summary(units: list[dict]) -> str:
         for group in (TUNED, UNSEEN):
             g = [u for u in mu if u["dataset"] in group]
             cells += [str(delta(g, "grad_kv", "icl") or "–"), str(delta(g, "grad_kv", best_calibration) or "–")]
-        lines.append(f"| {m} | {len(mu)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | {len(mu)} of {len(DATASETS) * len(SEEDS)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
