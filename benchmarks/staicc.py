@@ -708,7 +708,7 @@ LATE = ["qwen2.5-coder-1.5b"]      # run after every other model's seeds: about 
 def job_order(model_names: list[str], datasets: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
     """The (model, dataset, seed) units in the order they run: the three small models seed-major (an interrupt leaves
     whole seeds of them), then the large model seed-major. Decided from cost alone after the first unit (smollm2-135m
-    glue_sst2 seed 0, 421 s) and before any other: seed-major over all four would spend ~8 h on the large model's
+    glue_sst2 seed 0, 421 s) finished, while the second ran; no large-model unit existed: seed-major over all four would spend ~8 h on the large model's
     seed 0 before the small models' seed 1 began."""
     groups = [[m for m in model_names if m not in LATE], [m for m in model_names if m in LATE]]
     return [(m, d, s) for group in groups for s in seeds for m in group for d in datasets]
