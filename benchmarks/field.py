@@ -651,19 +651,18 @@ GOAL = ("Issue 28's goal, set before any unit gained a new method: grad KV at le
 
 
 def goal_rows(units: list[dict]) -> list[dict]:
-    """Per model, on the judged units: grad KV's Δ against the bar, the other method (failing on none of the model's
-    units) with the highest mean Δ against the bar there, and that method minus grad KV, paired."""
-    units = judged(units)
-    bar = ab.better_baseline(units)
-    rows = []
-    for m in sorted({u["model"] for u in units}, key=lambda m: (m not in SMALL, m)):
-        mu = [u for u in units if u["model"] == m]
-        others = [(iv, k) for k in candidates(mu) if k != DEFAULT and not failures(mu, k)
-                  if (iv := ab.compare(mu, k, bar)) is not None]
-        best = max(others, key=lambda r: r[0].mean, default=(None, None))
-        rows.append({"model": m, "ours": ab.compare(mu, DEFAULT, bar), "best": best[1], "best_iv": best[0],
-                     "best_vs_ours": ab.compare(mu, best[1], DEFAULT) if best[1] else None})
-    return rows
+    """Per model, from `judge`'s intervals: grad KV's Δ against the bar, the other method (failing on none of the
+    model's units) with the highest mean Δ against the bar there, and that method minus grad KV, paired."""
+    rows = {r["method"]: r for r in judge(units)}
+    ours = rows.get(DEFAULT, {"ivs": {}})["ivs"]
+    out = []
+    for m in (next(iter(rows.values()))["ivs"] if rows else []):
+        others = [(r["ivs"][m], k) for k, r in rows.items() if k != DEFAULT and r["ivs"][m] is not None]
+        best = max(others, key=lambda x: x[0].mean, default=(None, None))
+        out.append({"model": m, "ours": ours.get(m), "best": best[1], "best_iv": best[0],
+                    "best_vs_ours": ab.compare([u for u in judged(units) if u["model"] == m], best[1], DEFAULT)
+                    if best[1] else None})
+    return out
 
 
 def goal_section(units: list[dict]) -> list[str]:
