@@ -159,3 +159,38 @@ def test_the_small_models_run_seed_major_before_the_large_model():
     assert jobs[4][2] == 1 and {m for m, _, _ in jobs[:8]} == {"smollm2-135m", "gemma3-270m"}
     assert jobs[8:] == [("qwen2.5-coder-1.5b", d, s) for s in (0, 1) for d in ("glue_sst2", "trec")]
     assert len(set(jobs)) == len(jobs) == 12
+
+
+def fake_unit(st, dataset, seed, grad, icl, cal, steps=2, n=20):
+    """A finished unit as staicc.py writes it, with `grad`/`icl`/`cal` of `n` test items right (StaICC's batch
+    calibration the best one, the others worse)."""
+    def right(k):
+        return [1] * k + [0] * (n - k)
+    correct = {"grad_kv": right(grad), "icl": right(icl), "staicc_bc": right(cal), "staicc_cc": right(0),
+               "icl_staicc": right(icl) * 2}
+    return {"model": "m", "dataset": dataset, "seed": seed, "n_test": n, "correct": correct,
+            "metrics": {k: {"accuracy": 100 * sum(v) / len(v), "macro_F1": 50.0} for k, v in correct.items()},
+            "methods": {"grad_kv": {"chosen_steps": steps}, "dt_dev": {"chosen_steps": 1}}}
+
+
+def test_the_goal_is_judged_per_model_literally_and_the_chosen_t_shown():
+    st = load_benchmark("staicc")
+    units = [fake_unit(st, d, s, grad=12 if d != "trec" else 10, icl=10, cal=11, steps=1 if d == "trec" else 3)
+             for d in st.DATASETS for s in st.SEEDS]
+    c = st.goal_counts(units)
+    assert c["datasets"] == 10 and c["tied_icl"] == ["trec"] and len(c["above_icl"]) == 9
+    assert "trec" not in c["at_cal"] and len(c["at_cal"]) == 9
+    lines = st.goal_section(units)
+    assert lines[0] == "#### Against the issue's goal"                        # every dataset and seed: no "so far"
+    assert any(l.startswith("- grad KV above ICL: 9 of 10") and l.endswith("— met") for l in lines)
+    assert any("at or above the best StaICC calibration: 9 of 10" in l and l.endswith("— met") for l in lines)
+    worse = [u for u in units if u["dataset"] not in ("trec", "agnews", "sst5", "glue_sst2")] + \
+        [fake_unit(st, d, s, grad=9, icl=10, cal=11) for d in ("agnews", "sst5", "glue_sst2") for s in st.SEEDS]
+    lines = st.goal_section(worse)
+    assert any(l.startswith("- grad KV above ICL: 6 of 9") and "3 misses so far, 2 allowed" in l for l in lines)
+    assert "so far: 9 of 10 datasets" in lines[0]
+    assert any("unseen five no worse than seen five" in l and l.endswith("no worse so far") for l in lines)
+    steps = st.steps_section(units)
+    assert "grad KV chose it in 3 of 30 units" in steps[2] and "| trec | 0, 1, 2 | 1, 1, 1 | 1, 1, 1 |" in steps
+    varied = [fake_unit(st, d, s, grad=8 + 3 * s, icl=10, cal=11) for d in st.DATASETS for s in st.SEEDS]
+    assert st.readme_summary(varied) == st.readme_summary(varied[::-1])   # the same intervals whatever the order
