@@ -831,7 +831,13 @@ def main(argv=None) -> int:
             error = stopped_by(e)
             raise
         finally:                        # the units this sitting finished, whatever stopped it
-            sitting.record(out / "sittings.jsonl", sorted(files() - before), 1, error)
+            new = sorted(files() - before)
+            sitting.record(out / "sittings.jsonl", new, 1, error)
+            if error is not None and new:   # stopped: the tables still show what finished, then the stop goes on
+                try:
+                    print(f"stopped; wrote {write_markdown()} from the units finished")
+                except Exception as e:      # noqa: BLE001  (the interrupt, not this, is what the caller must see)
+                    print(f"stopped; the tables were not rewritten ({e!r}): run --write-only", file=sys.stderr)
     print(f"wrote {write_markdown()}")
     return 0
 

@@ -77,6 +77,7 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
     first = sorted((tmp_path / "staicc" / "units").glob("*.json"))
     assert first == [st.unit_path("glue_sst2", str(tiny_model_dir), 0)]
     saved = first[0].read_text()
+    assert "Units: 1 of " in (tmp_path / "STAICC.md").read_text()  # the interrupted sitting still wrote its tables
     monkeypatch.setattr(st, "run_unit", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
     st.main(argv)
     assert calls == [0, 1, 1]                       # seed 0 not recomputed; seed 1 run again after the interrupt
