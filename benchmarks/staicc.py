@@ -737,7 +737,10 @@ def readme_summary(units: list[dict]) -> str:
         c = goal_counts(mu)
         cells += [f"{len(c['above_icl'])} of {c['datasets']}", f"{len(c['at_cal'])} of {c['datasets']}"]
         lines.append(f"| {m} | {len(mu)} of {len(DATASETS) * len(SEEDS)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", f"Goal (issue 29): {GOAL} (needs 8 and 7 of 10; per model in STAICC.md)."])
+    times = "; ".join(f"{m} {statistics.fmean(u['wall_s']['total'] for u in units if u['model'] == m) / 60:.0f} min"
+                      for m in sorted({u["model"] for u in units}))
+    return "\n".join(lines + ["", f"Goal (issue 29): {GOAL} (needs 8 and 7 of 10; per model in STAICC.md).",
+                               "", f"Mean time a unit here (every method, 512 test items): {times}."])
 
 
 def write_markdown() -> Path:
