@@ -743,6 +743,18 @@ def readme_summary(units: list[dict]) -> str:
                                "", f"Mean time a unit here (every method, 512 test items): {times}."])
 
 
+SEES = ("What each method sees besides the test inputs (read from StaICC 0.1.1's `standard_calibration`): zero-shot, "
+        "none; ICL, ICL + CC, the k = 4 demonstrations (StaICC's sampler: 4 drawn afresh per query; CC adds three "
+        "content-free queries, unlabelled); DT dev-T and grad KV, the 4 demonstrations and 64 labelled dev items "
+        "(for T). StaICC's calibrations use its calibration split, not the fixed set: contextual and domain "
+        "calibration estimate a label bias over 128 prompts of 4 labelled demonstrations drawn from it (a "
+        "content-free query, or 64 random in-domain words); hidden calibration fits a nearest-centroid classifier "
+        "on the last hidden state of 128 labelled calibration queries (each behind 4 drawn demonstrations); batch "
+        "calibration subtracts the mean label probability of the test items themselves, 128 at a time "
+        "(transductive, no labels). Hidden calibration thus sees 128 labelled queries where grad KV sees 64, and "
+        "the \"best StaICC calibration\" is picked per dataset on the test set.")
+
+
 def write_markdown() -> Path:
     from deepthink.evaluation.report import replace_marked
     from deepthink.io import write_atomic
@@ -763,6 +775,7 @@ def write_markdown() -> Path:
              "TREC, AGNews) are reported apart from the five we never looked at.", "",
              "Methods (in table order): " + "; ".join(f"{LABELS[k]}" + (f" ({', '.join(f'{o}={v}' for o, v in OURS[k].items())})"
                                                         if OURS.get(k) else "") for k in COLUMNS), "",
+             SEES, "",
              f"Units: {len(units)} of {want}. Adapter check (ICL on the fixed set, deepthink's prefix path against "
              "StaICC's kernel on the whole prompt): "
              + (f"largest probability difference {max(c['max_abs_prob_diff'] for c in checks):.2g}, predictions that "

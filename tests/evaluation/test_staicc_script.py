@@ -93,7 +93,7 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
     assert [s["units"] for s in sittings] == [1, 1] and sittings[0]["error"] == "KeyboardInterrupt"
     text = (tmp_path / "STAICC.md").read_text()
     assert "#### The five datasets we tuned on" in text and "#### The five datasets we never tuned on" in text
-    assert "A confirmation, not a tuning ground" in text
+    assert "A confirmation, not a tuning ground" in text and "hidden calibration fits a nearest-centroid" in text
     row = [l for l in text.splitlines() if l.startswith("| grad KV − ICL (fixed set) |")][0]
     assert "[" in row                                # a paired interval
     assert "| grad KV | " in text and " / " in [l for l in text.splitlines() if l.startswith("| grad KV | ")][0]
