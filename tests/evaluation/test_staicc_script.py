@@ -191,6 +191,10 @@ def test_the_goal_is_judged_per_model_literally_and_the_chosen_t_shown():
     assert any(l.startswith("- grad KV above ICL: 6 of 9") and "3 misses so far, 2 allowed" in l for l in lines)
     assert "so far: 9 of 10 datasets" in lines[0]
     assert any("unseen five no worse than seen five" in l and l.endswith("no worse so far") for l in lines)
+    assert st.best_method([u for u in units if u["dataset"] == "sst5"]) == "grad KV"
+    assert st.best_method([u for u in units if u["dataset"] == "trec"]) == "StaICC batch cal."
+    tied = [fake_unit(st, "trec", 0, grad=10, icl=10, cal=3)]
+    assert st.best_method(tied) == "ICL, StaICC's sampler, ICL, fixed set, grad KV"        # ties named together
     steps = st.steps_section(units)
     assert "grad KV chose it in 3 of 30 units" in steps[2] and "| trec | 0, 1, 2 | 1, 1, 1 | 1, 1, 1 |" in steps
     varied = [fake_unit(st, d, s, grad=8 + 3 * s, icl=10, cal=11) for d in st.DATASETS for s in st.SEEDS]
