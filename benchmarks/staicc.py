@@ -728,6 +728,12 @@ def sitting_lines_of(path: Path) -> list[str]:
     return ["", "Sittings:", "", *lines] if lines else []
 
 
+def model_order(units: list[dict]) -> list[str]:
+    """The models of these units, in MODELS' order (then any other, by name)."""
+    have = {u["model"] for u in units}
+    return [m for m in MODELS if m in have] + sorted(have - set(MODELS))
+
+
 def readme_summary(units: list[dict]) -> str:
     if not units:
         return "No StaICC unit has finished yet."
@@ -737,7 +743,8 @@ def readme_summary(units: list[dict]) -> str:
              "| model | units | tuned-on five: − ICL | − best StaICC cal. | never-tuned five: − ICL "
              "| − best StaICC cal. | datasets: above ICL | at/above best cal. |",
              "|---|---|---|---|---|---|---|---|"]
-    for m in sorted({u["model"] for u in units}):
+    order = model_order(units)
+    for m in order:
         mu = [u for u in units if u["model"] == m]
         cells = []
         for group in (TUNED, UNSEEN):
@@ -747,7 +754,7 @@ def readme_summary(units: list[dict]) -> str:
         cells += [f"{len(c['above_icl'])} of {c['datasets']}", f"{len(c['at_cal'])} of {c['datasets']}"]
         lines.append(f"| {m} | {len(mu)} of {len(DATASETS) * len(SEEDS)} | " + " | ".join(cells) + " |")
     times = "; ".join(f"{m} {statistics.fmean(u['wall_s']['total'] for u in units if u['model'] == m) / 60:.0f} min"
-                      for m in sorted({u["model"] for u in units}))
+                      for m in order)
     return "\n".join(lines + ["", f"Goal (issue 29): {GOAL} (needs 8 and 7 of 10; per model in STAICC.md).",
                                "", f"Mean time a unit here (every method, 512 test items): {times}."])
 
@@ -795,8 +802,7 @@ def write_markdown() -> Path:
         lines += ["Refused (the demonstrations too long for the method on the model): "
                   + "; ".join(f"{m} {d} seed {s}: {k} ({v})" for m, d, s, k, v in refused), ""]
     lines += sitting_lines_of(RESULTS / "sittings.jsonl") + [""]
-    for m in [m for m in MODELS if any(u["model"] == m for u in units)] + \
-             sorted({u["model"] for u in units} - set(MODELS)):
+    for m in model_order(units):
         mu = [u for u in units if u["model"] == m]
         lines += [f"## {m}", "", *goal_section(mu), *group_section(m, mu, TUNED, "The five datasets we tuned on"),
                   *group_section(m, mu, UNSEEN, "The five datasets we never tuned on"), *steps_section(mu)]
