@@ -646,7 +646,8 @@ def recommendation_section(confirm: list[dict], large: list[dict]) -> list[str]:
 
 GOAL = ("Issue 28's goal, set before any unit gained a new method: grad KV at least level with the best of the "
         "field's methods on every model (read here literally, a reading fixed after the results were in: its "
-        "mean Δ against the bar not below any other method's; the paired differences are beside it), at least 3 points over the bar on all four models with its interval above 0, and cheaper to "
+        "mean Δ against the bar not below any other method's; the paired differences are beside it), at least 3 "
+        "points over the bar on all four models with its interval above 0, and cheaper to "
         "tune than CT-KV's 200 epochs.")
 
 
@@ -655,12 +656,13 @@ def goal_rows(units: list[dict]) -> list[dict]:
     model's units) with the highest mean Δ against the bar there, and that method minus grad KV, paired."""
     rows = {r["method"]: r for r in judge(units)}
     ours = rows.get(DEFAULT, {"ivs": {}})["ivs"]
+    units = judged(units)
     out = []
     for m in (next(iter(rows.values()))["ivs"] if rows else []):
         others = [(r["ivs"][m], k) for k, r in rows.items() if k != DEFAULT and r["ivs"][m] is not None]
         best = max(others, key=lambda x: x[0].mean, default=(None, None))
         out.append({"model": m, "ours": ours.get(m), "best": best[1], "best_iv": best[0],
-                    "best_vs_ours": ab.compare([u for u in judged(units) if u["model"] == m], best[1], DEFAULT)
+                    "best_vs_ours": ab.compare([u for u in units if u["model"] == m], best[1], DEFAULT)
                     if best[1] else None})
     return out
 

@@ -746,11 +746,8 @@ def readme_summary(units: list[dict]) -> str:
     order = model_order(units)
     for m in order:
         mu = [u for u in units if u["model"] == m]
-        cells = []
-        for group in (TUNED, UNSEEN):
-            g = [u for u in mu if u["dataset"] in group]
-            cells += [str(delta(g, "grad_kv", "icl") or "–"), str(delta(g, "grad_kv", best_calibration) or "–")]
-        c = goal_counts(mu)
+        c = goal_counts(mu)             # its seen/unseen intervals are the row's four Δ cells
+        cells = [str(iv or "–") for iv in (*c["seen"], *c["unseen"])]
         cells += [f"{len(c['above_icl'])} of {c['datasets']}", f"{len(c['at_cal'])} of {c['datasets']}"]
         lines.append(f"| {m} | {len(mu)} of {len(DATASETS) * len(SEEDS)} | " + " | ".join(cells) + " |")
     times = "; ".join(f"{m} {statistics.fmean(u['wall_s']['total'] for u in units if u['model'] == m) / 60:.0f} min"
