@@ -11,8 +11,12 @@ templates and label spaces, k = 4 demonstrations, its metrics (accuracy, macro-F
 `single_experimentor.auto_run`. StaICC draws a demonstration set per query (each test item twice); a tuned context
 serves one set for every query, so per (dataset, seed) one set of k is drawn from StaICC's demonstration split by
 `random.Random("staicc-demos:SEED")` and given to every query through StaICC's own `set_demonstration_sampler`.
-Plain ICL runs under both samplers, so the tables show what fixing the set costs. Dev items (64, for the T of DT
-and grad KV) come from the same demonstration split, disjoint from the drawn set; never from the test split.
+Plain ICL runs under both samplers, so the tables show what fixing the set costs. Dev items (128, deepthink's default
+dev split, for the T of DT and grad KV) come from the same demonstration split, disjoint from the drawn set; never
+from the test split. The first units ran on 64 (the default when issue 29 was filed; issue 31 had moved it to 128,
+on our own tasks, before they ran, and this file had not followed): their DT and grad KV are redone on 128 when the
+benchmark meets them (`redo_dev`; the rest of each unit is kept, nothing else reads dev items), and STAICC.md pairs
+the two sizes.
 
 Methods, per unit (model, dataset, seed): zero-shot, ICL under StaICC's sampler (its kernel), ICL with the fixed set,
 calibrated ICL (deepthink's contextual calibration: content-free N/A, "", [MASK] through StaICC's template), DT with
@@ -84,7 +88,9 @@ DATASETS = ["glue_sst2", "rotten_tomatoes", "financial_phrasebank", "sst5", "tre
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]   # the last once registered
 SEEDS = [0, 1, 2]
 K = 4                # StaICC's default demonstrations per query
-DEV_SIZE = 64        # dev items for T, as in the ablation benchmark
+DEV_SIZE = 128       # dev items for T: deepthink.api.DEV_SIZE, the product's default (64 until issue 31 moved it,
+                     # before any unit here ran; units made at 64 get their dev methods redone: redo_dev)
+DEV_METHODS = ("dt_dev", "grad_kv")     # the methods that read the dev items
 BATCH = 16
 CALIBRATION_NUMBER = 128      # StaICC's default number of calibration prompts
 CONTENT_FREE = ["N/A", "", "[MASK]"]        # deepthink's calibrated ICL (methods/calibration.py)
@@ -299,11 +305,26 @@ def config() -> dict:
             "methods": {k: make_method(k, o).options() for k, o in OURS.items()}, "staicc_methods": STAICC_CAL}
 
 
+def run_ours(key: str, setup, tests, infos: dict, refused: dict):
+    """deepthink's method `key` (options OURS[key]) on the fixed set, its test items read out as StaICC reads: ->
+    (scores, queries tokenised apart), or None where the method refuses the demonstrations (why in `refused`)."""
+    from deepthink.kv import DemonstrationsTooLong
+    from deepthink.methods import make_method
+
+    method = make_method(key, OURS[key])
+    try:
+        method.check(setup)
+    except DemonstrationsTooLong as e:
+        refused[key] = str(e)
+        return None
+    prepared = method.prepare(setup)
+    infos[key] = {k: v for k, v in prepared.info.items() if k != "norms"}
+    return readout(prepared.scorer, [e.query for e in tests], setup.workspace.labels)
+
+
 def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None) -> tuple[dict, list[dict]]:
     """Every method on one (model, dataset, seed); -> (unit, per-item rows). `exp`: StaICC's experimentor of the
     dataset (built here when None; tests pass a smaller one)."""
-    from deepthink.kv import DemonstrationsTooLong
-    from deepthink.methods import make_method
     from StaICC.prefabricate_inference import standard_calibration as sc
     from tqdm.auto import tqdm
 
@@ -336,18 +357,8 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None) -> tu
         exp.set_demonstration_sampler([list(demos) for _ in range(n)])   # the fixed set, for every query
     # deepthink's methods on the fixed set, read out as StaICC reads
     merged = None
-    for key, opts in OURS.items():
-        def ours(key=key, opts=opts):
-            method = make_method(key, opts)
-            try:
-                method.check(setup)
-            except DemonstrationsTooLong as e:
-                refused[key] = str(e)
-                return None
-            prepared = method.prepare(setup)
-            infos[key] = {k: v for k, v in prepared.info.items() if k != "norms"}
-            return readout(prepared.scorer, [e.query for e in tests], setup.workspace.labels)   # its test items
-        scored = timed(key, ours)
+    for key in OURS:
+        scored = timed(key, functools.partial(run_ours, key, setup, tests, infos, refused))
         if scored is not None:
             s, merges = scored
             probs[key] = [softmax(r) for r in s.logprob]
@@ -415,22 +426,75 @@ def unit_path(dataset: str, model: str, seed: int, root: Path | None = None) -> 
     return (root or RESULTS) / "units" / f"{safe_name(model)}__{dataset}__seed{seed}.json"
 
 
-def finished(path: Path, cfg: dict) -> bool:
-    """Whether the unit is done (with the same config; another config is an error that says what differs)."""
+def unit_state(path: Path, cfg: dict) -> str:
+    """"todo" (not run, or damaged), "done" (with the same config), or "redo_dev": made with another dev split size
+    alone (only the methods that read the dev items are run again: `redo_dev`). Any other config is an error that
+    says what differs."""
     if not path.exists():
-        return False
+        return "todo"
     try:
         saved = json.loads(path.read_text())["config"]
     except (ValueError, KeyError):
-        return False                            # a damaged unit is run again
-    if saved != cfg:
-        diff = {k: (saved.get(k), v) for k, v in cfg.items() if saved.get(k) != v}
-        raise ValueError(f"{path} was made with other settings {diff} (saved, now): move it away to run it again")
-    return True
+        return "todo"                           # a damaged unit is run again
+    if saved == cfg:
+        return "done"
+    diff = {k: (saved.get(k), v) for k, v in cfg.items() if saved.get(k) != v}
+    if set(diff) == {"dev_size"} and set(saved) == set(cfg):
+        return "redo_dev"
+    raise ValueError(f"{path} was made with other settings {diff} (saved, now): move it away to run it again")
 
 
-def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "cpu", log=print) -> list[str]:
-    """Run the (model, dataset, seed) units not yet done, in order, each written when it finishes; -> their names."""
+def redo_dev(lm, unit: dict, rows: list[dict], cfg: dict, exp=None) -> dict:
+    """Run a finished unit's dev-reading methods (DEV_METHODS) again on a dev split of cfg["dev_size"] items, in
+    place: the same fixed set and test items, every other method's numbers kept as they are (none reads the dev
+    items). What they gave before is kept beside (`unit["former"]`, `row["former"]`), so the two dev sizes compare
+    paired; -> the unit."""
+    from deepthink.evaluation.provenance import environment
+
+    t0 = time.perf_counter()
+    exp = experimentor(unit["dataset"]) if exp is None else exp
+    demos, dev = draw(exp, unit["seed"], cfg["dev_size"])
+    if lm.fingerprint != unit["model_fingerprint"]:
+        raise ValueError(f"{unit['model']} {unit['dataset']} seed {unit['seed']} was made with other weights "
+                         f"({unit['model_fingerprint']}, now {lm.fingerprint}); run the unit again instead")
+    if demos != unit["demonstrations"]["indices"] or len(exp.test_set()) != unit["n_test"]:
+        raise ValueError(f"{unit['model']} {unit['dataset']} seed {unit['seed']}: the draw no longer gives the "
+                         "unit's demonstration set or test items; run the unit again instead")
+    setup = make_setup(lm, exp, demos, dev)
+    tests = query_items(exp, range(unit["n_test"]))
+    with quiet():
+        exp.set_demonstration_sampler([list(demos) for _ in tests])    # StaICC's metrics as the unit read them
+    former = {"config": unit["config"], "dev_indices": unit["dev_indices"],
+              "git": unit.get("environment", {}).get("git"),
+              **{part: {k: unit[part][k] for k in DEV_METHODS if k in unit[part]}
+                 for part in ("metrics", "correct", "methods", "refused", "wall_s")}}
+    for row in rows:       # a redo stopped between its two writes left "former" in the rows already: kept
+        row.setdefault("former", {k: row[k] for k in DEV_METHODS if k in row})
+        for k in DEV_METHODS:
+            row.pop(k, None)
+    for key in DEV_METHODS:
+        for part in ("metrics", "correct", "methods", "refused"):
+            unit[part].pop(key, None)
+        t = time.perf_counter()
+        scored = run_ours(key, setup, tests, unit["methods"], unit["refused"])
+        if scored is not None:
+            probs = [softmax(r) for r in scored[0].logprob]
+            unit["metrics"][key], unit["correct"][key] = staicc_metrics(exp, probs)
+            for row, p in zip(rows, probs):
+                row[key] = [round(x, 6) for x in p]
+        unit["wall_s"][key] = round(time.perf_counter() - t, 3)
+    unit["wall_s"]["total"] = round(unit["wall_s"]["total"] + sum(unit["wall_s"][k] - former["wall_s"].get(k, 0)
+                                                                  for k in DEV_METHODS), 3)  # a whole unit's time
+    unit.update({"dev_indices": dev, "config": cfg, "former": former,
+                 "redone": {"methods": list(DEV_METHODS), "wall_s": round(time.perf_counter() - t0, 3),
+                            "environment": environment()}})
+    return unit
+
+
+def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "cpu", log=print,
+        redone: list[str] | None = None) -> list[str]:
+    """Run the (model, dataset, seed) units not yet done, in order, each written when it finishes; -> their names.
+    Units whose dev methods are redone (`redo_dev`) are among them and also appended to `redone` as they finish."""
     from deepthink.evaluation.provenance import environment, git_hash
     from deepthink.evaluation.runner import cached_model
     from deepthink.io import write_atomic
@@ -439,9 +503,26 @@ def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "
     cfg, cache, done = config(), {}, []
     for model, dataset, seed in jobs:
         path = unit_path(dataset, model, seed)
-        if finished(path, cfg):
+        state = unit_state(path, cfg)
+        if state == "done":
             continue
         lm = cached_model(cache, model, device)
+        if state == "redo_dev":          # the dev methods on today's dev split; the rest of the unit kept
+            preds = path.with_suffix(".predictions.jsonl")
+            unit, rows = json.loads(path.read_text()), [json.loads(l) for l in preds.read_text().splitlines()]
+            old = unit["config"]["dev_size"]
+            unit = redo_dev(lm, unit, rows, cfg)
+            write_atomic(preds, "".join(json.dumps(r) + "\n" for r in rows))
+            write_atomic(path, json.dumps(unit, indent=1))          # last: the new config marks it redone
+            done.append(path.stem)
+            if redone is not None:
+                redone.append(path.stem)
+            log(f"{model} {dataset} seed {seed}: dev methods redone on {cfg['dev_size']} dev items (was {old}): "
+                + "  ".join(f"{LABELS[k]} {unit['former']['metrics'][k]['accuracy']:.1f} -> "
+                            f"{unit['metrics'][k]['accuracy']:.1f}" for k in DEV_METHODS
+                            if k in unit["metrics"] and k in unit["former"]["metrics"])
+                + f"  [{unit['redone']['wall_s']:.0f}s]")
+            continue
         unit, rows = run_unit(lm, dataset, seed, progress)
         unit.update({"model_source": lm.source, "model_fingerprint": lm.fingerprint, "device": str(device),
                      "config": cfg, "environment": environment()})
@@ -694,6 +775,47 @@ def steps_section(units: list[dict]) -> list[str]:
                                    f"{ts(us, 'grad_kv')} |" for d, us in per.items()), ""]
 
 
+def dev_size_section(units: list[dict]) -> list[str]:
+    """The units whose dev methods were redone on today's dev split (`redo_dev`): per model, today's grad KV and DT
+    against what they gave on the former split, paired over the same test items, and how T moved; units still on
+    another size are named (their dev methods are redone when the benchmark next runs)."""
+    redone = [u for u in units if "former" in u]
+    stale = [u for u in units if u["config"]["dev_size"] != DEV_SIZE]
+    if not redone and not stale:
+        return []
+    was = "/".join(map(str, sorted({u["former"]["config"]["dev_size"] for u in redone}
+                                   | {u["config"]["dev_size"] for u in stale})))
+    lines = [f"## The dev split: today's {DEV_SIZE} items against the former {was}", "",
+             f"deepthink's default dev split grew from {was} to {DEV_SIZE} items (issue 31, on our own tasks) "
+             f"before any unit here ran, and this benchmark first ran on {was}: those units have DT's and grad KV's "
+             "T chosen again on the larger split, the rest of each unit kept (no other method reads dev items). The "
+             "tables above use today's split; here the two, paired: Δ accuracy in points [95 % interval] over the "
+             "same (seed, item).", ""]
+    if redone:
+        lines += ["| model | units | grad KV: today − former | T changed (grad KV) | DT dev-T: today − former |",
+                  "|---|---|---|---|---|"]
+        for m in model_order(redone):
+            mu = [u for u in redone if u["model"] == m]
+
+            def paired(key):
+                pairs = [{**u, "correct": {"now": u["correct"][key], "was": u["former"]["correct"][key]}}
+                         for u in mu if key in u["correct"] and key in u["former"]["correct"]]
+                return str(delta(pairs, "now", "was") or "–")
+            moved = [f"{u['dataset']} s{u['seed']} {u['former']['methods']['grad_kv'].get('chosen_steps')}→"
+                     f"{u['methods']['grad_kv'].get('chosen_steps')}" for u in mu
+                     if "grad_kv" in u["methods"] and "grad_kv" in u["former"]["methods"]
+                     and u["methods"]["grad_kv"].get("chosen_steps")
+                     != u["former"]["methods"]["grad_kv"].get("chosen_steps")]
+            lines.append(f"| {m} | {len(mu)} | {paired('grad_kv')} | {len(moved)} of {len(mu)}"
+                         + (f" ({', '.join(moved)})" if moved else "") + f" | {paired('dt_dev')} |")
+        lines.append("")
+    if stale:
+        lines += [f"Still on another dev split (counted above with it until `python benchmarks/staicc.py` next "
+                  "runs and redoes them): " + ", ".join(sorted(f"{u['model']} {u['dataset']} seed {u['seed']}"
+                                                              for u in stale)) + ".", ""]
+    return lines
+
+
 def diagnosis_section(root: Path | None = None) -> list[str]:
     d = (root or RESULTS) / "diagnosis"
     runs = [json.loads(f.read_text()) for f in sorted(d.glob("*__*.json"))] if d.exists() else []
@@ -758,14 +880,14 @@ def readme_summary(units: list[dict]) -> str:
 
 SEES = ("What each method sees besides the test inputs (read from StaICC 0.1.1's `standard_calibration`): zero-shot, "
         "none; ICL, ICL + CC, the k = 4 demonstrations (StaICC's sampler: 4 drawn afresh per query; CC adds three "
-        "content-free queries, unlabelled); DT dev-T and grad KV, the 4 demonstrations and 64 labelled dev items "
-        "(for T). StaICC's calibrations use its calibration split, not the fixed set: contextual and domain "
+        "content-free queries, unlabelled); DT dev-T and grad KV, the 4 demonstrations and {dev} labelled dev "
+        "items (for T). StaICC's calibrations use its calibration split, not the fixed set: contextual and domain "
         "calibration estimate a label bias over 128 prompts of 4 labelled demonstrations drawn from it (a "
         "content-free query, or 64 random in-domain words); hidden calibration fits a nearest-centroid classifier "
         "on the last hidden state of 128 labelled calibration queries (each behind 4 drawn demonstrations); batch "
         "calibration subtracts the mean label probability of the test items themselves, 128 at a time "
-        "(transductive, no labels). Hidden calibration thus sees 128 labelled queries where grad KV sees 64, and "
-        "the \"best StaICC calibration\" is picked per dataset on the test set.")
+        "(transductive, no labels). Hidden calibration thus sees 128 labelled queries (grad KV {dev} dev items "
+        "besides its 4 demonstrations), and the \"best StaICC calibration\" is picked per dataset on the test set.")
 
 
 def write_markdown() -> Path:
@@ -783,12 +905,13 @@ def write_markdown() -> Path:
              "(dataset, seed) drawn from its demonstration split and given to every query through its "
              "`set_demonstration_sampler`; dev items for T from the same split, disjoint from the set.", "",
              "**A confirmation, not a tuning ground**: no option of any method was chosen from StaICC's numbers; grad "
-             "KV and DT run with the options they had before this benchmark existed, StaICC's calibrations with "
-             "StaICC's own settings. The five datasets we tuned deepthink on (SST-2, Rotten Tomatoes = mr, SST-5, "
-             "TREC, AGNews) are reported apart from the five we never looked at.", "",
+             "KV and DT run with the options they had before this benchmark existed and choose T on deepthink's "
+             f"default dev split ({DEV_SIZE} items, set on our own tasks by issue 31 before any unit here ran), "
+             "StaICC's calibrations with StaICC's own settings. The five datasets we tuned deepthink on (SST-2, "
+             "Rotten Tomatoes = mr, SST-5, TREC, AGNews) are reported apart from the five we never looked at.", "",
              "Methods (in table order): " + "; ".join(f"{LABELS[k]}" + (f" ({', '.join(f'{o}={v}' for o, v in OURS[k].items())})"
                                                         if OURS.get(k) else "") for k in COLUMNS), "",
-             SEES, "",
+             SEES.format(dev=DEV_SIZE), "",
              f"Units: {len(units)} of {want}. Adapter check (ICL on the fixed set, deepthink's prefix path against "
              "StaICC's kernel on the whole prompt): "
              + (f"largest probability difference {max(c['max_abs_prob_diff'] for c in checks):.2g}, predictions that "
@@ -803,7 +926,7 @@ def write_markdown() -> Path:
         mu = [u for u in units if u["model"] == m]
         lines += [f"## {m}", "", *goal_section(mu), *group_section(m, mu, TUNED, "The five datasets we tuned on"),
                   *group_section(m, mu, UNSEEN, "The five datasets we never tuned on"), *steps_section(mu)]
-    lines += diagnosis_section()
+    lines += dev_size_section(units) + diagnosis_section()
     write_atomic(MARKDOWN, "\n".join(lines) + "\n")
     replace_marked(README, README_MARK, readme_summary(units))     # only where the README holds the markers
     return MARKDOWN
@@ -848,18 +971,18 @@ def main(argv=None) -> int:
         before = files()
         interrupt_on_sigterm()     # a kill ends the sitting as Ctrl-C does: recorded, the units written kept
         sitting = Sitting("python benchmarks/staicc.py " + " ".join(sys.argv[1:] if argv is None else argv))
-        error = None
+        error, redone = None, []
         try:
             if args.diagnose:
                 run_diagnosis(args.models or ["smollm2-135m"], args.datasets or DATASETS, not args.quiet, args.device)
             else:
                 run(job_order(args.models or models(), args.datasets or DATASETS, args.seeds or SEEDS),
-                    not args.quiet, args.device)
+                    not args.quiet, args.device, redone=redone)
         except BaseException as e:      # recorded (a failed sitting costs time too), then raised
             error = stopped_by(e)
             raise
         finally:                        # the units this sitting finished, whatever stopped it
-            new = sorted(files() - before)
+            new = sorted(files() - before) + [f"{u} (dev methods redone)" for u in redone]
             sitting.record(out / "sittings.jsonl", new, 1, error)
             if error is not None and new:   # stopped: the tables still show what finished, then the stop goes on
                 try:
