@@ -874,8 +874,11 @@ def readme_summary(units: list[dict]) -> str:
         lines.append(f"| {m} | {len(mu)} of {len(DATASETS) * len(SEEDS)} | " + " | ".join(cells) + " |")
     times = "; ".join(f"{m} {statistics.fmean(u['wall_s']['total'] for u in units if u['model'] == m) / 60:.0f} min"
                       for m in order)
+    stale = sum(u["config"]["dev_size"] != DEV_SIZE for u in units)
     return "\n".join(lines + ["", f"Goal (issue 29): {GOAL} (needs 8 and 7 of 10; per model in STAICC.md).",
-                               "", f"Mean time a unit here (every method, 512 test items): {times}."])
+                               "", f"Mean time a unit here (every method, 512 test items): {times}."]
+                      + ([f"{stale} unit(s) still have DT and grad KV on a former dev split, not today's {DEV_SIZE} "
+                          "items (redone when the benchmark next runs; STAICC.md names them)."] if stale else []))
 
 
 SEES = ("What each method sees besides the test inputs (read from StaICC 0.1.1's `standard_calibration`): zero-shot, "

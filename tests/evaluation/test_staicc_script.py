@@ -104,6 +104,9 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
     paths = sorted((tmp_path / "staicc" / "units").glob("*.json"))
     old = {p: (json.loads(p.read_text()), p.with_suffix(".predictions.jsonl").read_text()) for p in paths}
     monkeypatch.setattr(st, "DEV_SIZE", 6)
+    st.write_markdown()
+    assert "2 unit(s) still have DT and grad KV on a former dev split" in readme.read_text()
+    assert "Still on another dev split" in (tmp_path / "STAICC.md").read_text()
     st.main(argv)
     assert calls == [0, 1, 1]                       # no unit run again whole
     for p, (was, was_rows) in old.items():
@@ -126,7 +129,7 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
     assert "## The dev split: today's 6 items against the former 4" in text and "Still on another" not in text
     row = [l for l in text.splitlines() if l.startswith(f"| {json.loads(paths[0].read_text())['model']} | 2 | ")]
     assert len(row) == 1 and row[0].count("[") == 2                 # grad KV and DT, each paired
-    assert "and 6 labelled dev items" in text
+    assert "and 6 labelled dev items" in text and "former dev split" not in readme.read_text()
     last = json.loads((tmp_path / "staicc" / "sittings.jsonl").read_text().splitlines()[-1])
     assert last["done"] == [f"{p.stem} (dev methods redone)" for p in paths]     # the sitting says what it redid
     saved = {p: p.read_text() for p in paths}
@@ -211,7 +214,8 @@ def fake_unit(st, dataset, seed, grad, icl, cal, steps=2, n=20):
                "icl_staicc": right(icl) * 2}
     return {"model": "m", "dataset": dataset, "seed": seed, "n_test": n, "correct": correct,
             "metrics": {k: {"accuracy": 100 * sum(v) / len(v), "macro_F1": 50.0} for k, v in correct.items()},
-            "methods": {"grad_kv": {"chosen_steps": steps}, "dt_dev": {"chosen_steps": 1}}, "wall_s": {"total": 600.0}}
+            "methods": {"grad_kv": {"chosen_steps": steps}, "dt_dev": {"chosen_steps": 1}}, "wall_s": {"total": 600.0},
+            "config": {"dev_size": st.DEV_SIZE}}
 
 
 def test_the_goal_is_judged_per_model_literally_and_the_chosen_t_shown():
