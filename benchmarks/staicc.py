@@ -760,6 +760,63 @@ def goal_section(units: list[dict]) -> list[str]:
     return lines
 
 
+RULE = ("When to use which, read from each model's 30 finished units by this rule, written on 2026-12-06 after 18 "
+        "of the 120 units (smollm2-135m and gemma3-270m, seed 0, DT and grad KV on 64 dev items) had been read, "
+        "before any other unit or their redo on 128: the methods are grouped by what a user must have besides the k "
+        "demonstrations (the groups below); each group's best is the one with the highest accuracy averaged over "
+        "the ten datasets (each the mean of its seeds; a tie goes to the one listed first); the recommendation is the "
+        "best with the k alone unless the best with labelled items beyond them beats it with its paired 95 % "
+        "interval above 0. Batch calibration needs every test input at once: named apart, never recommended for a "
+        "context that serves queries one by one. ICL under StaICC's per-query sampler (a pool of labelled "
+        "demonstrations drawn from per query) is the reference for fixing the set, not a candidate.")
+BUDGETS = (("the k demonstrations alone", ("icl", "icl_cc")),
+           ("labelled items beyond the k (grad KV, DT: 128 dev items for T; StaICC's calibrations: 128 calibration "
+            "prompts of 4 labelled demonstrations, hidden calibration's queries labelled too)",
+            ("dt_dev", "grad_kv", "staicc_cc", "staicc_dc", "staicc_hc")),
+           ("every test input at once (transductive)", ("staicc_bc",)))
+
+
+def overall(units: list[dict], key: str) -> float | None:
+    """Accuracy averaged over the datasets of `units`, each dataset the mean of its seeds (datasets weigh equally)."""
+    per = [mean_metric([u for u in units if u["dataset"] == d], key, "accuracy") for d in DATASETS]
+    per = [a for a in per if a is not None]
+    return statistics.fmean(per) if per else None
+
+
+def recommendation(units: list[dict]) -> dict | None:
+    """One model's "when to use which" by the rule above (BUDGETS); None until its 30 units have finished."""
+    if len(units) < len(DATASETS) * len(SEEDS):
+        return None
+    best = {}
+    for name, keys in BUDGETS:
+        scored = [(a, -i, k) for i, k in enumerate(keys) if (a := overall(units, k)) is not None]
+        if scored:
+            a, _, k = max(scored)                    # a tie goes to the one listed first
+            best[name] = (k, a)
+    alone, more, batch = (best.get(name) for name, _ in BUDGETS)
+    gain = delta(units, more[0], alone[0]) if alone and more else None
+    chosen = more if gain is not None and gain.above_zero else alone
+    return {"best": best, "gain": gain, "chosen": chosen[0] if chosen else None, "batch": batch,
+            "grad_kv": None if not chosen or chosen[0] == "grad_kv" else delta(units, "grad_kv", chosen[0])}
+
+
+def recommendation_line(model: str, units: list[dict]) -> str:
+    r = recommendation(units)
+    if r is None:
+        return f"- {model}: pending ({len(units)} of {len(DATASETS) * len(SEEDS)} units)"
+    (alone, a1), (more, a2) = (r["best"][name] for name, _ in BUDGETS[:2])
+    if r["chosen"] == more:
+        say = (f"**{LABELS[more]}** ({a2:.1f}; with labelled items beyond the k it adds {r['gain']} over the best "
+               f"with the k alone, {LABELS[alone]} {a1:.1f})")
+    else:
+        say = (f"**{LABELS[alone]}** ({a1:.1f}; the best with labelled items beyond the k, {LABELS[more]} {a2:.1f}, "
+               "adds "
+               f"{r['gain']}: not clearly)")
+    batch = f"; batch calibration, given every test input at once: {r['batch'][1]:.1f}" if r["batch"] else ""
+    return (f"- {model}: use {say}" + (f"; grad KV against it {r['grad_kv']}" if r["grad_kv"] else "") + batch
+            + " (accuracy %, mean over the ten datasets; Δ in points [paired 95 % interval])")
+
+
 def steps_section(units: list[dict]) -> list[str]:
     """T chosen on dev by DT and grad KV per (dataset, seed): T = 1 is the context untouched, i.e. plain ICL."""
     per = {d: sorted((u for u in units if u["dataset"] == d), key=lambda u: u["seed"]) for d in DATASETS}
@@ -875,6 +932,8 @@ def readme_summary(units: list[dict]) -> str:
     times = "; ".join(f"{m} {statistics.fmean(u['wall_s']['total'] for u in units if u['model'] == m) / 60:.0f} min"
                       for m in order)
     stale = sum(u["config"]["dev_size"] != DEV_SIZE for u in units)
+    lines += ["", "When to use which (each model once its 30 units are in; the rule, written before most of them ran, "
+              "in STAICC.md):", "", *(recommendation_line(m, [u for u in units if u["model"] == m]) for m in models())]
     return "\n".join(lines + ["", f"Goal (issue 29): {GOAL} (needs 8 and 7 of 10; per model in STAICC.md).",
                                "", f"Mean time a unit here (every method, 512 test items): {times}."]
                       + ([f"{stale} unit(s) still have DT and grad KV on a former dev split, not today's {DEV_SIZE} "
@@ -925,6 +984,9 @@ def write_markdown() -> Path:
         lines += ["Refused (the demonstrations too long for the method on the model): "
                   + "; ".join(f"{m} {d} seed {s}: {k} ({v})" for m, d, s, k, v in refused), ""]
     lines += sitting_lines_of(RESULTS / "sittings.jsonl") + [""]
+    lines += ["## When to use which", "", RULE, "",
+              "The groups:", "", *(f"- {name}: {' / '.join(LABELS[k] for k in keys)}" for name, keys in BUDGETS), "",
+              *(recommendation_line(m, [u for u in units if u["model"] == m]) for m in models()), ""]
     for m in model_order(units):
         mu = [u for u in units if u["model"] == m]
         lines += [f"## {m}", "", *goal_section(mu), *group_section(m, mu, TUNED, "The five datasets we tuned on"),

@@ -252,3 +252,37 @@ def test_the_dev_split_is_deepthinks_default():
     from deepthink.api import DEV_SIZE
 
     assert load_benchmark("staicc").DEV_SIZE == DEV_SIZE
+
+
+def test_when_to_use_which_follows_the_rule_written_first():
+    """The recommendation per model (RULE): pending until its 30 units are in; the best with the k demonstrations
+    alone unless the best with labelled items more beats it with the paired interval above 0; batch calibration
+    named apart, never chosen."""
+    st = load_benchmark("staicc")
+
+    def units(right, n=100):
+        out = []
+        for d in st.DATASETS:
+            for seed in st.SEEDS:
+                correct = {k: [1] * r + [0] * (n - r) for k, r in right.items()}
+                out.append({"model": "m", "dataset": d, "seed": seed, "n_test": n, "correct": correct,
+                            "metrics": {k: {"accuracy": 100 * r / n} for k, r in right.items()}})
+        return out
+    clear = units({"icl": 50, "icl_cc": 55, "dt_dev": 50, "grad_kv": 70, "staicc_hc": 65, "staicc_bc": 90})
+    assert st.recommendation(clear[:-1]) is None
+    assert "pending (29 of 30 units)" in st.recommendation_line("m", clear[:-1])
+    r = st.recommendation(clear)
+    assert r["chosen"] == "grad_kv" and r["gain"].mean == pytest.approx(15) and r["grad_kv"] is None
+    assert r["batch"] == ("staicc_bc", 90.0)                     # the best overall, named, not chosen
+    line = st.recommendation_line("m", clear)
+    assert line.startswith("- m: use **grad KV** (70.0; with labelled items beyond the k it adds +15.0")
+    assert "ICL + CC (deepthink) 55.0" in line and "batch calibration, given every test input at once: 90.0" in line
+    # one item more right on one dataset of one seed: no interval clears 0, so the k alone stands
+    close = units({"icl": 50, "icl_cc": 55, "grad_kv": 55, "staicc_hc": 55})
+    close[0]["correct"]["staicc_hc"][55] = 1
+    close[0]["metrics"]["staicc_hc"]["accuracy"] = 56.0
+    r = st.recommendation(close)
+    assert r["chosen"] == "icl_cc" and not r["gain"].above_zero and r["grad_kv"].mean == 0
+    line = st.recommendation_line("m", close)
+    assert "use **ICL + CC (deepthink)**" in line and "StaICC hidden cal." in line and "not clearly" in line
+    assert "grad KV against it +0.0" in line and "batch" not in line
