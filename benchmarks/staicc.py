@@ -810,8 +810,7 @@ def recommendation_line(model: str, units: list[dict]) -> str:
                f"with the k alone, {LABELS[alone]} {a1:.1f})")
     else:
         say = (f"**{LABELS[alone]}** ({a1:.1f}; the best with labelled items beyond the k, {LABELS[more]} {a2:.1f}, "
-               "adds "
-               f"{r['gain']}: not clearly)")
+               f"adds {r['gain']}: not clearly)")
     batch = f"; batch calibration, given every test input at once: {r['batch'][1]:.1f}" if r["batch"] else ""
     return (f"- {model}: use {say}" + (f"; grad KV against it {r['grad_kv']}" if r["grad_kv"] else "") + batch
             + " (accuracy %, mean over the ten datasets; Δ in points [paired 95 % interval])")
