@@ -491,13 +491,20 @@ def redo_dev(lm, unit: dict, rows: list[dict], cfg: dict, exp=None) -> dict:
     return unit
 
 
+def write_unit(path: Path, unit: dict, rows: list[dict]) -> None:
+    """A unit's per-item rows, then the unit itself: written last, it is what marks the unit done (`unit_state`)."""
+    from deepthink.io import write_atomic
+
+    write_atomic(path.with_suffix(".predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(path, json.dumps(unit, indent=1))
+
+
 def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "cpu", log=print,
         redone: list[str] | None = None) -> list[str]:
     """Run the (model, dataset, seed) units not yet done, in order, each written when it finishes; -> their names.
     Units whose dev methods are redone (`redo_dev`) are among them and also appended to `redone` as they finish."""
     from deepthink.evaluation.provenance import environment, git_hash
     from deepthink.evaluation.runner import cached_model
-    from deepthink.io import write_atomic
 
     git_hash()
     cfg, cache, done = config(), {}, []
@@ -509,15 +516,14 @@ def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "
         lm = cached_model(cache, model, device)
         if state == "redo_dev":          # the dev methods on today's dev split; the rest of the unit kept
             preds = path.with_suffix(".predictions.jsonl")
-            unit, rows = json.loads(path.read_text()), [json.loads(l) for l in preds.read_text().splitlines()]
-            old = unit["config"]["dev_size"]
-            unit = redo_dev(lm, unit, rows, cfg)
-            write_atomic(preds, "".join(json.dumps(r) + "\n" for r in rows))
-            write_atomic(path, json.dumps(unit, indent=1))          # last: the new config marks it redone
+            rows = [json.loads(l) for l in preds.read_text().splitlines()]
+            unit = redo_dev(lm, json.loads(path.read_text()), rows, cfg)
+            write_unit(path, unit, rows)                            # its new config marks it redone
             done.append(path.stem)
             if redone is not None:
                 redone.append(path.stem)
-            log(f"{model} {dataset} seed {seed}: dev methods redone on {cfg['dev_size']} dev items (was {old}): "
+            log(f"{model} {dataset} seed {seed}: dev methods redone on {cfg['dev_size']} dev items "
+                f"(was {unit['former']['config']['dev_size']}): "
                 + "  ".join(f"{LABELS[k]} {unit['former']['metrics'][k]['accuracy']:.1f} -> "
                             f"{unit['metrics'][k]['accuracy']:.1f}" for k in DEV_METHODS
                             if k in unit["metrics"] and k in unit["former"]["metrics"])
@@ -526,8 +532,7 @@ def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "
         unit, rows = run_unit(lm, dataset, seed, progress)
         unit.update({"model_source": lm.source, "model_fingerprint": lm.fingerprint, "device": str(device),
                      "config": cfg, "environment": environment()})
-        write_atomic(path.with_suffix(".predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-        write_atomic(path, json.dumps(unit, indent=1))              # last: marks the unit done
+        write_unit(path, unit, rows)
         done.append(path.stem)
         log(f"{model} {dataset} seed {seed}: " + "  ".join(
             f"{LABELS[k]} {unit['metrics'][k]['accuracy']:.1f}" for k in COLUMNS if k in unit["metrics"])
