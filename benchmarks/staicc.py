@@ -708,10 +708,10 @@ GOAL = ("grad KV above ICL on at least 8 of the 10 datasets for every model, and
 
 def goal_counts(units: list[dict]) -> dict:
     """One model's standing against GOAL, read literally on mean accuracy over the seeds run (written when 9 units,
-    smollm2-135m seed 0, had finished and been read; the literal reading leaves nothing to choose): "above ICL" = grad KV's mean accuracy higher than ICL's on the fixed set; "at or
-    above" the best StaICC calibration = not lower than the best one's (chosen on test); "no worse" = the unseen
-    five's Δ (against ICL, and against the best calibration) not below the seen five's. Also how many of each the
-    paired interval separates from zero."""
+    smollm2-135m seed 0, had finished and been read; the literal reading leaves nothing to choose): "above ICL" =
+    grad KV's mean accuracy higher than ICL's on the fixed set; "at or above" the best StaICC calibration = not lower
+    than the best one's (chosen on test); "no worse" = the unseen five's Δ (against ICL, and against the best
+    calibration) not below the seen five's. Also how many of each the paired interval separates from zero."""
     per = {d: [u for u in units if u["dataset"] == d] for d in DATASETS if any(u["dataset"] == d for u in units)}
     out = {"datasets": len(per), "seeds": sorted({u["seed"] for u in units}),
            "above_icl": [], "above_icl_clear": [], "tied_icl": [], "at_cal": [], "below_cal_clear": []}
