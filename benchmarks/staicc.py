@@ -32,7 +32,12 @@ is the (tuned) prefix and the query follows it: the query's ids are the whole pr
 (where tokenising the two apart would differ the unit counts it, `adapter_check.boundary_merges`), and the same label
 tokens are read at the query's last position. For the fixed set this is StaICC's ICL number: every unit records the
 largest probability difference and the prediction disagreements between the two paths (`adapter_check`), and
-tests/evaluation/test_staicc_script.py checks the prompts and predictions are the same on a tiny model. grad KV's
+tests/evaluation/test_staicc_script.py checks the prompts and predictions are the same on a tiny model. In units
+made after git c75e218 (those with `kernel_check`), StaICC's kernel is given the model through `LastLogits`: the
+vocabulary logits of the last position alone, the only ones the kernel reads (its passes were 70-80 % of a unit's
+time, and the full logits, positions x vocabulary floats a forward, much of each pass); each such unit checks it
+against the full logits on its first 16 prompts (`kernel_check`: probability and hidden-state differences,
+predictions that differ, both passes' seconds), and STAICC.md sums the checks. grad KV's
 leave-one-out objective sees each demonstration as a query ("sentence: ... sentiment:") and its label word with
 the template's space (" positive") followed by StaICC's label affix ("\\n"), i.e. its span of the prefix; T is chosen
 by dev accuracy under StaICC's readout.
@@ -92,6 +97,7 @@ DEV_SIZE = 128       # dev items for T: deepthink.api.DEV_SIZE, the product's de
                      # before any unit here ran; units made at 64 get their dev methods redone: redo_dev)
 DEV_METHODS = ("dt_dev", "grad_kv")     # the methods that read the dev items
 BATCH = 16
+KERNEL_CHECK = 16        # prompts a unit runs through StaICC's kernel with and without LastLogits
 CALIBRATION_NUMBER = 128      # StaICC's default number of calibration prompts
 CONTENT_FREE = ["N/A", "", "[MASK]"]        # deepthink's calibrated ICL (methods/calibration.py)
 # deepthink's methods, options as they were before this benchmark (grad KV: its registered defaults; DT dev-T: the
@@ -235,6 +241,10 @@ def softmax(row) -> list[float]:
     return [x / sum(e) for x in e]
 
 
+def argmax(row) -> int:
+    return max(range(len(row)), key=row.__getitem__)
+
+
 def workspace_class():
     from deepthink.methods.base import Workspace
 
@@ -263,12 +273,48 @@ def make_setup(lm, exp, demos: list[int], dev: list[int]):
     return Setup(lm, text, query_items(exp, dev, "demonstration"), BATCH, workspace=ws, demos=demo_items(exp, demos))
 
 
-def kernel(lm, **kw):
-    """StaICC's own inference function on this model (its kernel, unchanged)."""
+class LastLogits:
+    """The model as StaICC's kernel calls it (`model(ids, output_hidden_states=True)`, `.device`), computing the
+    vocabulary logits of the last position alone: the kernel reads `logits[0][-1]` and the last hidden state and
+    nothing else, while the full logits are positions x vocabulary (262,144 a position for gemma3-270m), most of a
+    small model's cost. The same numbers up to float rounding in the output layer: each unit checks it
+    (`kernel_check`)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = model.device
+
+    def __call__(self, ids, **kw):
+        return self.model(ids, logits_to_keep=1, **kw)
+
+
+def kernel(lm, full: bool = False, **kw):
+    """StaICC's own inference function on this model (its kernel, unchanged), given the model through `LastLogits`
+    unless `full` (or the model's forward has no `logits_to_keep`)."""
     from StaICC.prefabricate_inference import model_kernel
 
-    return functools.partial(model_kernel.standard_ICL_inference_with_torch_Causal_LM, model=lm.model,
+    from deepthink.context import _takes_logits_to_keep
+
+    model = lm.model if full or not _takes_logits_to_keep(lm.model) else LastLogits(lm.model)
+    return functools.partial(model_kernel.standard_ICL_inference_with_torch_Causal_LM, model=model,
                              tokenizer=lm.tokenizer, cache_empty=None, **kw)
+
+
+def kernel_check(lm, exp, rec, n: int = KERNEL_CHECK) -> dict:
+    """StaICC's kernel with the full logits (as StaICC runs it) against `kernel`'s on the first n prompts of the
+    current sampler: the largest differences of the label probabilities (`rec`, recorded by `kernel`'s pass) and of
+    the last hidden state, predictions that differ, and both passes' seconds on those n prompts."""
+    prompts, space = exp.prompt_set()[:n], exp.get_label_space()
+    passes = {}
+    for full in (False, True):
+        run, t = kernel(lm, full, return_hidden_state=True), time.perf_counter()
+        passes[full] = [run(prompt=p, label_space=space) for p in prompts], round(time.perf_counter() - t, 3)
+    full = passes[True][0]
+    return {"prompts": n, "last_logits": isinstance(kernel(lm).keywords["model"], LastLogits),
+            "max_abs_prob_diff": max(abs(a - b) for (r, _), q in zip(full, rec.probs) for a, b in zip(r, q)),
+            "max_abs_hidden_diff": max(float(abs(h - g).max()) for (_, h), g in zip(full, rec.hidden)),
+            "predictions_differ": sum(argmax(r) != argmax(q) for (r, _), q in zip(full, rec.probs)),
+            "seconds": {"last": passes[False][1], "full": passes[True][1]}}
 
 
 class Recorder:
@@ -382,6 +428,7 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None) -> tu
             res, _ = exp.auto_run(forward_inference=kernel(lm, calibration_function=rec))
         return res
     timed("staicc_kernel_fixed", fixed_kernel)
+    checked = kernel_check(lm, exp, rec)
     writer = exp.prompt_former.write_prompt_from_dataline
     for key, name in STAICC_CAL.items():
         def cal(name=name):
@@ -400,13 +447,12 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None) -> tu
     for key, p in probs.items():
         metrics[key], correct[key] = staicc_metrics(exp, p)
     check = {"max_abs_prob_diff": max(abs(a - b) for r, q in zip(probs["icl"], rec.probs) for a, b in zip(r, q)),
-             "predictions_differ": sum(max(range(len(r)), key=r.__getitem__) != max(range(len(q)), key=q.__getitem__)
-                                       for r, q in zip(probs["icl"], rec.probs)),
+             "predictions_differ": sum(argmax(r) != argmax(q) for r, q in zip(probs["icl"], rec.probs)),
              "boundary_merges": merged}
     tok = lm.tokenizer
     unit = {"model": lm.name, "dataset": dataset, "staicc_name": exp.triplet_dataset.get_dataset_name(), "seed": seed,
             "label_space": space, "metrics": metrics, "correct": correct, "methods": infos, "refused": refused,
-            "adapter_check": check, "n_test": n,
+            "adapter_check": check, "kernel_check": checked, "n_test": n,
             "demonstrations": {"indices": demos, "text": setup.demonstrations,
                                "tokens": len(tok(setup.demonstrations).input_ids)},
             "dev_indices": dev, "wall_s": {**times, "total": round(time.perf_counter() - t0, 3)}}
@@ -956,6 +1002,21 @@ SEES = ("What each method sees besides the test inputs (read from StaICC 0.1.1's
         "besides its 4 demonstrations), and the \"best StaICC calibration\" is picked per dataset on the test set.")
 
 
+def kernel_line(units: list[dict]) -> str:
+    """How StaICC's kernel was run: the first units with its full logits, later ones through LastLogits, checked."""
+    checks = [u["kernel_check"] for u in units if u.get("kernel_check", {}).get("last_logits")]
+    line = (f"StaICC's kernel: {len(units) - len(checks)} units ran it as StaICC does (the logits of every position), "
+            f"{len(checks)} with the last position's logits alone (`LastLogits`, the only ones it reads).")
+    if checks:
+        last, full = (sum(c["seconds"][k] for c in checks) for k in ("last", "full"))
+        line += (f" Each of those checks it on its first {checks[0]['prompts']} prompts against the full logits: "
+                 f"largest probability difference {max(c['max_abs_prob_diff'] for c in checks):.2g}, of the last "
+                 f"hidden state {max(c['max_abs_hidden_diff'] for c in checks):.2g}, predictions that differ "
+                 f"{sum(c['predictions_differ'] for c in checks)}; those prompts took {last:.0f} s against "
+                 f"{full:.0f} s ({last / full:.2f}x).")
+    return line
+
+
 def write_markdown() -> Path:
     from deepthink.evaluation.report import replace_marked
     from deepthink.io import write_atomic
@@ -982,7 +1043,8 @@ def write_markdown() -> Path:
              "StaICC's kernel on the whole prompt): "
              + (f"largest probability difference {max(c['max_abs_prob_diff'] for c in checks):.2g}, predictions that "
                 f"differ {sum(c['predictions_differ'] for c in checks)}, queries tokenised apart from their prefix "
-                f"{sum(c['boundary_merges'] or 0 for c in checks)}." if checks else "no unit yet."), ""]
+                f"{sum(c['boundary_merges'] or 0 for c in checks)}." if checks else "no unit yet."), "",
+             kernel_line(units), ""]
     refused = [(u["model"], u["dataset"], u["seed"], k, v) for u in units for k, v in u["refused"].items()]
     if refused:
         lines += ["Refused (the demonstrations too long for the method on the model): "

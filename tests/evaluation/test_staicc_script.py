@@ -52,6 +52,30 @@ def test_adapter_gives_staiccs_own_icl_prompts_and_predictions(sst2):
     assert len(correct) == N_TEST
 
 
+def test_staiccs_kernel_reads_the_same_from_the_last_positions_logits(sst2):
+    """The kernel is given the model through LastLogits (the vocabulary logits of the last position alone): the same
+    label probabilities and hidden state as with the full logits StaICC computes, and kernel_check says so."""
+    st = load_benchmark("staicc")
+    lm = tiny_lm("llama")
+    exp = small(st, sst2)
+    with st.quiet():
+        exp.set_demonstration_sampler([list(st.draw(exp, 0)[0]) for _ in range(N_TEST)])
+    fast, full = st.kernel(lm, return_hidden_state=True), st.kernel(lm, True, return_hidden_state=True)
+    assert isinstance(fast.keywords["model"], st.LastLogits) and full.keywords["model"] is lm.model
+    space = exp.get_label_space()
+    for prompt in exp.prompt_set()[:4]:
+        (p, h), (q, g) = fast(prompt=prompt, label_space=space), full(prompt=prompt, label_space=space)
+        assert p == pytest.approx(q, abs=1e-6) and abs(h - g).max() < 1e-5
+    assert len({round(fast(prompt=x, label_space=space)[0][0], 4) for x in exp.prompt_set()[:4]}) > 1
+    rec = st.Recorder()
+    with st.quiet():
+        exp.auto_run(forward_inference=st.kernel(lm, calibration_function=rec))
+    check = st.kernel_check(lm, exp, rec, 3)
+    assert check["prompts"] == 3 and check["last_logits"] and check["predictions_differ"] == 0
+    assert check["max_abs_prob_diff"] < 1e-6 and check["max_abs_hidden_diff"] < 1e-5
+    assert set(check["seconds"]) == {"last", "full"}
+
+
 def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_path, monkeypatch):
     st = load_benchmark("staicc")
     monkeypatch.setattr(st, "RESULTS", tmp_path / "staicc")
@@ -86,6 +110,7 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
     assert set(unit["metrics"]) == set(st.COLUMNS) and unit["n_test"] == N_TEST
     assert len(unit["correct"]["icl_staicc"]) == 2 * N_TEST and len(unit["correct"]["grad_kv"]) == N_TEST
     assert unit["adapter_check"]["predictions_differ"] == 0 and unit["adapter_check"]["max_abs_prob_diff"] < 1e-5
+    assert unit["kernel_check"]["predictions_differ"] == 0 and unit["kernel_check"]["max_abs_prob_diff"] < 1e-6
     assert unit["methods"]["grad_kv"]["chosen_steps"] in (1, 2) and unit["refused"] == {}
     rows = (first[0].with_suffix(".predictions.jsonl")).read_text().splitlines()
     assert len(rows) == N_TEST and len(json.loads(rows[0])["icl_staicc"]) == 2
