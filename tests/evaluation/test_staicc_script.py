@@ -89,11 +89,11 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
     monkeypatch.setattr(st, "experimentor", lambda dataset, kind="Normal": small(st, sst2))
     calls, real = [], st.run_unit
 
-    def interrupted(lm, dataset, seed, progress=True, exp=None):
+    def interrupted(lm, dataset, seed, progress=True, exp=None, **kw):
         calls.append(seed)
         if len(calls) == 2:
             raise KeyboardInterrupt                 # Ctrl-C during the second unit
-        return real(lm, dataset, seed, progress, exp)
+        return real(lm, dataset, seed, progress, exp, **kw)
     monkeypatch.setattr(st, "run_unit", interrupted)
     argv = ["--models", str(tiny_model_dir), "--datasets", "glue_sst2", "--seeds", "0", "1", "--quiet"]
     with pytest.raises(KeyboardInterrupt):
@@ -114,6 +114,17 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
     assert unit["methods"]["grad_kv"]["chosen_steps"] in (1, 2) and unit["refused"] == {}
     rows = (first[0].with_suffix(".predictions.jsonl")).read_text().splitlines()
     assert len(rows) == N_TEST and len(json.loads(rows[0])["icl_staicc"]) == 2
+    # seed 1 took ICL under StaICC's sampler from seed 0 (StaICC's own fixed seed draws it), once it reproduced
+    second = json.loads(st.unit_path("glue_sst2", str(tiny_model_dir), 1).read_text())
+    shared = second["shared"]["icl_staicc"]
+    assert shared["from"] == "seed 0" and shared["taken"] and shared["check"]["prompts"] == st.KERNEL_CHECK
+    assert shared["check"]["predictions_differ"] == 0 and shared["check"]["max_abs_prob_diff"] < 1e-5
+    assert (second["metrics"]["icl_staicc"], second["correct"]["icl_staicc"]) == (
+        unit["metrics"]["icl_staicc"], unit["correct"]["icl_staicc"]) and "shared" not in unit
+    assert [json.loads(r)["icl_staicc"] for r in rows] == [
+        json.loads(r)["icl_staicc"] for r in st.unit_path("glue_sst2", str(tiny_model_dir), 1).with_suffix(
+            ".predictions.jsonl").read_text().splitlines()]
+    assert "1 unit(s) took it from an earlier seed's unit" in (tmp_path / "STAICC.md").read_text()
     sittings = [json.loads(l) for l in (tmp_path / "staicc" / "sittings.jsonl").read_text().splitlines()]
     assert [s["units"] for s in sittings] == [1, 1] and sittings[0]["error"] == "KeyboardInterrupt"
     text = (tmp_path / "STAICC.md").read_text()
@@ -170,6 +181,40 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
     with pytest.raises(ValueError, match="other settings"):       # resuming with other options is refused
         monkeypatch.setattr(st, "OURS", {"zero_shot": {}, "icl": {}, "dt_dev": {"steps": 3}, "grad_kv": {"steps": 2}})
         st.main(argv)
+
+
+def test_staiccs_sampler_is_the_same_for_every_seed_and_a_source_that_does_not_reproduce_is_not_taken(
+        sst2, tiny_model_dir, tmp_path, monkeypatch):
+    """ICL under StaICC's own sampler does not depend on the seed here: a freshly built experimentor draws the same
+    prompts after another seed's fixed set was set and reset; a unit runs it whole again, and says so, where the
+    earlier unit's probabilities do not reproduce."""
+    st = load_benchmark("staicc")
+    monkeypatch.setattr(st, "RESULTS", tmp_path / "staicc")
+    monkeypatch.setattr(st, "DEV_SIZE", 4)
+    monkeypatch.setattr(st, "CALIBRATION_NUMBER", 4)
+    monkeypatch.setattr(st, "OURS", {"zero_shot": {}, "icl": {}, "dt_dev": {"steps": 2}, "grad_kv": {"steps": 2}})
+    exp, fresh = small(st, sst2), small(st, st.experimentor("glue_sst2"))
+    with st.quiet():
+        exp.set_demonstration_sampler([list(st.draw(exp, 1)[0]) for _ in range(N_TEST)])
+        exp.reset_demonstration_sampler()
+    assert exp.prompt_set() == fresh.prompt_set() and len(exp.prompt_set()) == 2 * N_TEST
+    from deepthink.evaluation.runner import cached_model
+
+    lm = cached_model({}, str(tiny_model_dir), "cpu")
+    unit, rows = st.run_unit(lm, "glue_sst2", 0, False, exp=small(st, sst2))
+    unit.update({"model_fingerprint": lm.fingerprint, "config": st.config()})
+    st.write_unit(st.unit_path("glue_sst2", lm.name, 0), unit, rows)
+    source = st.sampler_source(lm.name, "glue_sst2", lm.fingerprint, st.config())
+    assert source is not None and source[0]["seed"] == 0 and source[1] == rows
+    assert st.sampler_source(lm.name, "glue_sst2", "other weights", st.config()) is None
+    tampered = [{**r, "icl_staicc": [p[::-1] for p in r["icl_staicc"]]} for r in rows]       # labels swapped
+    again, again_rows = st.run_unit(lm, "glue_sst2", 1, False, exp=small(st, sst2), source=(unit, tampered))
+    shared = again["shared"]["icl_staicc"]
+    assert not shared["taken"] and shared["check"]["max_abs_prob_diff"] > 0 and shared["from"] == "seed 0"
+    assert again["metrics"]["icl_staicc"] == pytest.approx(unit["metrics"]["icl_staicc"], abs=1e-3)
+    assert again["correct"]["icl_staicc"] == unit["correct"]["icl_staicc"]         # run whole: seed 0's again
+    assert [r["icl_staicc"] for r in again_rows] == [
+        [pytest.approx(p, abs=1e-5) for p in r["icl_staicc"]] for r in rows]
 
 
 def test_diagnosis_compares_icl_and_grad_kv_on_fixed_sets(sst2, tiny_model_dir, tmp_path, monkeypatch):
