@@ -68,8 +68,9 @@ it StaICC's kernel passes (1,920 unbatched whole-prompt forwards); adapter check
 2.3e-07, 0 predictions differ, 0 queries tokenised apart.
 Measured since (the 26 seed-0 units of 2026-12-06, `wall_s`): smollm2-135m 7-20 min a unit (mean 12), gemma3-270m
 13-32 (19), qwen2.5-coder-0.5b 18-46 (31; AGNews the longest), StaICC's kernel passes 64-83 % of each: the estimate
-above was ~1.3x (smollm2) to ~2x (gemma3) short, the kernel's share its largest miss; at these rates the 94 units
-then left and the diagnosis come to ~40-50 h (qwen2.5-coder-1.5b, not yet measured, most of it).
+above was ~1.3x (smollm2) to ~2x (gemma3) short, the kernel's share its largest miss. At these rates the 94 units then
+left came to ~75 h (~45 h of it qwen2.5-coder-1.5b at ~3x qwen2.5-coder-0.5b, not yet measured); seeds 1-2 taking
+ICL under StaICC's sampler from seed 0 (above) cuts ~a third of their time, to ~55-60 h, plus the diagnosis.
 """
 from __future__ import annotations
 
