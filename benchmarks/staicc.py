@@ -1,7 +1,7 @@
 """StaICC (Cho et al., arXiv 2501.15708; pip StaICC==0.1.1) as a confirmation of deepthink's methods (issue 29).
 
     python benchmarks/staicc.py                               # every model, the ten StaICC-Normal datasets, seeds 0-2
-                                                              # (the small models' seeds first, then the 1.5B: job_order)
+                                                              # (small models' seeds first, then the 1.5B: job_order)
     python benchmarks/staicc.py --models smollm2-135m --datasets glue_sst2 --seeds 0      # a slice
     python benchmarks/staicc.py --write-only                  # only rewrite benchmarks/results/STAICC.md
     python benchmarks/staicc.py --diagnose --models smollm2-135m                          # template/demo sensitivity
