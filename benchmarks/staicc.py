@@ -445,7 +445,7 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
     def staicc_sampler():
         with quiet():
             exp.reset_demonstration_sampler()
-        if source is not None:
+        if source is not None and len(source[1]) == n:       # the same test items, each a row
             was, was_rows = source
             flat = [r["icl_staicc"][t] for t in range(len(was_rows[0]["icl_staicc"])) for r in was_rows]
             check = sampler_check(lm, exp, flat)
