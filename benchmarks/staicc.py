@@ -15,6 +15,9 @@ Plain ICL runs under both samplers, so the tables show what fixing the set costs
 with its own fixed seed (42), so that ICL is the same for every seed here: a unit takes it from an earlier seed's
 unit of the model and dataset (`sampler_source`) once its first 16 prompts, run again, reproduce it
 (`sampler_check`: within 1e-4, no prediction differs; else it runs whole), and STAICC.md counts and sums the checks.
+StaICC's three trained calibrations are seed-independent too (its calibration split, its fixed seed): units made
+after git 68a4d3c store each trained state beside them (`.calibrations.jsonl`, with its first 16 prompts' label
+probabilities), and a later seed's unit takes it where those prompts, run again, reproduce (`calibration_source`).
 Dev items (128, deepthink's default dev split, for the T of DT and grad KV) come from the same demonstration split,
 disjoint from the drawn set; never from the test split. The first units ran on 64 (the default when issue 29 was
 filed; issue 31 had moved it to 128, on our own tasks, before they ran, and this file had not followed): their DT and
@@ -70,7 +73,8 @@ Measured since (the 26 seed-0 units of 2026-12-06, `wall_s`): smollm2-135m 7-20 
 13-32 (19), qwen2.5-coder-0.5b 18-46 (31; AGNews the longest), StaICC's kernel passes 64-83 % of each: the estimate
 above was ~1.3x (smollm2) to ~2x (gemma3) short, the kernel's share its largest miss. At these rates the 94 units then
 left came to ~75 h (~45 h of it qwen2.5-coder-1.5b at ~3x qwen2.5-coder-0.5b, not yet measured); seeds 1-2 taking
-ICL under StaICC's sampler from seed 0 (above) cuts ~a third of their time, to ~55-60 h, plus the diagnosis.
+ICL under StaICC's sampler from seed 0 (above) cuts ~a third of their time, to ~55-60 h, plus the diagnosis;
+taking the trained calibrations too (13-16 % of a seed-0 unit) saves ~5 h more, most of it on qwen2.5-coder-1.5b.
 """
 from __future__ import annotations
 
@@ -255,6 +259,18 @@ def argmax(row) -> int:
     return max(range(len(row)), key=row.__getitem__)
 
 
+def compare(ps, qs) -> dict:
+    """Two paths' probability rows for the same prompts: the largest absolute difference, the rows whose argmax
+    differs."""
+    return {"max_abs_prob_diff": max(abs(a - b) for p, q in zip(ps, qs) for a, b in zip(p, q)),
+            "predictions_differ": sum(argmax(p) != argmax(q) for p, q in zip(ps, qs))}
+
+
+def reproduces(check: dict) -> bool:
+    """An earlier unit's numbers are taken where its first prompts, run again, gave these (`compare`)."""
+    return check["predictions_differ"] == 0 and check["max_abs_prob_diff"] < SHARED_TOLERANCE
+
+
 def workspace_class():
     from deepthink.methods.base import Workspace
 
@@ -321,9 +337,8 @@ def kernel_check(lm, exp, rec, n: int = KERNEL_CHECK) -> dict:
         passes[full] = [run(prompt=p, label_space=space) for p in prompts], round(time.perf_counter() - t, 3)
     full = passes[True][0]
     return {"prompts": n, "last_logits": isinstance(kernel(lm).keywords["model"], LastLogits),
-            "max_abs_prob_diff": max(abs(a - b) for (r, _), q in zip(full, rec.probs) for a, b in zip(r, q)),
+            **compare([r for r, _ in full], rec.probs),
             "max_abs_hidden_diff": max(float(abs(h - g).max()) for (_, h), g in zip(full, rec.hidden)),
-            "predictions_differ": sum(argmax(r) != argmax(q) for (r, _), q in zip(full, rec.probs)),
             "seconds": {"last": passes[False][1], "full": passes[True][1]}}
 
 
@@ -338,6 +353,50 @@ class Recorder:
         self.probs.append(list(label_space_prob))
         self.hidden.append(hidden_state)
         return label_space_prob
+
+
+class Enough(Exception):
+    """Raised by `FirstCalls` once it has run the prompts a check needs."""
+
+
+class FirstCalls:
+    """A feedforward for a StaICC calibration's training that records the label probabilities of its first n calls
+    (what a later unit's check compares); with `stop`, it ends the training there (`Enough`): the first prompts of
+    a training that is not wanted whole."""
+
+    def __init__(self, feedforward, n: int | None = None, stop: bool = False):
+        self.feedforward, self.n, self.stop, self.probs = feedforward, KERNEL_CHECK if n is None else n, stop, []
+
+    def __call__(self, prompt, label_space):
+        if self.stop and len(self.probs) == self.n:
+            raise Enough
+        out = self.feedforward(prompt=prompt, label_space=label_space)
+        if len(self.probs) < self.n:
+            self.probs.append([float(x) for x in (out[0] if isinstance(out, tuple) else out)])
+        return out
+
+
+def calibration_state(c) -> dict:
+    """What a trained StaICC calibration's inference reads, as JSON: contextual and domain calibration's mean label
+    probabilities (Python floats), hidden calibration's class centroids (float32, kept exactly: the shortest decimal
+    that gives the same float32) and whether it failed (a class absent from its calibration prompts)."""
+    import numpy as np
+
+    if hasattr(c, "centroid"):
+        return {"centroid": [[float(str(np.float32(x))) for x in row] for row in c.centroid], "failed": c.failed}
+    return {"calibrationA": [float(x) for x in c.calibrationA]}
+
+
+def restore(c, state: dict):
+    """A fresh StaICC calibration given a trained state (`calibration_state`): the same types its own training leaves
+    (float32 centroids, float means), so its inference gives the same numbers; -> c."""
+    import numpy as np
+
+    if "centroid" in state:
+        c.centroid, c.failed = [[np.float32(x) for x in row] for row in state["centroid"]], state["failed"]
+    else:
+        c.calibrationA = list(state["calibrationA"])
+    return c
 
 
 def staicc_metrics(exp, probs) -> tuple[dict, list[int]]:
@@ -378,27 +437,57 @@ def run_ours(key: str, setup, tests, infos: dict, refused: dict):
     return readout(prepared.scorer, [e.query for e in tests], setup.workspace.labels)
 
 
-def sampler_source(model: str, dataset: str, fingerprint: str, cfg: dict) -> tuple[dict, list[dict]] | None:
-    """An earlier unit of this model and dataset that ran ICL under StaICC's own sampler itself (not taken from
-    another), with the same weights, StaICC version, k and test items: -> (unit, rows), the lowest seed's, or None.
-    StaICC draws that sampler's sets with its own fixed seed (stable_random, 42), so they are the same for every seed
-    here; the unit that takes them checks it (`sampler_check`)."""
+def earlier_units(model: str, dataset: str, fingerprint: str, cfg: dict):
+    """This model's finished units of the dataset with the same weights, StaICC version, k and number of calibration
+    prompts, lowest seed first: -> (path, unit) pairs."""
     from deepthink.io import safe_name
 
     found = []
     for path in (RESULTS / "units").glob(f"{safe_name(model)}__{dataset}__seed*.json"):
         try:
             unit = json.loads(path.read_text())
-            taken = unit.get("shared", {}).get("icl_staicc", {}).get("taken")
-            if (taken or unit["model_fingerprint"] != fingerprint or unit["config"]["k"] != cfg["k"]
-                    or unit["config"]["staicc"] != cfg["staicc"]):
-                continue
-            rows = [json.loads(l) for l in path.with_suffix(".predictions.jsonl").read_text().splitlines()]
+            if (unit["model_fingerprint"] == fingerprint and unit["config"]["k"] == cfg["k"]
+                    and unit["config"]["staicc"] == cfg["staicc"]
+                    and unit["config"]["calibration_number"] == cfg["calibration_number"]):
+                found.append((unit["seed"], path, unit))
         except (OSError, ValueError, KeyError):
             continue
+    return [(path, unit) for _, path, unit in sorted(found, key=lambda f: f[0])]
+
+
+def sampler_source(model: str, dataset: str, fingerprint: str, cfg: dict) -> tuple[dict, list[dict]] | None:
+    """An earlier unit of this model and dataset (`earlier_units`) that ran ICL under StaICC's own sampler itself (not
+    taken from another), with a row for each test item: -> (unit, rows), the lowest seed's, or None. StaICC draws that
+    sampler's sets with its own fixed seed (stable_random, 42), so they are the same for every seed here; the unit
+    that takes them checks it (`sampler_check`)."""
+    for path, unit in earlier_units(model, dataset, fingerprint, cfg):
+        if unit.get("shared", {}).get("icl_staicc", {}).get("taken"):
+            continue
+        try:
+            rows = [json.loads(l) for l in path.with_suffix(".predictions.jsonl").read_text().splitlines()]
+        except (OSError, ValueError):
+            continue
         if len(rows) == unit["n_test"] and all("icl_staicc" in r for r in rows):
-            found.append((unit["seed"], unit, rows))
-    return min(found, key=lambda f: f[0])[1:] if found else None
+            return unit, rows
+    return None
+
+
+def calibration_source(model: str, dataset: str, fingerprint: str, cfg: dict) -> dict:
+    """StaICC's trained calibrations (contextual, domain, hidden) as the earliest unit of this model and dataset that
+    trained each one stored them (`.calibrations.jsonl` beside it; `calibration_state`): -> {key: {"state", "first",
+    "from", "git", "wall_s"}}. StaICC trains them on its calibration split with its own fixed seed (stable_random), not
+    on the fixed set, so a trained state serves every seed; the unit that takes one checks it (`FirstCalls`)."""
+    found = {}
+    for path, unit in earlier_units(model, dataset, fingerprint, cfg):
+        try:
+            stored = [json.loads(l) for l in path.with_suffix(".calibrations.jsonl").read_text().splitlines()]
+        except (OSError, ValueError):
+            continue
+        for entry in stored:
+            key = entry.pop("method")
+            found.setdefault(key, {**entry, "from": f"seed {unit['seed']}", "git": unit.get("environment", {}).get(
+                "git"), "wall_s": unit["wall_s"][key]})
+    return found
 
 
 def sampler_check(lm, exp, probs: list[list[float]], n: int = KERNEL_CHECK) -> dict:
@@ -407,18 +496,18 @@ def sampler_check(lm, exp, probs: list[list[float]], n: int = KERNEL_CHECK) -> d
     prompts, space, t = exp.prompt_set()[:n], exp.get_label_space(), time.perf_counter()
     run = kernel(lm)
     now = [run(prompt=p, label_space=space) for p in prompts]
-    return {"prompts": len(prompts),
-            "max_abs_prob_diff": max(abs(a - b) for r, q in zip(now, probs) for a, b in zip(r, q)),
-            "predictions_differ": sum(argmax(r) != argmax(q) for r, q in zip(now, probs)),
-            "seconds": round(time.perf_counter() - t, 3)}
+    return {"prompts": len(prompts), **compare(now, probs), "seconds": round(time.perf_counter() - t, 3)}
 
 
 def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
-             source: tuple[dict, list[dict]] | None = None) -> tuple[dict, list[dict]]:
+             source: tuple[dict, list[dict]] | None = None,
+             calibrations: dict | None = None) -> tuple[dict, list[dict]]:
     """Every method on one (model, dataset, seed); -> (unit, per-item rows). `exp`: StaICC's experimentor of the
     dataset (built here when None; tests pass a smaller one). `source`: an earlier unit of the model and dataset
     (`sampler_source`) whose ICL under StaICC's sampler is taken, not run again, where its first prompts reproduce
-    (`sampler_check`; else it runs as before)."""
+    (`sampler_check`; else it runs as before). `calibrations`: StaICC's calibrations as earlier units trained them
+    (`calibration_source`), each taken where its first prompts reproduce, else trained again. The calibrations
+    trained here are in unit["calibration_states"] (`write_unit` puts them beside the unit)."""
     from StaICC.prefabricate_inference import standard_calibration as sc
     from tqdm.auto import tqdm
 
@@ -449,7 +538,7 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
             was, was_rows = source
             flat = [r["icl_staicc"][t] for t in range(len(was_rows[0]["icl_staicc"])) for r in was_rows]
             check = sampler_check(lm, exp, flat)
-            taken = check["predictions_differ"] == 0 and check["max_abs_prob_diff"] < SHARED_TOLERANCE
+            taken = reproduces(check)
             shared["icl_staicc"] = {"from": f"seed {was['seed']}", "git": was.get("environment", {}).get("git"),
                                     "wall_s": was["wall_s"]["icl_staicc"], "check": check, "taken": taken}
             if taken:
@@ -491,15 +580,37 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
         return res
     timed("staicc_kernel_fixed", fixed_kernel)
     checked = kernel_check(lm, exp, rec)
-    writer = exp.prompt_former.write_prompt_from_dataline
+    # (trained on StaICC's calibration split with its own fixed seed: the same for every seed here, so each is taken
+    # from an earlier unit of the model where its first prompts reproduce)
+    writer, states = exp.prompt_former.write_prompt_from_dataline, {}
     for key, name in STAICC_CAL.items():
-        def cal(name=name):
+        def cal(key=key, name=name):
             with quiet():
                 if name == "batch_calibration":
                     return sc.batch_calibration([list(p) for p in rec.probs])
-                c = getattr(sc, name)(space)
-                ff = kernel(lm, return_hidden_state=True) if name == "hidden_calibration" else kernel(lm)
-                c.train(writer, ff, calibration_set=exp.calibration_set(), calibration_number=CALIBRATION_NUMBER, k=K)
+                ff = kernel(lm, return_hidden_state=name == "hidden_calibration")
+
+                def trained(feedforward):
+                    c = getattr(sc, name)(space)
+                    c.train(writer, feedforward, calibration_set=exp.calibration_set(),
+                            calibration_number=CALIBRATION_NUMBER, k=K)
+                    return c
+                was, taken = (calibrations or {}).get(key), False
+                if was is not None:
+                    first, t = FirstCalls(ff, len(was["first"]), stop=True), time.perf_counter()
+                    with contextlib.suppress(Enough):
+                        trained(first)
+                    check = {"prompts": len(first.probs), **compare(first.probs, was["first"]),
+                             "seconds": round(time.perf_counter() - t, 3)}
+                    taken = len(first.probs) == len(was["first"]) and reproduces(check)
+                    shared[key] = {"from": was["from"], "git": was["git"], "wall_s": was["wall_s"], "check": check,
+                                   "taken": taken}
+                if taken:
+                    c = restore(getattr(sc, name)(space), was["state"])
+                else:
+                    first = FirstCalls(ff)
+                    c = trained(first)
+                    states[key] = {"state": calibration_state(c), "first": first.probs}
                 infos[key] = {"failed": bool(getattr(c, "failed", False))}
                 return [c.inference(p, None, h) for p, h in zip(rec.probs, rec.hidden)]
         probs[key] = [list(map(float, p)) for p in timed(key, cal)]
@@ -508,16 +619,15 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
     metrics, correct = {"icl_staicc": default["metrics"]}, {"icl_staicc": default["correct"]}
     for key, p in probs.items():
         metrics[key], correct[key] = staicc_metrics(exp, p)
-    check = {"max_abs_prob_diff": max(abs(a - b) for r, q in zip(probs["icl"], rec.probs) for a, b in zip(r, q)),
-             "predictions_differ": sum(argmax(r) != argmax(q) for r, q in zip(probs["icl"], rec.probs)),
-             "boundary_merges": merged}
+    check = {**compare(probs["icl"], rec.probs), "boundary_merges": merged}
     tok = lm.tokenizer
     unit = {"model": lm.name, "dataset": dataset, "staicc_name": exp.triplet_dataset.get_dataset_name(), "seed": seed,
             "label_space": space, "metrics": metrics, "correct": correct, "methods": infos, "refused": refused,
             "adapter_check": check, "kernel_check": checked, **({"shared": shared} if shared else {}), "n_test": n,
             "demonstrations": {"indices": demos, "text": setup.demonstrations,
                                "tokens": len(tok(setup.demonstrations).input_ids)},
-            "dev_indices": dev, "wall_s": {**times, "total": round(time.perf_counter() - t0, 3)}}
+            "dev_indices": dev, "wall_s": {**times, "total": round(time.perf_counter() - t0, 3)},
+            **({"calibration_states": states} if states else {})}
     rows = []
     for i, e in enumerate(tests):
         row = {"index": e.index, "gold": e.label}
@@ -600,9 +710,15 @@ def redo_dev(lm, unit: dict, rows: list[dict], cfg: dict, exp=None) -> dict:
 
 
 def write_unit(path: Path, unit: dict, rows: list[dict]) -> None:
-    """A unit's per-item rows, then the unit itself: written last, it is what marks the unit done (`unit_state`)."""
+    """A unit's per-item rows and the calibrations it trained (`calibration_states`, taken out of the unit: a later
+    seed's unit takes them, `calibration_source`), then the unit itself: written last, it is what marks the unit done
+    (`unit_state`)."""
     from deepthink.io import write_atomic
 
+    states = unit.pop("calibration_states", None)
+    if states:
+        write_atomic(path.with_suffix(".calibrations.jsonl"),
+                     "".join(json.dumps({"method": k, **e}) + "\n" for k, e in states.items()))
     write_atomic(path.with_suffix(".predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     write_atomic(path, json.dumps(unit, indent=1))
 
@@ -637,7 +753,8 @@ def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "
                             if k in unit["metrics"] and k in unit["former"]["metrics"])
                 + f"  [{unit['redone']['wall_s']:.0f}s]")
             continue
-        unit, rows = run_unit(lm, dataset, seed, progress, source=sampler_source(model, dataset, lm.fingerprint, cfg))
+        unit, rows = run_unit(lm, dataset, seed, progress, source=sampler_source(model, dataset, lm.fingerprint, cfg),
+                              calibrations=calibration_source(model, dataset, lm.fingerprint, cfg))
         unit.update({"model_source": lm.source, "model_fingerprint": lm.fingerprint, "device": str(device),
                      "config": cfg, "environment": environment()})
         write_unit(path, unit, rows)
@@ -1081,20 +1198,28 @@ def kernel_line(units: list[dict]) -> str:
 
 
 def shared_lines(units: list[dict]) -> list[str]:
-    """How many units took ICL under StaICC's sampler from an earlier seed's unit, and what their checks found."""
-    info = [u["shared"]["icl_staicc"] for u in units if "icl_staicc" in u.get("shared", {})]
-    if not info:
-        return []
-    took = [i for i in info if i["taken"]]
-    checks = [i["check"] for i in info]
-    return [f"ICL under StaICC's sampler: StaICC draws its sets with its own fixed seed (42), the same for every seed "
-            f"here, so {len(took)} unit(s) took it from an earlier seed's unit of the same model and dataset "
-            f"instead of running it again ({sum(i['wall_s'] for i in took) / 3600:.1f} h of kernel passes not "
-            f"repeated), each after running its first {checks[0]['prompts']} prompts again: largest probability "
-            f"difference {max(c['max_abs_prob_diff'] for c in checks):.2g}, predictions that differ "
-            f"{sum(c['predictions_differ'] for c in checks)}"
-            + (f"; {len(info) - len(took)} did not reproduce and ran it whole." if len(took) < len(info) else "."),
-            ""]
+    """How many units took ICL under StaICC's sampler, and StaICC's trained calibrations, from an earlier seed's unit,
+    and what their checks found."""
+    def line(info: list[dict], head: str, took_what: str, redone: str) -> list[str]:
+        if not info:
+            return []
+        took, checks = [i for i in info if i["taken"]], [i["check"] for i in info]
+        return [f"{head} {took_what.format(len(took))} instead of running it again "
+                f"({sum(i['wall_s'] for i in took) / 3600:.1f} h not repeated), each after running its first "
+                f"{checks[0]['prompts']} prompts again: largest probability difference "
+                f"{max(c['max_abs_prob_diff'] for c in checks):.2g}, predictions that differ "
+                f"{sum(c['predictions_differ'] for c in checks)}"
+                + (f"; {len(info) - len(took)} {redone}." if len(took) < len(info) else "."), ""]
+    sampler = [u["shared"]["icl_staicc"] for u in units if "icl_staicc" in u.get("shared", {})]
+    cals = [u["shared"][k] for u in units for k in STAICC_CAL if k in u.get("shared", {})]
+    return [*line(sampler, "ICL under StaICC's sampler: StaICC draws its sets with its own fixed seed (42), the same "
+                           "for every seed here, so",
+                  "{} unit(s) took it from an earlier seed's unit of the same model and dataset",
+                  "did not reproduce and ran it whole"),
+            *line(cals, "StaICC's contextual, domain and hidden calibrations: StaICC trains them on its calibration "
+                        "split with its own fixed seed, not on the fixed set, so",
+                  "{} training(s) were taken from an earlier seed's unit of the same model and dataset (the trained "
+                  "state stored beside it)", "did not reproduce and were trained again")]
 
 
 def write_markdown() -> Path:

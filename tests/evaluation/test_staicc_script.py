@@ -125,6 +125,16 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
         json.loads(r)["icl_staicc"] for r in st.unit_path("glue_sst2", str(tiny_model_dir), 1).with_suffix(
             ".predictions.jsonl").read_text().splitlines()]
     assert "1 unit(s) took it from an earlier seed's unit" in (tmp_path / "STAICC.md").read_text()
+    # and StaICC's three trained calibrations, stored beside seed 0 (the unit itself without them)
+    stored = [json.loads(l) for l in st.unit_path("glue_sst2", str(tiny_model_dir), 0).with_suffix(
+        ".calibrations.jsonl").read_text().splitlines()]
+    assert [e["method"] for e in stored] == ["staicc_cc", "staicc_dc", "staicc_hc"] and "calibration_states" not in unit
+    assert all(len(e["first"]) == st.CALIBRATION_NUMBER for e in stored)
+    assert not st.unit_path("glue_sst2", str(tiny_model_dir), 1).with_suffix(".calibrations.jsonl").exists()
+    for key in ("staicc_cc", "staicc_dc", "staicc_hc"):
+        assert second["shared"][key]["taken"] and second["shared"][key]["from"] == "seed 0"
+        assert second["shared"][key]["check"]["prompts"] == st.CALIBRATION_NUMBER
+    assert "3 training(s) were taken from an earlier seed's unit" in (tmp_path / "STAICC.md").read_text()
     sittings = [json.loads(l) for l in (tmp_path / "staicc" / "sittings.jsonl").read_text().splitlines()]
     assert [s["units"] for s in sittings] == [1, 1] and sittings[0]["error"] == "KeyboardInterrupt"
     text = (tmp_path / "STAICC.md").read_text()
@@ -215,6 +225,43 @@ def test_staiccs_sampler_is_the_same_for_every_seed_and_a_source_that_does_not_r
     assert again["correct"]["icl_staicc"] == unit["correct"]["icl_staicc"]         # run whole: seed 0's again
     assert [r["icl_staicc"] for r in again_rows] == [
         [pytest.approx(p, abs=1e-5) for p in r["icl_staicc"]] for r in rows]
+
+
+def test_staiccs_calibrations_trained_once_serve_every_seed_and_one_that_does_not_reproduce_is_trained_again(
+        sst2, tiny_model_dir, tmp_path, monkeypatch):
+    """StaICC trains its contextual, domain and hidden calibrations on its calibration split with its own fixed seed:
+    a state stored by one unit, restored in another, gives the numbers training again gives; a stored state whose
+    first prompts do not reproduce is not taken, and the unit trains it again and says so."""
+    st = load_benchmark("staicc")
+    monkeypatch.setattr(st, "RESULTS", tmp_path / "staicc")
+    monkeypatch.setattr(st, "DEV_SIZE", 4)
+    monkeypatch.setattr(st, "CALIBRATION_NUMBER", 6)
+    monkeypatch.setattr(st, "KERNEL_CHECK", 4)           # the check runs the first 4 of the 6 calibration prompts
+    monkeypatch.setattr(st, "OURS", {"zero_shot": {}, "icl": {}, "dt_dev": {"steps": 2}, "grad_kv": {"steps": 2}})
+    from deepthink.evaluation.runner import cached_model
+
+    lm = cached_model({}, str(tiny_model_dir), "cpu")
+    assert st.calibration_source(lm.name, "glue_sst2", lm.fingerprint, st.config()) == {}
+    unit, rows = st.run_unit(lm, "glue_sst2", 0, False, exp=small(st, sst2))
+    unit.update({"model_fingerprint": lm.fingerprint, "config": st.config(), "environment": {"git": "abc"}})
+    st.write_unit(st.unit_path("glue_sst2", lm.name, 0), unit, rows)
+    source = st.calibration_source(lm.name, "glue_sst2", lm.fingerprint, st.config())
+    assert set(source) == {"staicc_cc", "staicc_dc", "staicc_hc"} and source["staicc_cc"]["from"] == "seed 0"
+    assert source["staicc_hc"]["git"] == "abc" and source["staicc_hc"]["wall_s"] == unit["wall_s"]["staicc_hc"]
+    assert len(source["staicc_hc"]["state"]["centroid"]) == 2 and len(source["staicc_cc"]["first"]) == 4
+    assert st.calibration_source(lm.name, "glue_sst2", "other weights", st.config()) == {}
+    swapped = [p[::-1] for p in source["staicc_dc"]["first"]]
+    tampered = {**source, "staicc_dc": {**source["staicc_dc"], "first": swapped}}
+    again, again_rows = st.run_unit(lm, "glue_sst2", 0, False, exp=small(st, sst2), calibrations=tampered)
+    for key in ("staicc_cc", "staicc_hc"):                      # restored: the numbers training gives
+        assert again["shared"][key]["taken"] and again["shared"][key]["check"]["prompts"] == 4
+        assert again["shared"][key]["check"]["max_abs_prob_diff"] < 1e-5
+        assert [r[key] for r in again_rows] == [[pytest.approx(p, abs=1e-5) for p in r[key]] for r in rows]
+    shared = again["shared"]["staicc_dc"]                       # labels swapped: trained again, stored again
+    assert not shared["taken"] and shared["check"]["max_abs_prob_diff"] > 0
+    assert set(again["calibration_states"]) == {"staicc_dc"}
+    assert [r["staicc_dc"] for r in again_rows] == [[pytest.approx(p, abs=1e-5) for p in r["staicc_dc"]] for r in rows]
+    assert "1 did not reproduce and were trained again" in "\n".join(st.shared_lines([again]))
 
 
 def test_diagnosis_compares_icl_and_grad_kv_on_fixed_sets(sst2, tiny_model_dir, tmp_path, monkeypatch):
