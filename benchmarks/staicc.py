@@ -1143,6 +1143,17 @@ def model_order(units: list[dict]) -> list[str]:
     return [m for m in MODELS if m in have] + sorted(have - set(MODELS))
 
 
+def unit_minutes(units: list[dict]) -> str:
+    """Mean minutes a unit, the units that took parts from an earlier seed's unit (`shared`) apart from the rest."""
+    took = [u for u in units if any(s.get("taken") for s in u.get("shared", {}).values())]
+    whole = [u for u in units if u not in took]
+
+    def mean(us: list[dict]) -> str:
+        return f"{statistics.fmean(u['wall_s']['total'] for u in us) / 60:.0f} min"
+    parts = [mean(whole)] if whole else []
+    return ", ".join(parts + ([f"{mean(took)} the {len(took)} taking parts from an earlier seed's"] if took else []))
+
+
 def readme_summary(units: list[dict]) -> str:
     if not units:
         return "No StaICC unit has finished yet."
@@ -1159,8 +1170,7 @@ def readme_summary(units: list[dict]) -> str:
         cells = [str(iv or "–") for iv in (*c["seen"], *c["unseen"])]
         cells += [f"{len(c['above_icl'])} of {c['datasets']}", f"{len(c['at_cal'])} of {c['datasets']}"]
         lines.append(f"| {m} | {len(mu)} of {len(DATASETS) * len(SEEDS)} | " + " | ".join(cells) + " |")
-    times = "; ".join(f"{m} {statistics.fmean(u['wall_s']['total'] for u in units if u['model'] == m) / 60:.0f} min"
-                      for m in order)
+    times = "; ".join(f"{m} {unit_minutes([u for u in units if u['model'] == m])}" for m in order)
     stale = sum(u["config"]["dev_size"] != DEV_SIZE for u in units)
     lines += ["", "When to use which (each model once its 30 units are in; the rule, written before most of them ran, "
               "in STAICC.md):", "", *(recommendation_line(m, [u for u in units if u["model"] == m]) for m in models())]

@@ -360,6 +360,9 @@ def test_the_goal_is_judged_per_model_literally_and_the_chosen_t_shown():
     assert "grad KV chose it in 3 of 30 units" in steps[2] and "| trec | 0, 1, 2 | 1, 1, 1 | 1, 1, 1 |" in steps
     varied = [fake_unit(st, d, s, grad=8 + 3 * s, icl=10, cal=11) for d in st.DATASETS for s in st.SEEDS]
     assert "Mean time a unit here (every method, 512 test items): m 10 min." in st.readme_summary(varied)
+    for u in varied[:2]:
+        u["wall_s"]["total"], u["shared"] = 300, {"icl_staicc": {"taken": True}}
+    assert "m 10 min, 5 min the 2 taking parts from an earlier seed's." in st.readme_summary(varied)
     assert st.readme_summary(varied) == st.readme_summary(varied[::-1])   # the same intervals whatever the order
 
 
