@@ -753,6 +753,7 @@ def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "
                             if k in unit["metrics"] and k in unit["former"]["metrics"])
                 + f"  [{unit['redone']['wall_s']:.0f}s]")
             continue
+        path.with_suffix(".calibrations.jsonl").unlink(missing_ok=True)    # an interrupted run's, if any
         unit, rows = run_unit(lm, dataset, seed, progress, source=sampler_source(model, dataset, lm.fingerprint, cfg),
                               calibrations=calibration_source(model, dataset, lm.fingerprint, cfg))
         unit.update({"model_source": lm.source, "model_fingerprint": lm.fingerprint, "device": str(device),

@@ -103,6 +103,8 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
     saved = first[0].read_text()
     assert "Units: 1 of " in (tmp_path / "STAICC.md").read_text()  # the interrupted sitting still wrote its tables
     monkeypatch.setattr(st, "run_unit", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
+    stale = st.unit_path("glue_sst2", str(tiny_model_dir), 1).with_suffix(".calibrations.jsonl")
+    stale.write_text('{"method": "staicc_cc", "state": {"calibrationA": [0.5, 0.5]}, "first": []}\n')  # interrupted
     st.main(argv)
     assert calls == [0, 1, 1]                       # seed 0 not recomputed; seed 1 run again after the interrupt
     assert first[0].read_text() == saved
@@ -130,7 +132,7 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
         ".calibrations.jsonl").read_text().splitlines()]
     assert [e["method"] for e in stored] == ["staicc_cc", "staicc_dc", "staicc_hc"] and "calibration_states" not in unit
     assert all(len(e["first"]) == st.CALIBRATION_NUMBER for e in stored)
-    assert not st.unit_path("glue_sst2", str(tiny_model_dir), 1).with_suffix(".calibrations.jsonl").exists()
+    assert not stale.exists()                       # seed 1 took all three: nothing of its own beside it
     for key in ("staicc_cc", "staicc_dc", "staicc_hc"):
         assert second["shared"][key]["taken"] and second["shared"][key]["from"] == "seed 0"
         assert second["shared"][key]["check"]["prompts"] == st.CALIBRATION_NUMBER
