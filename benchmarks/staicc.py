@@ -43,7 +43,13 @@ made after git c75e218 (those with `kernel_check`), StaICC's kernel is given the
 vocabulary logits of the last position alone, the only ones the kernel reads (its passes were 70-80 % of a unit's
 time, and the full logits, positions x vocabulary floats a forward, much of each pass); each such unit checks it
 against the full logits on its first 16 prompts (`kernel_check`: probability and hidden-state differences,
-predictions that differ, both passes' seconds), and STAICC.md sums the checks. grad KV's
+predictions that differ, both passes' seconds), and STAICC.md sums the checks. The first 36 units (to git
+f9792b8) also ran the fixed set's ICL through StaICC's kernel whole (512 prompts, 25-37 % of a seed-1 unit) and fed
+StaICC's calibrations its label probabilities and last hidden states; their adapter checks, on every test prompt,
+found at most 6.8e-5 between the paths and no prediction that differs. Later units feed the calibrations
+deepthink's readout of the same prompts (`readout(last_hidden=True)`: the hidden state the LM head reads at the
+query's last position, the kernel's `hidden_states[-1]` there) and check both against StaICC's kernel, run as StaICC
+runs it, on their first 16 prompts (`adapter_check`, with `prompts` and `max_abs_hidden_diff`). grad KV's
 leave-one-out objective sees each demonstration as a query ("sentence: ... sentiment:") and its label word with
 the template's space (" positive") followed by StaICC's label affix ("\\n"), i.e. its span of the prefix; T is chosen
 by dev accuracy under StaICC's readout.
@@ -74,7 +80,8 @@ Measured since (the 26 seed-0 units of 2026-12-06, `wall_s`): smollm2-135m 7-20 
 above was ~1.3x (smollm2) to ~2x (gemma3) short, the kernel's share its largest miss. At these rates the 94 units then
 left came to ~75 h (~45 h of it qwen2.5-coder-1.5b at ~3x qwen2.5-coder-0.5b, not yet measured); seeds 1-2 taking
 ICL under StaICC's sampler from seed 0 (above) cuts ~a third of their time, to ~55-60 h, plus the diagnosis;
-taking the trained calibrations too (13-16 % of a seed-0 unit) saves ~5 h more, most of it on qwen2.5-coder-1.5b.
+taking the trained calibrations too (13-16 % of a seed-0 unit) saves ~5 h more, most of it on qwen2.5-coder-1.5b,
+and not running the fixed set through StaICC's kernel whole (above) ~11 h more: ~40-45 h left, plus the diagnosis.
 """
 from __future__ import annotations
 
@@ -230,9 +237,10 @@ def query_ids(tokenizer, prefix_text: str, prefix_ids: list[int], query: str) ->
     return tokenizer(query, add_special_tokens=False).input_ids, False
 
 
-def readout(ctx, queries: list[str], labels: list[int], batch_size: int = BATCH):
+def readout(ctx, queries: list[str], labels: list[int], batch_size: int = BATCH, last_hidden: bool = False):
     """(Scores of each label token at each query's last position after `ctx`'s prefix, queries whose ids had to be
-    tokenised apart): StaICC's kernel readout on a (tuned) prefix; one forward per query (deepthink's fast scorer)."""
+    tokenised apart): StaICC's kernel readout on a (tuned) prefix; one forward per query (deepthink's fast scorer).
+    `last_hidden`: the scores also hold each query's last hidden state there (what the kernel hands calibrations)."""
     from deepthink import kv
     from deepthink.scoring import Unit, score_fast
 
@@ -244,7 +252,8 @@ def readout(ctx, queries: list[str], labels: list[int], batch_size: int = BATCH)
         if limit is not None and ctx.length + len(ids) > limit:
             raise ValueError(f"query {i} needs {ctx.length} prefix + {len(ids)} tokens, beyond the model's {limit}")
         units.append(Unit(i, ids, [(j, [t]) for j, t in enumerate(labels)]))
-    return score_fast(ctx.lm.model, ctx.prefix, units, len(labels), len(queries), batch_size=batch_size), merged
+    return score_fast(ctx.lm.model, ctx.prefix, units, len(labels), len(queries), batch_size=batch_size,
+                      last_hidden=last_hidden), merged
 
 
 def softmax(row) -> list[float]:
@@ -326,33 +335,27 @@ def kernel(lm, full: bool = False, **kw):
                              tokenizer=lm.tokenizer, cache_empty=None, **kw)
 
 
-def kernel_check(lm, exp, rec, n: int = KERNEL_CHECK) -> dict:
-    """StaICC's kernel with the full logits (as StaICC runs it) against `kernel`'s on the first n prompts of the
-    current sampler: the largest differences of the label probabilities (`rec`, recorded by `kernel`'s pass) and of
-    the last hidden state, predictions that differ, and both passes' seconds on those n prompts."""
+def kernel_check(lm, exp, ours: tuple[list, list], n: int = KERNEL_CHECK) -> tuple[dict, dict]:
+    """StaICC's kernel as StaICC runs it (the full logits) on the first n prompts of the current sampler, against
+    `kernel`'s (LastLogits, what this benchmark's kernel passes use) and against `ours`: deepthink's readout of the same
+    prompts, (label probabilities, last hidden states) per prompt, what StaICC's calibrations read here. -> (kernel
+    check, adapter check): each the largest differences of the label probabilities and of the last hidden state and
+    the predictions that differ; the kernel check with both kernel passes' seconds on those n prompts."""
     prompts, space = exp.prompt_set()[:n], exp.get_label_space()
     passes = {}
     for full in (False, True):
         run, t = kernel(lm, full, return_hidden_state=True), time.perf_counter()
         passes[full] = [run(prompt=p, label_space=space) for p in prompts], round(time.perf_counter() - t, 3)
-    full = passes[True][0]
-    return {"prompts": n, "last_logits": isinstance(kernel(lm).keywords["model"], LastLogits),
-            **compare([r for r, _ in full], rec.probs),
-            "max_abs_hidden_diff": max(float(abs(h - g).max()) for (_, h), g in zip(full, rec.hidden)),
-            "seconds": {"last": passes[False][1], "full": passes[True][1]}}
+    theirs = passes[True][0]
 
-
-class Recorder:
-    """A StaICC calibration_function that keeps what the kernel hands it (label probabilities, last hidden state)
-    and changes nothing: one pass of StaICC's kernel then serves every calibration's inference."""
-
-    def __init__(self):
-        self.probs, self.hidden = [], []
-
-    def __call__(self, label_space_prob, full_vocab_prob, hidden_state):
-        self.probs.append(list(label_space_prob))
-        self.hidden.append(hidden_state)
-        return label_space_prob
+    def against(probs, hidden) -> dict:
+        return {"prompts": len(prompts), **compare(probs, [r for r, _ in theirs]),
+                "max_abs_hidden_diff": max(float(abs(h - g).max()) for h, (_, g) in zip(hidden, theirs))}
+    last = passes[False][0]
+    return ({**against([r for r, _ in last], [h for _, h in last]),
+             "last_logits": isinstance(kernel(lm).keywords["model"], LastLogits),
+             "seconds": {"last": passes[False][1], "full": passes[True][1]}},
+            against(ours[0][:n], ours[1][:n]))
 
 
 class Enough(Exception):
@@ -420,9 +423,10 @@ def config() -> dict:
             "methods": {k: make_method(k, o).options() for k, o in OURS.items()}, "staicc_methods": STAICC_CAL}
 
 
-def run_ours(key: str, setup, tests, infos: dict, refused: dict):
-    """deepthink's method `key` (options OURS[key]) on the fixed set, its test items read out as StaICC reads: ->
-    (scores, queries tokenised apart), or None where the method refuses the demonstrations (why in `refused`)."""
+def run_ours(key: str, setup, tests, infos: dict, refused: dict, last_hidden: bool = False):
+    """deepthink's method `key` (options OURS[key]) on the fixed set, its test items read out as StaICC reads (with
+    their last hidden states where `last_hidden`): -> (scores, queries tokenised apart), or None where the method
+    refuses the demonstrations (why in `refused`)."""
     from deepthink.kv import DemonstrationsTooLong
     from deepthink.methods import make_method
 
@@ -434,7 +438,7 @@ def run_ours(key: str, setup, tests, infos: dict, refused: dict):
         return None
     prepared = method.prepare(setup)
     infos[key] = {k: v for k, v in prepared.info.items() if k != "norms"}
-    return readout(prepared.scorer, [e.query for e in tests], setup.workspace.labels)
+    return readout(prepared.scorer, [e.query for e in tests], setup.workspace.labels, last_hidden=last_hidden)
 
 
 def earlier_units(model: str, dataset: str, fingerprint: str, cfg: dict):
@@ -555,12 +559,12 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
     # deepthink's methods on the fixed set, read out as StaICC reads
     merged = None
     for key in OURS:
-        scored = timed(key, functools.partial(run_ours, key, setup, tests, infos, refused))
+        scored = timed(key, functools.partial(run_ours, key, setup, tests, infos, refused, key == "icl"))
         if scored is not None:
             s, merges = scored
             probs[key] = [softmax(r) for r in s.logprob]
             if key == "icl":
-                icl_logprob, merged = s.logprob, merges
+                icl_logprob, icl_hidden, merged = s.logprob, s.last_hidden, merges
     # deepthink's calibrated ICL: content-free queries through StaICC's template, their mean log-prob subtracted
 
     def icl_cc():
@@ -571,15 +575,11 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
         return [softmax([x - y for x, y in zip(r, b)]) for r in icl_logprob]
     probs["icl_cc"] = timed("icl_cc", icl_cc)
 
-    # StaICC's kernel on the fixed set (its ICL: the adapter check) and its calibrations, trained by its own code
-    rec = Recorder()
-
-    def fixed_kernel():
-        with quiet():
-            res, _ = exp.auto_run(forward_inference=kernel(lm, calibration_function=rec))
-        return res
-    timed("staicc_kernel_fixed", fixed_kernel)
-    checked = kernel_check(lm, exp, rec)
+    # StaICC's calibrations on the fixed set, by its own code: their inference reads ICL's label probabilities and
+    # last hidden state of each test prompt, here deepthink's readout of those prompts (StaICC's kernel gives the same
+    # numbers: the adapter check, on the first prompts)
+    checked, check = kernel_check(lm, exp, (probs["icl"], icl_hidden))
+    check["boundary_merges"] = merged
     # (trained on StaICC's calibration split with its own fixed seed: the same for every seed here, so each is taken
     # from an earlier unit of the model where its first prompts reproduce)
     writer, states = exp.prompt_former.write_prompt_from_dataline, {}
@@ -587,7 +587,7 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
         def cal(key=key, name=name):
             with quiet():
                 if name == "batch_calibration":
-                    return sc.batch_calibration([list(p) for p in rec.probs])
+                    return sc.batch_calibration([list(p) for p in probs["icl"]])
                 ff = kernel(lm, return_hidden_state=name == "hidden_calibration")
 
                 def trained(feedforward):
@@ -612,14 +612,13 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
                     c = trained(first)
                     states[key] = {"state": calibration_state(c), "first": first.probs}
                 infos[key] = {"failed": bool(getattr(c, "failed", False))}
-                return [c.inference(p, None, h) for p, h in zip(rec.probs, rec.hidden)]
+                return [c.inference(p, None, h) for p, h in zip(probs["icl"], icl_hidden)]
         probs[key] = [list(map(float, p)) for p in timed(key, cal)]
     bar.close()
 
     metrics, correct = {"icl_staicc": default["metrics"]}, {"icl_staicc": default["correct"]}
     for key, p in probs.items():
         metrics[key], correct[key] = staicc_metrics(exp, p)
-    check = {**compare(probs["icl"], rec.probs), "boundary_merges": merged}
     tok = lm.tokenizer
     unit = {"model": lm.name, "dataset": dataset, "staicc_name": exp.triplet_dataset.get_dataset_name(), "seed": seed,
             "label_space": space, "metrics": metrics, "correct": correct, "methods": infos, "refused": refused,
@@ -1193,6 +1192,23 @@ SEES = ("What each method sees besides the test inputs (read from StaICC 0.1.1's
         "besides its 4 demonstrations), and the \"best StaICC calibration\" is picked per dataset on the test set.")
 
 
+def adapter_line(checks: list[dict]) -> str:
+    """The units' adapter checks: the first units' on every test prompt, later ones' on their first prompts (with
+    the last hidden state, which StaICC's calibrations read from deepthink's readout in those units)."""
+    if not checks:
+        return "Adapter check: no unit yet."
+    few = [c for c in checks if "prompts" in c]
+    line = ("Adapter check (ICL on the fixed set, deepthink's prefix path against StaICC's kernel on the whole "
+            f"prompt; {len(checks) - len(few)} unit(s) on every test prompt")
+    if few:
+        line += (f", {len(few)} on their first {few[0]['prompts']} prompts, the last hidden state too, which StaICC's "
+                 "calibrations read from deepthink's readout in those units (largest difference "
+                 f"{max(c['max_abs_hidden_diff'] for c in few):.2g})")
+    return line + (f"): largest probability difference {max(c['max_abs_prob_diff'] for c in checks):.2g}, predictions "
+                   f"that differ {sum(c['predictions_differ'] for c in checks)}, queries tokenised apart from their "
+                   f"prefix {sum(c['boundary_merges'] or 0 for c in checks)}.")
+
+
 def kernel_line(units: list[dict]) -> str:
     """How StaICC's kernel was run: the first units with its full logits, later ones through LastLogits, checked."""
     checks = [u["kernel_check"] for u in units if u.get("kernel_check", {}).get("last_logits")]
@@ -1256,11 +1272,7 @@ def write_markdown() -> Path:
                  LABELS[k] + (f" ({', '.join(f'{o}={v}' for o, v in OURS[k].items())})" if OURS.get(k) else "")
                  for k in COLUMNS), "",
              SEES.format(dev=DEV_SIZE), "",
-             f"Units: {len(units)} of {want}. Adapter check (ICL on the fixed set, deepthink's prefix path against "
-             "StaICC's kernel on the whole prompt): "
-             + (f"largest probability difference {max(c['max_abs_prob_diff'] for c in checks):.2g}, predictions that "
-                f"differ {sum(c['predictions_differ'] for c in checks)}, queries tokenised apart from their prefix "
-                f"{sum(c['boundary_merges'] or 0 for c in checks)}." if checks else "no unit yet."), "",
+             f"Units: {len(units)} of {want}. {adapter_line(checks)}", "",
              kernel_line(units), "", *shared_lines(units)]
     refused = [(u["model"], u["dataset"], u["seed"], k, v) for u in units for k, v in u["refused"].items()]
     if refused:

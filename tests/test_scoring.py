@@ -105,3 +105,30 @@ def test_generation_observes_every_token_it_chooses():
     assert all(shape == (ctx.lm.model.get_output_embeddings().weight.shape[0],) for _, shape in seen)
     with pytest.raises(ValueError, match="sequence 1 is empty"):
         ctx.token_logprobs([[1, 2], []])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_last_hidden_is_the_whole_prompts_last_hidden_state_at_its_end(arch, shared):
+    """score_fast(last_hidden=True) keeps, per query, the hidden state the LM head reads at the query's last
+    position after the prefix: a whole-prompt forward's hidden_states[-1] there (StaICC's kernel reads that)."""
+    import torch
+
+    from deepthink import kv
+    from deepthink.scoring import Unit, score_fast
+
+    lm = tiny_lm(arch)
+    if shared and not kv.supports_shared_prefix(lm.model):
+        pytest.skip(f"{arch} has no shared-prefix path")
+    ctx = deepthink.tune(lm, DEMOS, TuningConfig(steps=1))              # plain ICL: the demonstrations encoded
+    tok = lm.tokenizer
+    ids = [tok(q, add_special_tokens=False).input_ids for q in QUERIES]
+    units = [Unit(i, q, [(0, [5]), (1, [7])]) for i, q in enumerate(ids)]
+    s = score_fast(lm.model, ctx.prefix, units, 2, len(ids), batch_size=2, shared=shared, last_hidden=True)
+    assert score_fast(lm.model, ctx.prefix, units, 2, len(ids), batch_size=2, shared=shared).last_hidden is None
+    assert len(s.last_hidden) == len(QUERIES) and s.last_hidden[0].dtype.name == "float32"
+    for q, h in zip(ids, s.last_hidden):
+        with torch.no_grad():
+            out = lm.model(torch.tensor([ctx.prefix_ids + q]), output_hidden_states=True)
+        assert abs(out.hidden_states[-1][0, -1].float().numpy() - h).max() < 1e-4
+    assert abs(s.last_hidden[0] - s.last_hidden[1]).max() > 1e-3              # each query's own

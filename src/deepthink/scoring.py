@@ -17,10 +17,12 @@ from . import kv
 
 @dataclass
 class Scores:
-    """Per query and choice: summed log-probability of the choice tokens and their count."""
+    """Per query and choice: summed log-probability of the choice tokens and their count; `last_hidden`, where
+    asked for (score_fast), each query's final hidden state at its last position."""
 
     logprob: list[list[float]]
     n_tokens: list[list[int]]
+    last_hidden: list | None = None
 
     @property
     def normalized(self) -> list[list[float]]:
@@ -133,7 +135,8 @@ CONTINUATION_TOKENS = 4096   # context + choice positions per forward when multi
 
 @torch.inference_mode()
 def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_items: int,
-               batch_size: int = 16, progress: bool = False, shared: bool | None = None) -> Scores:
+               batch_size: int = 16, progress: bool = False, shared: bool | None = None,
+               last_hidden: bool = False) -> Scores:
     """Each context encoded once after the prefix; all its choices scored from that.
 
     Contexts are batched longest first and right-padded per batch (pads sit after every real token, so
@@ -144,6 +147,9 @@ def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_it
     shared: attend to the prefix held once for the whole batch (kv.shared_forward) instead of a copy per row
     (then the longer choices run one forward per context); None picks it whenever the model supports it
     (kv.supports_shared_prefix). Both give the same scores.
+
+    last_hidden: also keep each context's final hidden state at its last position (after the model's last norm:
+    what the LM head reads, the `hidden_states[-1]` of a whole-prompt forward), float32 numpy, per item.
     """
     keys, values = prefix
     L = keys[0].shape[-2] if keys else 0
@@ -155,6 +161,7 @@ def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_it
     device = model.get_input_embeddings().weight.device
     logprob = [[0.0] * n_choices for _ in range(n_items)]
     n_tok = [[0] * n_choices for _ in range(n_items)]
+    hidden: list | None = [None] * n_items if last_hidden else None
     order = sorted(range(len(units)), key=lambda u: -len(units[u].context))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
@@ -174,7 +181,11 @@ def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_it
         else:
             out = model.base_model(ids, use_cache=False)
         rows = torch.arange(len(us), device=device)
-        first = _head(model, out.last_hidden_state[rows, lens - 1])              # (B, V)
+        last = out.last_hidden_state[rows, lens - 1]                            # (B, H)
+        first = _head(model, last)                                              # (B, V)
+        if hidden is not None:
+            for u, h in zip(us, last.detach().float().cpu().numpy()):
+                hidden[u.item] = h
         picks = [(b, u.item, j, toks) for b, u in enumerate(us) for j, toks in u.choices]
         firsts = first[[p[0] for p in picks], [p[3][0] for p in picks]].tolist()   # one gather per batch
         for (_, item, j, toks), lp in zip(picks, firsts):
@@ -210,7 +221,7 @@ def score_fast(model, prefix: kv.Prefix, units: list[Unit], n_choices: int, n_it
                     return model.base_model(ids, **kv.cache_kwarg(model.base_model, cache), use_cache=False)
                 for (j, _), lp in zip(mine, _continuations(model, [t for _, t in mine], forward)):
                     logprob[u.item][j] += lp
-    return Scores(logprob, n_tok)
+    return Scores(logprob, n_tok, hidden)
 
 
 def _continuations(model, choices: list[list[int]], forward) -> list[float]:

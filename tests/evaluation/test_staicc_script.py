@@ -37,14 +37,19 @@ def test_adapter_gives_staiccs_own_icl_prompts_and_predictions(sst2):
         exp.set_demonstration_sampler([list(demos) for _ in range(N_TEST)])
     assert exp.prompt_set() == [setup.demonstrations + q for q in queries]    # the same prompts, StaICC's own
     assert "".join(e.block for e in setup.demos) == setup.demonstrations and setup.demos[0].separator == "\n"
-    rec = st.Recorder()
+    run, space = st.kernel(lm, True, return_hidden_state=True), exp.get_label_space()   # StaICC's, as it runs it
+    kernels = [run(prompt=p, label_space=space) for p in exp.prompt_set()]
     with st.quiet():
-        theirs, _ = exp.auto_run(forward_inference=st.kernel(lm, calibration_function=rec))
-    s, merged = st.readout(setup.icl(), queries, st.label_ids(lm.tokenizer, exp.get_label_space()))
+        theirs, _ = exp.auto_run(forward_inference=st.kernel(lm, True))
+    s, merged = st.readout(setup.icl(), queries, st.label_ids(lm.tokenizer, space), last_hidden=True)
     ours = [st.softmax(r) for r in s.logprob]
     assert merged == 0
-    assert ours == [pytest.approx(r, rel=1e-5, abs=1e-6) for r in rec.probs]
-    assert [max((0, 1), key=r.__getitem__) for r in ours] == [max((0, 1), key=r.__getitem__) for r in rec.probs]
+    assert ours == [pytest.approx(r, rel=1e-5, abs=1e-6) for r, _ in kernels]
+    assert [max((0, 1), key=r.__getitem__) for r in ours] == [max((0, 1), key=r.__getitem__) for r, _ in kernels]
+    assert max(float(abs(h - g).max()) for h, (_, g) in zip(s.last_hidden, kernels)) < 1e-4   # calibrations read it
+    check = st.kernel_check(lm, exp, (ours, s.last_hidden), 3)[1]
+    assert check["prompts"] == 3 and check["predictions_differ"] == 0 and check["max_abs_prob_diff"] < 1e-5
+    assert check["max_abs_hidden_diff"] < 1e-4
     assert len({round(r[0], 3) for r in ours}) > 1                           # the queries are read, not a constant
     metrics, correct = st.staicc_metrics(exp, ours)
     assert metrics["accuracy"] == pytest.approx(100 * theirs["accuracy"], abs=1e-4)
@@ -67,10 +72,8 @@ def test_staiccs_kernel_reads_the_same_from_the_last_positions_logits(sst2):
         (p, h), (q, g) = fast(prompt=prompt, label_space=space), full(prompt=prompt, label_space=space)
         assert p == pytest.approx(q, abs=1e-6) and abs(h - g).max() < 1e-5
     assert len({round(fast(prompt=x, label_space=space)[0][0], 4) for x in exp.prompt_set()[:4]}) > 1
-    rec = st.Recorder()
-    with st.quiet():
-        exp.auto_run(forward_inference=st.kernel(lm, calibration_function=rec))
-    check = st.kernel_check(lm, exp, rec, 3)
+    dummy = ([[0.5, 0.5]] * 3, [g for _, g in (full(prompt=x, label_space=space) for x in exp.prompt_set()[:3])])
+    check = st.kernel_check(lm, exp, dummy, 3)[0]
     assert check["prompts"] == 3 and check["last_logits"] and check["predictions_differ"] == 0
     assert check["max_abs_prob_diff"] < 1e-6 and check["max_abs_hidden_diff"] < 1e-5
     assert set(check["seconds"]) == {"last", "full"}
@@ -113,6 +116,9 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
     assert len(unit["correct"]["icl_staicc"]) == 2 * N_TEST and len(unit["correct"]["grad_kv"]) == N_TEST
     assert unit["adapter_check"]["predictions_differ"] == 0 and unit["adapter_check"]["max_abs_prob_diff"] < 1e-5
     assert unit["kernel_check"]["predictions_differ"] == 0 and unit["kernel_check"]["max_abs_prob_diff"] < 1e-6
+    adapter = unit["adapter_check"]
+    assert adapter["prompts"] == min(N_TEST, st.KERNEL_CHECK) and adapter["max_abs_hidden_diff"] < 1e-4
+    assert "staicc_kernel_fixed" not in unit["wall_s"]      # StaICC's calibrations read deepthink's readout
     assert unit["methods"]["grad_kv"]["chosen_steps"] in (1, 2) and unit["refused"] == {}
     rows = (first[0].with_suffix(".predictions.jsonl")).read_text().splitlines()
     assert len(rows) == N_TEST and len(json.loads(rows[0])["icl_staicc"]) == 2
