@@ -15,6 +15,8 @@ Plain ICL runs under both samplers, so the tables show what fixing the set costs
 with its own fixed seed (42), so that ICL is the same for every seed here: a unit takes it from an earlier seed's
 unit of the model and dataset (`sampler_source`) once its first 16 prompts, run again, reproduce it
 (`sampler_check`: within 1e-4, no prediction differs; else it runs whole), and STAICC.md counts and sums the checks.
+Zero-shot (no demonstrations) is the same for every seed too: units made after git 500d20a take it the same way
+(`sampler_source(key="zero_shot")`, `zero_shot_check` on the first 16 test items).
 StaICC's three trained calibrations are seed-independent too (its calibration split, its fixed seed): units made
 after git 68a4d3c store each trained state beside them (`.calibrations.jsonl`, with its first 16 prompts' label
 probabilities), and a later seed's unit takes it where those prompts, run again, reproduce (`calibration_source`).
@@ -81,7 +83,8 @@ above was ~1.3x (smollm2) to ~2x (gemma3) short, the kernel's share its largest 
 left came to ~75 h (~45 h of it qwen2.5-coder-1.5b at ~3x qwen2.5-coder-0.5b, not yet measured); seeds 1-2 taking
 ICL under StaICC's sampler from seed 0 (above) cuts ~a third of their time, to ~55-60 h, plus the diagnosis;
 taking the trained calibrations too (13-16 % of a seed-0 unit) saves ~5 h more, most of it on qwen2.5-coder-1.5b,
-and not running the fixed set through StaICC's kernel whole (above) ~11 h more: ~40-45 h left, plus the diagnosis.
+and not running the fixed set through StaICC's kernel whole (above) ~11 h more, taking zero-shot ~1 h: ~40 h left,
+plus the diagnosis.
 """
 from __future__ import annotations
 
@@ -459,19 +462,20 @@ def earlier_units(model: str, dataset: str, fingerprint: str, cfg: dict):
     return [(path, unit) for _, path, unit in sorted(found, key=lambda f: f[0])]
 
 
-def sampler_source(model: str, dataset: str, fingerprint: str, cfg: dict) -> tuple[dict, list[dict]] | None:
-    """An earlier unit of this model and dataset (`earlier_units`) that ran ICL under StaICC's own sampler itself (not
-    taken from another), with a row for each test item: -> (unit, rows), the lowest seed's, or None. StaICC draws that
-    sampler's sets with its own fixed seed (stable_random, 42), so they are the same for every seed here; the unit
-    that takes them checks it (`sampler_check`)."""
+def sampler_source(model: str, dataset: str, fingerprint: str, cfg: dict,
+                   key: str = "icl_staicc") -> tuple[dict, list[dict]] | None:
+    """An earlier unit of this model and dataset (`earlier_units`) that ran method `key` itself (not taken from
+    another), with a row for each test item: -> (unit, rows), the lowest seed's, or None. For ICL under StaICC's own
+    sampler: StaICC draws its sets with its own fixed seed (stable_random, 42), so they are the same for every seed
+    here; for zero-shot: no demonstrations. The unit that takes them checks it (`sampler_check`, `zero_shot_check`)."""
     for path, unit in earlier_units(model, dataset, fingerprint, cfg):
-        if unit.get("shared", {}).get("icl_staicc", {}).get("taken"):
+        if unit.get("shared", {}).get(key, {}).get("taken") or key not in unit["metrics"]:
             continue
         try:
             rows = [json.loads(l) for l in path.with_suffix(".predictions.jsonl").read_text().splitlines()]
         except (OSError, ValueError):
             continue
-        if len(rows) == unit["n_test"] and all("icl_staicc" in r for r in rows):
+        if len(rows) == unit["n_test"] and all(key in r for r in rows):
             return unit, rows
     return None
 
@@ -503,15 +507,29 @@ def sampler_check(lm, exp, probs: list[list[float]], n: int = KERNEL_CHECK) -> d
     return {"prompts": len(prompts), **compare(now, probs), "seconds": round(time.perf_counter() - t, 3)}
 
 
+def zero_shot_check(setup, tests, rows: list[dict], n: int = KERNEL_CHECK) -> dict:
+    """deepthink's zero-shot read out again on the first n test items, against an earlier unit's `rows` of them: the
+    largest difference (rows hold 6 decimals), predictions that differ, seconds."""
+    from deepthink.methods import make_method
+
+    t = time.perf_counter()
+    s, _ = readout(make_method("zero_shot", OURS["zero_shot"]).prepare(setup).scorer,
+                   [e.query for e in tests[:n]], setup.workspace.labels)
+    return {"prompts": len(s.logprob), **compare([softmax(r) for r in s.logprob], [r["zero_shot"] for r in rows[:n]]),
+            "seconds": round(time.perf_counter() - t, 3)}
+
+
 def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
              source: tuple[dict, list[dict]] | None = None,
-             calibrations: dict | None = None) -> tuple[dict, list[dict]]:
+             calibrations: dict | None = None,
+             zero_shot: tuple[dict, list[dict]] | None = None) -> tuple[dict, list[dict]]:
     """Every method on one (model, dataset, seed); -> (unit, per-item rows). `exp`: StaICC's experimentor of the
     dataset (built here when None; tests pass a smaller one). `source`: an earlier unit of the model and dataset
     (`sampler_source`) whose ICL under StaICC's sampler is taken, not run again, where its first prompts reproduce
     (`sampler_check`; else it runs as before). `calibrations`: StaICC's calibrations as earlier units trained them
     (`calibration_source`), each taken where its first prompts reproduce, else trained again. The calibrations
-    trained here are in unit["calibration_states"] (`write_unit` puts them beside the unit)."""
+    trained here are in unit["calibration_states"] (`write_unit` puts them beside the unit). `zero_shot`: an earlier
+    unit's (`sampler_source(key="zero_shot")`), taken where its first items reproduce (`zero_shot_check`)."""
     from StaICC.prefabricate_inference import standard_calibration as sc
     from tqdm.auto import tqdm
 
@@ -557,8 +575,20 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
     with quiet():
         exp.set_demonstration_sampler([list(demos) for _ in range(n)])   # the fixed set, for every query
     # deepthink's methods on the fixed set, read out as StaICC reads
-    merged = None
+    merged, taken = None, {}
+
+    def zero_shot_taken():      # no demonstrations: the same for every seed, so an earlier unit's where it reproduces
+        was, rows = zero_shot
+        check = zero_shot_check(setup, tests, rows)
+        shared["zero_shot"] = {"from": f"seed {was['seed']}", "git": was.get("environment", {}).get("git"),
+                               "wall_s": was["wall_s"]["zero_shot"], "check": check, "taken": reproduces(check)}
+        return reproduces(check)
     for key in OURS:
+        if key == "zero_shot" and zero_shot is not None and len(zero_shot[1]) == n and timed(key, zero_shot_taken):
+            was, rows = zero_shot
+            probs[key], infos[key] = [r[key] for r in rows], was["methods"].get(key, {})
+            taken[key] = (was["metrics"][key], was["correct"][key])
+            continue
         scored = timed(key, functools.partial(run_ours, key, setup, tests, infos, refused, key == "icl"))
         if scored is not None:
             s, merges = scored
@@ -618,7 +648,7 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
 
     metrics, correct = {"icl_staicc": default["metrics"]}, {"icl_staicc": default["correct"]}
     for key, p in probs.items():
-        metrics[key], correct[key] = staicc_metrics(exp, p)
+        metrics[key], correct[key] = taken[key] if key in taken else staicc_metrics(exp, p)
     tok = lm.tokenizer
     unit = {"model": lm.name, "dataset": dataset, "staicc_name": exp.triplet_dataset.get_dataset_name(), "seed": seed,
             "label_space": space, "metrics": metrics, "correct": correct, "methods": infos, "refused": refused,
@@ -754,7 +784,8 @@ def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "
             continue
         path.with_suffix(".calibrations.jsonl").unlink(missing_ok=True)    # an interrupted run's, if any
         unit, rows = run_unit(lm, dataset, seed, progress, source=sampler_source(model, dataset, lm.fingerprint, cfg),
-                              calibrations=calibration_source(model, dataset, lm.fingerprint, cfg))
+                              calibrations=calibration_source(model, dataset, lm.fingerprint, cfg),
+                              zero_shot=sampler_source(model, dataset, lm.fingerprint, cfg, "zero_shot"))
         unit.update({"model_source": lm.source, "model_fingerprint": lm.fingerprint, "device": str(device),
                      "config": cfg, "environment": environment()})
         write_unit(path, unit, rows)
@@ -1238,9 +1269,13 @@ def shared_lines(units: list[dict]) -> list[str]:
                 f"{sum(c['predictions_differ'] for c in checks)}"
                 + (f"; {len(info) - len(took)} {redone}." if len(took) < len(info) else "."), ""]
     sampler = [u["shared"]["icl_staicc"] for u in units if "icl_staicc" in u.get("shared", {})]
+    zero = [u["shared"]["zero_shot"] for u in units if "zero_shot" in u.get("shared", {})]
     cals = [u["shared"][k] for u in units for k in STAICC_CAL if k in u.get("shared", {})]
     return [*line(sampler, "ICL under StaICC's sampler: StaICC draws its sets with its own fixed seed (42), the same "
                            "for every seed here, so",
+                  "{} unit(s) took it from an earlier seed's unit of the same model and dataset",
+                  "did not reproduce and ran it whole"),
+            *line(zero, "Zero-shot: no demonstrations, the same for every seed, so",
                   "{} unit(s) took it from an earlier seed's unit of the same model and dataset",
                   "did not reproduce and ran it whole"),
             *line(cals, "StaICC's contextual, domain and hidden calibrations: StaICC trains them on its calibration "

@@ -133,6 +133,11 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
         json.loads(r)["icl_staicc"] for r in st.unit_path("glue_sst2", str(tiny_model_dir), 1).with_suffix(
             ".predictions.jsonl").read_text().splitlines()]
     assert "1 unit(s) took it from an earlier seed's unit" in (tmp_path / "STAICC.md").read_text()
+    # zero-shot too (no demonstrations)
+    assert second["shared"]["zero_shot"]["taken"] and second["shared"]["zero_shot"]["check"]["prompts"] == N_TEST
+    assert (second["metrics"]["zero_shot"], second["correct"]["zero_shot"]) == (
+        unit["metrics"]["zero_shot"], unit["correct"]["zero_shot"])
+    assert "Zero-shot: no demonstrations, the same for every seed, so 1 unit(s)" in (tmp_path / "STAICC.md").read_text()
     # and StaICC's three trained calibrations, stored beside seed 0 (the unit itself without them)
     stored = [json.loads(l) for l in st.unit_path("glue_sst2", str(tiny_model_dir), 0).with_suffix(
         ".calibrations.jsonl").read_text().splitlines()]
@@ -225,8 +230,14 @@ def test_staiccs_sampler_is_the_same_for_every_seed_and_a_source_that_does_not_r
     source = st.sampler_source(lm.name, "glue_sst2", lm.fingerprint, st.config())
     assert source is not None and source[0]["seed"] == 0 and source[1] == rows
     assert st.sampler_source(lm.name, "glue_sst2", "other weights", st.config()) is None
-    tampered = [{**r, "icl_staicc": [p[::-1] for p in r["icl_staicc"]]} for r in rows]       # labels swapped
-    again, again_rows = st.run_unit(lm, "glue_sst2", 1, False, exp=small(st, sst2), source=(unit, tampered))
+    assert st.sampler_source(lm.name, "glue_sst2", lm.fingerprint, st.config(), "zero_shot")[1] == rows
+    tampered = [{**r, "icl_staicc": [p[::-1] for p in r["icl_staicc"]], "zero_shot": r["zero_shot"][::-1]}
+                for r in rows]                                                                  # labels swapped
+    again, again_rows = st.run_unit(lm, "glue_sst2", 1, False, exp=small(st, sst2), source=(unit, tampered),
+                                    zero_shot=(unit, tampered))
+    assert not again["shared"]["zero_shot"]["taken"] and again["shared"]["zero_shot"]["check"]["predictions_differ"]
+    assert again["correct"]["zero_shot"] == unit["correct"]["zero_shot"]                       # run whole again
+    assert [r["zero_shot"] for r in again_rows] == [pytest.approx(r["zero_shot"], abs=1e-5) for r in rows]
     shared = again["shared"]["icl_staicc"]
     assert not shared["taken"] and shared["check"]["max_abs_prob_diff"] > 0 and shared["from"] == "seed 0"
     assert again["metrics"]["icl_staicc"] == pytest.approx(unit["metrics"]["icl_staicc"], abs=1e-3)
