@@ -575,7 +575,7 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
     with quiet():
         exp.set_demonstration_sampler([list(demos) for _ in range(n)])   # the fixed set, for every query
     # deepthink's methods on the fixed set, read out as StaICC reads
-    merged, taken = None, {}
+    merged, taken_metrics = None, {}
 
     def zero_shot_taken():      # no demonstrations: the same for every seed, so an earlier unit's where it reproduces
         was, rows = zero_shot
@@ -587,7 +587,7 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
         if key == "zero_shot" and zero_shot is not None and len(zero_shot[1]) == n and timed(key, zero_shot_taken):
             was, rows = zero_shot
             probs[key], infos[key] = [r[key] for r in rows], was["methods"].get(key, {})
-            taken[key] = (was["metrics"][key], was["correct"][key])
+            taken_metrics[key] = (was["metrics"][key], was["correct"][key])
             continue
         scored = timed(key, functools.partial(run_ours, key, setup, tests, infos, refused, key == "icl"))
         if scored is not None:
@@ -625,17 +625,17 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
                     c.train(writer, feedforward, calibration_set=exp.calibration_set(),
                             calibration_number=CALIBRATION_NUMBER, k=K)
                     return c
-                was, taken = (calibrations or {}).get(key), False
+                was, took = (calibrations or {}).get(key), False
                 if was is not None:
                     first, t = FirstCalls(ff, len(was["first"]), stop=True), time.perf_counter()
                     with contextlib.suppress(Enough):
                         trained(first)
-                    check = {"prompts": len(first.probs), **compare(first.probs, was["first"]),
+                    again = {"prompts": len(first.probs), **compare(first.probs, was["first"]),
                              "seconds": round(time.perf_counter() - t, 3)}
-                    taken = len(first.probs) == len(was["first"]) and reproduces(check)
-                    shared[key] = {"from": was["from"], "git": was["git"], "wall_s": was["wall_s"], "check": check,
-                                   "taken": taken}
-                if taken:
+                    took = len(first.probs) == len(was["first"]) and reproduces(again)
+                    shared[key] = {"from": was["from"], "git": was["git"], "wall_s": was["wall_s"], "check": again,
+                                   "taken": took}
+                if took:
                     c = restore(getattr(sc, name)(space), was["state"])
                 else:
                     first = FirstCalls(ff)
@@ -648,7 +648,7 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
 
     metrics, correct = {"icl_staicc": default["metrics"]}, {"icl_staicc": default["correct"]}
     for key, p in probs.items():
-        metrics[key], correct[key] = taken[key] if key in taken else staicc_metrics(exp, p)
+        metrics[key], correct[key] = taken_metrics[key] if key in taken_metrics else staicc_metrics(exp, p)
     tok = lm.tokenizer
     unit = {"model": lm.name, "dataset": dataset, "staicc_name": exp.triplet_dataset.get_dataset_name(), "seed": seed,
             "label_space": space, "metrics": metrics, "correct": correct, "methods": infos, "refused": refused,
