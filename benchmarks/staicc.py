@@ -84,7 +84,10 @@ left came to ~75 h (~45 h of it qwen2.5-coder-1.5b at ~3x qwen2.5-coder-0.5b, no
 ICL under StaICC's sampler from seed 0 (above) cuts ~a third of their time, to ~55-60 h, plus the diagnosis;
 taking the trained calibrations too (13-16 % of a seed-0 unit) saves ~5 h more, most of it on qwen2.5-coder-1.5b,
 and not running the fixed set through StaICC's kernel whole (above) ~11 h more, taking zero-shot ~1 h: ~40 h left,
-plus the diagnosis.
+plus the diagnosis. Measured with all three (git d316c6b, 2026-12-06): gemma3-270m's first seed-1 units 196-352 s
+against 756-1242 s at seed 0 (~3.8x less; their calibrations were still trained, seed 2 takes them). At such rates
+the ~45 small-model units then left are ~4 h and qwen2.5-coder-1.5b's 30 ~20 h (seed 0 ~3x qwen2.5-coder-0.5b's
+less its fixed-set kernel pass, ~75 min a unit; seeds 1-2 ~20-25 min), ~24 h plus the diagnosis (~8 h, estimated).
 """
 from __future__ import annotations
 
