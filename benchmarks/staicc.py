@@ -483,6 +483,12 @@ def sampler_source(model: str, dataset: str, fingerprint: str, cfg: dict,
     return None
 
 
+def origin(unit: dict, key: str) -> dict:
+    """Where a unit takes method `key` from: the earlier unit's seed, its git, the seconds `key` took there."""
+    return {"from": f"seed {unit['seed']}", "git": unit.get("environment", {}).get("git"),
+            "wall_s": unit["wall_s"][key]}
+
+
 def calibration_source(model: str, dataset: str, fingerprint: str, cfg: dict) -> dict:
     """StaICC's trained calibrations (contextual, domain, hidden) as the earliest unit of this model and dataset that
     trained each one stored them (`.calibrations.jsonl` beside it; `calibration_state`): -> {key: {"state", "first",
@@ -496,8 +502,7 @@ def calibration_source(model: str, dataset: str, fingerprint: str, cfg: dict) ->
             continue
         for entry in stored:
             key = entry.pop("method")
-            found.setdefault(key, {**entry, "from": f"seed {unit['seed']}", "git": unit.get("environment", {}).get(
-                "git"), "wall_s": unit["wall_s"][key]})
+            found.setdefault(key, {**entry, **origin(unit, key)})
     return found
 
 
@@ -564,8 +569,7 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
             flat = [r["icl_staicc"][t] for t in range(len(was_rows[0]["icl_staicc"])) for r in was_rows]
             check = sampler_check(lm, exp, flat)
             taken = reproduces(check)
-            shared["icl_staicc"] = {"from": f"seed {was['seed']}", "git": was.get("environment", {}).get("git"),
-                                    "wall_s": was["wall_s"]["icl_staicc"], "check": check, "taken": taken}
+            shared["icl_staicc"] = {**origin(was, "icl_staicc"), "check": check, "taken": taken}
             if taken:
                 return {"metrics": was["metrics"]["icl_staicc"], "correct": was["correct"]["icl_staicc"],
                         "probs": flat}
@@ -583,9 +587,8 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
     def zero_shot_taken():      # no demonstrations: the same for every seed, so an earlier unit's where it reproduces
         was, rows = zero_shot
         check = zero_shot_check(setup, tests, rows)
-        shared["zero_shot"] = {"from": f"seed {was['seed']}", "git": was.get("environment", {}).get("git"),
-                               "wall_s": was["wall_s"]["zero_shot"], "check": check, "taken": reproduces(check)}
-        return reproduces(check)
+        shared["zero_shot"] = {**origin(was, "zero_shot"), "check": check, "taken": reproduces(check)}
+        return shared["zero_shot"]["taken"]
     for key in OURS:
         if key == "zero_shot" and zero_shot is not None and len(zero_shot[1]) == n and timed(key, zero_shot_taken):
             was, rows = zero_shot
