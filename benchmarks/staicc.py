@@ -59,6 +59,14 @@ by dev accuracy under StaICC's readout.
 A confirmation, not a tuning ground: no option of any method is chosen from StaICC's numbers (grad KV and DT run with
 the options they had before this benchmark existed; StaICC's calibrations with StaICC's own settings).
 
+The diagnosis (`--diagnose`, one model): StaICC's Template_sens and Demo_sens experimentors, each run three times
+(ICL under StaICC's sampler through its kernel; ICL and grad KV on fixed sets through deepthink's readout). StaICC
+0.1.1's template experimentor carries a run's predictions into the next run on the same object (its consistency
+would then be scored over two methods' predictions at once): each run starts from cleared predictions
+(`sensitivity_run`), which must give StaICC's number again when recomputed. Every prompt's prediction is kept, so
+STAICC.md gives paired intervals and the accuracy in the same runs. A (model, dataset) resumes by part (kind x
+method, 1-15 min each, `diagnosis/parts/`), parts kept only under the same model and settings.
+
 Resumable: each (model, dataset, seed) unit is written when it finishes under benchmarks/results/staicc/units/ (with
 per-item probabilities beside it); run the same command again to continue. Every run appends to sittings.jsonl.
 
@@ -850,35 +858,93 @@ class Router:
 
 
 DIAG_SEEDS = list(range(8))      # Demo_sens reads 8 demonstration sets per query: here the fixed sets of seeds 0-7
+DIAG_METHODS = ("icl_staicc", "icl", "grad_kv")     # ICL under StaICC's own sampler; ICL and grad KV on fixed sets
 
 
-def diagnose(lm, dataset: str, progress: bool = True, exps: dict | None = None) -> dict:
+def repetitions(exp, kind: str) -> int:
+    """How many predictions StaICC's sensitivity experimentor makes per test item: one per template, or per set."""
+    return exp.test_times if kind == "template" else exp._repeat_times
+
+
+def sensitivity_run(exp, kind: str, forward, batched: bool) -> tuple[float, list[int]]:
+    """One StaICC sensitivity run of `forward` from a clean slate: StaICC's consistency (%) and the predicted label of
+    each prompt, in StaICC's order (repetition-major: prompt r * n + i is test item i under template or set r).
+
+    StaICC 0.1.1's template experimentor keeps its predictions on the object and hands them on to the next run as
+    `_previous_prediction`, so a second method run on the same experimentor would be scored over both methods'
+    predictions; they are cleared first. The consistency is then recomputed from the predictions read back and must
+    agree: the predictions stored are the ones StaICC scored."""
+    exp.predictions = []
+    with quiet():
+        res, _ = exp.auto_run(forward_inference=forward, batched_inference=batched)
+    preds = [argmax(p) for p in exp.predictions]
+    n = len(exp.test_set())
+    if len(preds) != n * repetitions(exp, kind):
+        raise RuntimeError(f"StaICC's {kind} run left {len(preds)} predictions, not {n} x {repetitions(exp, kind)}")
+    staicc = 100 * res["sensitivity"]["consistency"]
+    ours = 100 * statistics.fmean(per_item(preds, n, consistent))
+    if abs(ours - staicc) > 1e-6:
+        raise RuntimeError(f"StaICC's {kind} consistency {staicc} is not that of its predictions ({ours})")
+    return staicc, preds
+
+
+def consistent(row: list[int]) -> float:
+    """StaICC's consistency of one test item: the share of its predictions that agree with their majority."""
+    return max(row.count(p) for p in set(row)) / len(row)
+
+
+def per_item(preds: list[int], n: int, f) -> list[float]:
+    """f over each test item's predictions (one per template or set; `preds` repetition-major, n items)."""
+    return [f(preds[i::n]) for i in range(n)]
+
+
+def diagnose(lm, dataset: str, progress: bool = True, exps: dict | None = None, done: dict | None = None,
+             save=None) -> dict:
     """StaICC's template sensitivity (9 templates) and demonstration sensitivity (8 sets) of ICL under its own
     sampler, and of ICL and grad KV under fixed sets (seed 0's set for every template; seeds 0-7's sets as the 8
-    sets): consistency of the prediction across templates / sets, %; higher = less sensitive. `exps`: StaICC's
-    Template_sens and Demo_sens experimentors of the dataset (built here when None; tests pass smaller ones)."""
+    sets): consistency of the prediction across templates / sets, %; higher = less sensitive. Each prompt's
+    prediction is kept (`predictions`, with the items' `gold` labels) for paired intervals and accuracy.
+
+    Resumable by part ((kind, method), ~1-15 min each): `done` is an interrupted run's record, whose finished parts
+    are kept; `save(record)` is called after each part. `exps`: StaICC's Template_sens and Demo_sens experimentors
+    of the dataset (built here when None; tests pass smaller ones)."""
     if exps is None:
         exps = {"template": experimentor(dataset, "Template_sens"), "demo": experimentor(dataset, "Demo_sens")}
-    out, t0 = {"model": lm.name, "dataset": dataset, "results": {}, "contexts": {}}, time.perf_counter()
+    out = done or {"model": lm.name, "dataset": dataset, "results": {}, "contexts": {}, "predictions": {},
+                   "gold": {}, "part_s": {}}
     for kind, exp in exps.items():
-        with quiet():
-            res, _ = exp.auto_run(forward_inference=kernel(lm))
-        out["results"].setdefault("icl_staicc", {})[kind] = round(100 * res["sensitivity"]["consistency"], 4)
-        sets = {s: draw(exp, s)[0] for s in (DIAG_SEEDS[:1] if kind == "template" else DIAG_SEEDS)}
         n = len(exp.test_set())
-        if kind == "template":
-            with quiet():
-                exp.set_demonstration_sampler([list(sets[0]) for _ in range(n)])
-        else:      # one set per repetition, every query: StaICC's sampler is a list of index lists (its README)
-            exp.demonstration_sampler = [list(sets[s]) for s in DIAG_SEEDS for _ in range(n)]
-        for method in ("icl", "grad_kv"):
-            router = Router(lm, exp, list(sets.values()), method, {tuple(v): k for k, v in sets.items()})
-            with quiet():
-                res, _ = exp.auto_run(forward_inference=router, batched_inference=True)
-            out["results"].setdefault(method, {})[kind] = round(100 * res["sensitivity"]["consistency"], 4)
-            out["contexts"].setdefault(method, {})[kind] = router.info
-            out.setdefault("boundary_merges", {}).setdefault(method, {})[kind] = router.merged
-    out["wall_s"] = round(time.perf_counter() - t0, 3)
+        own = (exp.demonstration_sampler, exp._repeat_times)     # StaICC's sampler, before a fixed one replaces it
+        out["gold"][kind] = [exp.triplet_dataset.get_default_ground_truth_label_index(i) for i in range(n)]
+        sets = {s: draw(exp, s)[0] for s in (DIAG_SEEDS[:1] if kind == "template" else DIAG_SEEDS)}
+        for method in DIAG_METHODS:
+            if kind in out["predictions"].get(method, {}):
+                continue
+            t0 = time.perf_counter()
+            if method == "icl_staicc":
+                exp.demonstration_sampler, exp._repeat_times = own      # StaICC's own: a set drawn per query
+                forward, batched, router = kernel(lm), False, None
+            else:
+                if kind == "template":
+                    with quiet():
+                        exp.set_demonstration_sampler([list(sets[0]) for _ in range(n)])
+                else:  # one set per repetition, every query: StaICC's sampler is a list of index lists (its README)
+                    exp.demonstration_sampler = [list(sets[s]) for s in DIAG_SEEDS for _ in range(n)]
+                router = Router(lm, exp, list(sets.values()), method, {tuple(v): k for k, v in sets.items()})
+                forward, batched = router, True
+            value, preds = sensitivity_run(exp, kind, forward, batched)
+            out["results"].setdefault(method, {})[kind] = round(value, 4)
+            out["predictions"].setdefault(method, {})[kind] = preds
+            out["part_s"][f"{kind} {method}"] = round(time.perf_counter() - t0, 3)
+            if router is not None:
+                out["contexts"].setdefault(method, {})[kind] = router.info
+                out.setdefault("boundary_merges", {}).setdefault(method, {})[kind] = router.merged
+            if progress:
+                print(f"{lm.name} {dataset} {kind} {method}: consistency {value:.1f} "
+                      f"({out['part_s'][f'{kind} {method}']:.0f} s)", flush=True)
+            if save is not None:
+                save(out)
+    out["wall_s"] = round(sum(out["part_s"].values()), 3)
     return out
 
 
@@ -1140,24 +1206,69 @@ def dev_size_section(units: list[dict]) -> list[str]:
     return lines
 
 
+def item_scores(run: dict, kind: str, method: str, metric: str) -> list[float] | None:
+    """Per test item of a diagnosis run: StaICC's consistency of its predictions across templates / sets, or the
+    share of them that are right (`metric` "consistency" or "accuracy"); None where the part has not run."""
+    preds = run.get("predictions", {}).get(method, {}).get(kind)
+    if preds is None:
+        return None
+    gold = run["gold"][kind]
+    if metric == "consistency":
+        return per_item(preds, len(gold), consistent)
+    return [statistics.fmean(p == gold[i] for p in preds[i::len(gold)]) for i in range(len(gold))]
+
+
+def diagnosis_delta(runs: list[dict], kind: str, metric: str, a: str = "grad_kv", b: str = "icl") -> object:
+    """Paired 95 % bootstrap interval of `a` minus `b` over test items (datasets weighted equally)."""
+    from deepthink.evaluation.stats import paired_bootstrap
+
+    by = {}
+    for r in runs:
+        x, y = item_scores(r, kind, a, metric), item_scores(r, kind, b, metric)
+        if x is not None and y is not None:
+            by[r["dataset"]] = [u - v for u, v in zip(x, y)]
+    return paired_bootstrap(by) if by else None
+
+
+def diagnosis_table(runs: list[dict], metric: str) -> list[str]:
+    head = ("| model | dataset | " + " | ".join(
+        f"{what}: ICL, StaICC's sampler | ICL, fixed | grad KV | grad KV − ICL, fixed"
+        for what in ("templates", "demonstration sets")) + " |")
+    lines = [head, "|---|---|" + "---|" * 8]
+
+    def value(rs: list[dict], kind: str, method: str) -> str:
+        per = [item_scores(r, kind, method, metric) for r in rs]
+        if not per or any(v is None for v in per):
+            return "–"
+        return f"{100 * statistics.fmean(statistics.fmean(v) for v in per):.1f}"
+
+    for model in model_order(runs):
+        mine = [r for r in runs if r["model"] == model]
+        groups = [(r["dataset"], [r]) for r in mine] + ([(f"all {len(mine)} (equal weight)", mine)]
+                                                        if len(mine) > 1 else [])
+        for name, rs in groups:
+            lines.append(f"| {model} | {name} | " + " | ".join(
+                " | ".join(value(rs, kind, m) for m in DIAG_METHODS) + f" | {diagnosis_delta(rs, kind, metric) or '–'}"
+                for kind in ("template", "demo")) + " |")
+    return lines
+
+
 def diagnosis_section(root: Path | None = None) -> list[str]:
     d = (root or RESULTS) / "diagnosis"
     runs = [json.loads(f.read_text()) for f in sorted(d.glob("*__*.json"))] if d.exists() else []
     lines = ["## Diagnosis: template and demonstration sensitivity", "",
-             "StaICC's consistency of the prediction (%, higher = less sensitive) across its 9 templates (an L9 "
-             "orthogonal table of instruction, input prefix, label prefix, label affix; 100 test items) and across 8 "
-             "demonstration sets per query (128 test items). StaICC draws sets per query; a tuned context needs one "
-             "set for all queries, so ICL and grad KV are compared on fixed sets: seed 0's set under every template, "
-             "and the sets of seeds 0-7 as the 8 sets (one grad KV tuning per template and per set, T on dev).", ""]
+             "StaICC's consistency of the prediction (%, higher = less sensitive: per test item, the share of its "
+             "predictions that agree with their majority) across its 9 templates (an L9 orthogonal table of "
+             "instruction, input prefix, label prefix, label affix; 100 test items) and across 8 demonstration sets "
+             "per query (128 test items). StaICC draws sets per query; a tuned context needs one set for all "
+             "queries, so ICL and grad KV are compared on fixed sets: seed 0's set under every template, and the sets "
+             "of seeds 0-7 as the 8 sets (one grad KV tuning per template and per set, T on dev). Δ: paired 95 % "
+             "bootstrap interval over test items, points.", ""]
     if not runs:
-        return lines + ["No diagnosis has run yet (`python benchmarks/staicc.py --diagnose`)."]
-    lines += ["| model | dataset | template: ICL, StaICC's sampler | ICL, fixed | grad KV | demonstrations: ICL, "
-              "StaICC's sampler | ICL, fixed sets | grad KV |", "|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        res = r["results"]
-        lines.append(f"| {r['model']} | {r['dataset']} | " + " | ".join(
-            cell(res.get(m, {}).get(kind)) for kind in ("template", "demo") for m in ("icl_staicc", "icl", "grad_kv"))
-            + " |")
+        return lines + ["No diagnosis has run yet (`python benchmarks/staicc.py --diagnose`).", ""]
+    lines += ["Consistency, %:", "", *diagnosis_table(runs, "consistency"), "",
+              "Accuracy in the same runs, %, mean over the 9 templates / the 8 sets (a method can be consistent by "
+              "being consistently wrong):", "", *diagnosis_table(runs, "accuracy")]
     merged = {f"{r['model']} {r['dataset']}": r.get("boundary_merges", {}).get("icl", {}).get("template", 0)
               for r in runs}
     lines += ["", "Where a template ends each demonstration with a space (3 of the 9), a prefix cannot end inside the "
@@ -1367,8 +1478,7 @@ def main(argv=None) -> int:
         set_threads()                   # the physical cores, as the other benchmarks
 
         out = RESULTS / "diagnosis" if args.diagnose else RESULTS
-        files = (lambda: {f.stem for f in out.glob("*__*.json")}) if args.diagnose else \
-            (lambda: {f.stem for f in (out / "units").glob("*.json")})
+        files = diagnosis_files if args.diagnose else (lambda: {f.stem for f in (out / "units").glob("*.json")})
         before = files()
         interrupt_on_sigterm()     # a kill ends the sitting as Ctrl-C does: recorded, the units written kept
         sitting = Sitting("python benchmarks/staicc.py " + " ".join(sys.argv[1:] if argv is None else argv))
@@ -1394,6 +1504,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def diagnosis_settings(lm) -> dict:
+    """What a diagnosis part depends on: an interrupted run's parts are kept only under the same."""
+    return json.loads(json.dumps({"model_fingerprint": lm.fingerprint, "config": config(), "diag_seeds": DIAG_SEEDS}))
+
+
+def diagnosis_files(root: Path | None = None) -> set[str]:
+    """The finished (model, dataset) diagnoses, and each part of an unfinished one (what a sitting records)."""
+    d = (root or RESULTS) / "diagnosis"
+    parts = {f"{f.stem}: {p}" for f in (d / "parts").glob("*.json") for p in json.loads(f.read_text())["part_s"]}
+    return {f.stem for f in d.glob("*__*.json")} | parts
+
+
 def run_diagnosis(model_names: list[str], datasets: list[str], progress: bool, device: str = "cpu") -> list[str]:
     from deepthink.evaluation.provenance import environment
     from deepthink.evaluation.runner import cached_model
@@ -1406,14 +1528,22 @@ def run_diagnosis(model_names: list[str], datasets: list[str], progress: bool, d
             if path.exists():
                 continue
             lm = cached_model(cache, model, device)
-            r = diagnose(lm, d, progress)
-            r.update({"model_fingerprint": lm.fingerprint, "environment": environment()})
+            settings, part = diagnosis_settings(lm), path.parent / "parts" / path.name
+            earlier = json.loads(part.read_text()) if part.exists() else None
+            if earlier is not None and earlier.pop("settings", None) != settings:
+                print(f"{path.stem}: the parts an earlier run left were made under other settings; starting over")
+                earlier = None
+            elif earlier is not None:
+                print(f"{path.stem}: resuming after {', '.join(earlier['part_s'])}")
+            r = diagnose(lm, d, progress, done=earlier,
+                         save=lambda rec: write_atomic(part, json.dumps({**rec, "settings": settings})))
+            r.update({**settings, "environment": environment()})
             write_atomic(path, json.dumps(r, indent=1))
+            part.unlink(missing_ok=True)
             done.append(path.stem)
             print(f"{model} {d}: " + "  ".join(f"{m} {k} {v:.1f}" for m, kv_ in r["results"].items()
                                                for k, v in kv_.items()))
     return done
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -283,22 +283,20 @@ def test_staiccs_calibrations_trained_once_serve_every_seed_and_one_that_does_no
     assert "1 did not reproduce and were trained again" in "\n".join(st.shared_lines([again]))
 
 
-def test_diagnosis_compares_icl_and_grad_kv_on_fixed_sets(sst2, tiny_model_dir, tmp_path, monkeypatch):
-    """The sensitivity diagnosis end to end, shrunk for cost (2 of StaICC's 9 templates, 2 of its 8 demonstration
-    sets, 10 test items): one context per template and per set, ICL through the adapter equal to StaICC's kernel on
-    the same fixed prompts, the table written."""
+def shrunk_diagnosis(st, monkeypatch, tmp_path, n: int = 10) -> dict:
+    """The diagnosis shrunk for cost (2 of StaICC's 9 templates, 2 of its 8 demonstration sets, n test items), its
+    results under tmp_path; returns the experimentors it builds, by kind, as they are built."""
     import functools
 
     from StaICC.util import functional
 
-    st = load_benchmark("staicc")
     monkeypatch.setattr(st, "RESULTS", tmp_path / "staicc")
     monkeypatch.setattr(st, "MARKDOWN", tmp_path / "STAICC.md")
     monkeypatch.setattr(st, "README", tmp_path / "README.md")
     monkeypatch.setattr(st, "DEV_SIZE", 4)
     monkeypatch.setattr(st, "OURS", {**st.OURS, "grad_kv": {"steps": 2}})
     monkeypatch.setattr(st, "DIAG_SEEDS", [0, 1])
-    n, made = 10, {}
+    made, real = {}, st.experimentor
 
     def shrunk(dataset, kind="Normal"):
         exp = real(dataset, kind)
@@ -309,26 +307,98 @@ def test_diagnosis_compares_icl_and_grad_kv_on_fixed_sets(sst2, tiny_model_dir, 
             exp.orthogonal_table, exp.test_times = [exp.orthogonal_table[0], exp.orthogonal_table[2]], 2
         else:
             exp._repeat_times = 2
-        made[kind] = exp
+        made.setdefault(kind, []).append(exp)
         return exp
-    real = st.experimentor
     monkeypatch.setattr(st, "experimentor", shrunk)
-    st.main(["--diagnose", "--models", str(tiny_model_dir), "--datasets", "glue_sst2", "--quiet"])
-    (path,) = (tmp_path / "staicc" / "diagnosis").glob("*__glue_sst2.json")
+    return made
+
+
+def test_a_sensitivity_run_is_scored_on_its_own_predictions_only(tmp_path, monkeypatch):
+    """StaICC 0.1.1's template experimentor hands a run's predictions on to the next run on the same object: a
+    constant answer after a varied one would score below 100 % consistency. Each run starts clean."""
+    st = load_benchmark("staicc")
+    made = shrunk_diagnosis(st, monkeypatch, tmp_path)
+    seen = []
+
+    def varied(prompt, label_space):      # an item's answer changes from one template or set to the next
+        seen.extend(prompt)
+        return [[(i % 3) / 3, 0.5] for i in range(len(seen) - len(prompt), len(seen))]
+
+    def constant(prompt, label_space):
+        return [[0.9, 0.1] for _ in prompt]
+
+    for kind, name in (("template", "Template_sens"), ("demo", "Demo_sens")):
+        exp = st.experimentor("glue_sst2", name)
+        value, preds = st.sensitivity_run(exp, kind, varied, True)
+        assert value < 100 and len(preds) == 20
+        value, preds = st.sensitivity_run(exp, kind, constant, True)
+        assert value == pytest.approx(100) and preds == [0] * 20
+    assert [len(v) for v in made.values()] == [1, 1]
+
+
+def test_diagnosis_compares_icl_and_grad_kv_on_fixed_sets_and_resumes_by_part(sst2, tiny_model_dir, tmp_path,
+                                                                               monkeypatch):
+    """The sensitivity diagnosis end to end, shrunk: one context per template and per set; ICL on fixed sets gives
+    the predictions StaICC's own kernel gives on the same fixed prompts; an interrupted run keeps its finished parts
+    and the next run does only the rest; parts made under other settings are done again; the table is written."""
+    st = load_benchmark("staicc")
+    made = shrunk_diagnosis(st, monkeypatch, tmp_path)
+    real, calls = st.sensitivity_run, []
+
+    def stop_after(k):
+        def run(exp, kind, forward, batched):
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            calls.append(kind)
+            return real(exp, kind, forward, batched)
+        monkeypatch.setattr(st, "sensitivity_run", run)
+    argv = ["--diagnose", "--models", str(tiny_model_dir), "--datasets", "glue_sst2", "--quiet"]
+    diag = tmp_path / "staicc" / "diagnosis"
+    stop_after(2)
+    with pytest.raises(KeyboardInterrupt):
+        st.main(argv)
+    (part,) = (diag / "parts").glob("*__glue_sst2.json")
+    assert list(json.loads(part.read_text())["part_s"]) == ["template icl_staicc", "template icl"]
+    assert not list(diag.glob("*__*.json"))
+    stop_after(3)                                   # resumes: one part more, then stopped again
+    with pytest.raises(KeyboardInterrupt):
+        st.main(argv)
+    assert len(json.loads(part.read_text())["part_s"]) == 3
+    sittings = [json.loads(l) for l in (diag / "sittings.jsonl").read_text().splitlines()]
+    assert [s["done"] for s in sittings] == [[f"{part.stem}: template icl", f"{part.stem}: template icl_staicc"],
+                                             [f"{part.stem}: template grad_kv"]]      # (sorted)
+    tampered = json.loads(part.read_text())
+    tampered["settings"]["config"]["dev_size"] = 5
+    part.write_text(json.dumps(tampered))
+    calls.clear()
+    stop_after(99)
+    st.main(argv)                                   # other settings: every part again
+    assert calls == ["template"] * 3 + ["demo"] * 3
+    assert not part.exists()
+    (path,) = diag.glob("*__glue_sst2.json")
     r = json.loads(path.read_text())
     assert set(r["results"]) == {"icl_staicc", "icl", "grad_kv"}
     assert all(0 < v <= 100 for res in r["results"].values() for v in res.values())
     assert len(r["contexts"]["grad_kv"]["template"]) == 2 and len(r["contexts"]["grad_kv"]["demo"]) == 2
     assert r["contexts"]["grad_kv"]["demo"][0]["demos"] != r["contexts"]["grad_kv"]["demo"][1]["demos"]
     assert r["boundary_merges"] == {"icl": {"template": 0, "demo": 0}, "grad_kv": {"template": 0, "demo": 0}}
+    assert r["config"]["dev_size"] == 4 and r["diag_seeds"] == [0, 1] and "settings" not in r
     lm = tiny_lm("llama")
-    with st.quiet():                          # StaICC's own kernel on the same fixed prompts: the same consistency
-        res, _ = made["Template_sens"].auto_run(forward_inference=st.kernel(lm))
-    assert 100 * res["sensitivity"]["consistency"] == pytest.approx(r["results"]["icl"]["template"], abs=1e-3)
+    for kind, name in (("template", "Template_sens"), ("demo", "Demo_sens")):
+        exp = st.experimentor("glue_sst2", name)    # StaICC's own kernel on the same fixed prompts, a fresh experimentor
+        sets = [st.draw(exp, s)[0] for s in st.DIAG_SEEDS]
+        if kind == "template":
+            with st.quiet():
+                exp.set_demonstration_sampler([list(sets[0]) for _ in range(10)])
+        else:
+            exp.demonstration_sampler = [list(d) for d in sets for _ in range(10)]
+        value, preds = real(exp, kind, st.kernel(lm), False)
+        assert preds == r["predictions"]["icl"][kind] and value == pytest.approx(r["results"]["icl"][kind], abs=1e-3)
+        assert len(r["predictions"]["grad_kv"][kind]) == 20 and len(r["gold"][kind]) == 10
     text = (tmp_path / "STAICC.md").read_text()
     assert "## Diagnosis: template and demonstration sensitivity" in text
-    assert len([l for l in text.splitlines() if l.startswith("| tiny-llama")]) == 1
-    assert json.loads((tmp_path / "staicc" / "diagnosis" / "sittings.jsonl").read_text())["units"] == 1
+    rows = [l for l in text.splitlines() if l.startswith("| tiny-llama")]
+    assert len(rows) == 2 and all(l.count("[") == 2 for l in rows)      # consistency and accuracy, Δ with intervals
 
 
 def test_the_small_models_run_seed_major_before_the_large_model():
