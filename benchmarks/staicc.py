@@ -1253,9 +1253,28 @@ def diagnosis_table(runs: list[dict], metric: str) -> list[str]:
     return lines
 
 
+def diagnosis_runs(root: Path | None = None) -> list[dict]:
+    d = (root or RESULTS) / "diagnosis"
+    return [json.loads(f.read_text()) for f in sorted(d.glob("*__*.json"))] if d.exists() else []
+
+
+def diagnosis_summary(runs: list[dict]) -> list[str]:
+    """The README's line per diagnosed model: grad KV against ICL on fixed sets, consistency and accuracy."""
+    out = []
+    for model in model_order(runs):
+        mine = [r for r in runs if r["model"] == model]
+        out.append(f"Sensitivity, {model} ({len(mine)} of {len(DATASETS)} datasets), grad KV − ICL on fixed sets, "
+                   "points: " + "; ".join(
+                       f"across {what}: consistency {diagnosis_delta(mine, kind, 'consistency') or '–'}, accuracy "
+                       f"{diagnosis_delta(mine, kind, 'accuracy') or '–'}"
+                       for kind, what in (("template", "StaICC's 9 templates"), ("demo", "8 demonstration sets")))
+                   + " (STAICC.md, Diagnosis).")
+    return ["", *out] if out else []
+
+
 def diagnosis_section(root: Path | None = None) -> list[str]:
     d = (root or RESULTS) / "diagnosis"
-    runs = [json.loads(f.read_text()) for f in sorted(d.glob("*__*.json"))] if d.exists() else []
+    runs = diagnosis_runs(root)
     lines = ["## Diagnosis: template and demonstration sensitivity", "",
              "StaICC's consistency of the prediction (%, higher = less sensitive: per test item, the share of its "
              "predictions that agree with their majority) across its 9 templates (an L9 orthogonal table of "
@@ -1322,6 +1341,7 @@ def readme_summary(units: list[dict]) -> str:
     stale = sum(u["config"]["dev_size"] != DEV_SIZE for u in units)
     lines += ["", "When to use which (each model once its 30 units are in; the rule, written before most of them ran, "
               "in STAICC.md):", "", *(recommendation_line(m, [u for u in units if u["model"] == m]) for m in models())]
+    lines += diagnosis_summary(diagnosis_runs())
     return "\n".join(lines + ["", f"Goal (issue 29): {GOAL} (needs 8 and 7 of 10; per model in STAICC.md).",
                                "", f"Mean time a unit here (every method, 512 test items): {times}."]
                       + ([f"{stale} unit(s) still have DT and grad KV on a former dev split, not today's {DEV_SIZE} "

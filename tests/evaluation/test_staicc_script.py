@@ -399,6 +399,8 @@ def test_diagnosis_compares_icl_and_grad_kv_on_fixed_sets_and_resumes_by_part(ss
     assert "## Diagnosis: template and demonstration sensitivity" in text
     rows = [l for l in text.splitlines() if l.startswith("| tiny-llama")]
     assert len(rows) == 2 and all(l.count("[") == 2 for l in rows)      # consistency and accuracy, Δ with intervals
+    _, line = st.diagnosis_summary(st.diagnosis_runs())       # the README's line (under its StaICC table)
+    assert line.startswith("Sensitivity, tiny-llama") and line.count("[") == 4 and "(1 of 10 datasets)" in line
 
 
 def test_the_small_models_run_seed_major_before_the_large_model():
