@@ -987,10 +987,6 @@ def delta(units: list[dict], key: str, other) -> object:
     return paired_bootstrap(by) if by else None
 
 
-def cell(v) -> str:
-    return "–" if v is None else f"{v:.1f}"
-
-
 def group_section(model: str, units: list[dict], datasets: list[str], title: str) -> list[str]:
     ds = [d for d in datasets if any(u["dataset"] == d for u in units)]
     if not ds:
