@@ -1254,17 +1254,33 @@ def diagnosis_runs(root: Path | None = None) -> list[dict]:
     return [json.loads(f.read_text()) for f in sorted(d.glob("*__*.json"))] if d.exists() else []
 
 
+def diagnosis_reversals(runs: list[dict]) -> list[str]:
+    """Where grad KV does worse than ICL on one dataset: its paired interval wholly below zero (a pooled mean can
+    hide these)."""
+    out = []
+    for metric in ("consistency", "accuracy"):
+        for kind, what in (("template", "templates"), ("demo", "demonstration sets")):
+            for r in runs:
+                d = diagnosis_delta([r], kind, metric)
+                if d is not None and d.high < 0:
+                    out.append(f"{metric} across {what} on {r['dataset']} {d}")
+    return out
+
+
 def diagnosis_summary(runs: list[dict]) -> list[str]:
-    """The README's line per diagnosed model: grad KV against ICL on fixed sets, consistency and accuracy."""
+    """The README's line per diagnosed model: grad KV against ICL on fixed sets, consistency and accuracy, pooled,
+    then each dataset where it goes the other way."""
     out = []
     for model in model_order(runs):
         mine = [r for r in runs if r["model"] == model]
+        worse = diagnosis_reversals(mine)
         out.append(f"Sensitivity, {model} ({len(mine)} of {len(DATASETS)} datasets), grad KV − ICL on fixed sets, "
                    "points: " + "; ".join(
                        f"across {what}: consistency {diagnosis_delta(mine, kind, 'consistency') or '–'}, accuracy "
                        f"{diagnosis_delta(mine, kind, 'accuracy') or '–'}"
                        for kind, what in (("template", "StaICC's 9 templates"), ("demo", "8 demonstration sets")))
-                   + " (STAICC.md, Diagnosis).")
+                   + ". Worse than ICL on a single dataset (its interval below zero): "
+                   + ("; ".join(worse) if worse else "nowhere") + " (STAICC.md, Diagnosis).")
     return ["", *out] if out else []
 
 

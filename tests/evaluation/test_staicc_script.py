@@ -403,6 +403,32 @@ def test_diagnosis_compares_icl_and_grad_kv_on_fixed_sets_and_resumes_by_part(ss
     assert line.startswith("Sensitivity, tiny-llama") and line.count("[") == 4 and "(1 of 10 datasets)" in line
 
 
+def fake_diagnosis(dataset: str, icl_flips: int, grad_flips: int, n: int = 40, reps: int = 8) -> dict:
+    """A finished diagnosis run: every item's gold label 0; ICL / grad KV predict it under every template and set,
+    except that the first `icl_flips` / `grad_flips` items get the other label under half of them."""
+    def preds(flips):
+        return [int(i < flips and v % 2 == 1) for v in range(reps) for i in range(n)]
+    return {"model": "m", "dataset": dataset, "gold": {"template": [0] * n, "demo": [0] * n},
+            "predictions": {"icl": {"template": preds(icl_flips), "demo": preds(icl_flips)},
+                            "grad_kv": {"template": preds(grad_flips), "demo": preds(grad_flips)}}}
+
+
+def test_the_readme_sensitivity_line_names_each_dataset_where_grad_kv_goes_the_other_way():
+    """The pooled mean can hide a dataset where grad KV makes answers less consistent (and less right): the line
+    names each one whose own paired interval is below zero, and says so when there is none."""
+    st = load_benchmark("staicc")
+    steadier, shakier = fake_diagnosis("glue_sst2", 30, 0), fake_diagnosis("trec", 0, 20)
+    _, line = st.diagnosis_summary([steadier, shakier])
+    assert "(2 of 10 datasets)" in line and line.count("consistency") == 4 and "on glue_sst2" not in line
+    assert st.diagnosis_reversals([steadier, shakier]) == [
+        f"{m} across {what} on trec {st.diagnosis_delta([shakier], k, m)}"
+        for m in ("consistency", "accuracy") for k, what in (("template", "templates"), ("demo", "demonstration sets"))]
+    assert st.diagnosis_delta([shakier], "demo", "consistency").mean == pytest.approx(-25.0)
+    assert "Worse than ICL on a single dataset (its interval below zero): consistency across templates on trec -" in line
+    _, calm = st.diagnosis_summary([steadier])
+    assert calm.endswith("(its interval below zero): nowhere (STAICC.md, Diagnosis).")
+
+
 def test_the_small_models_run_seed_major_before_the_large_model():
     st = load_benchmark("staicc")
     jobs = st.job_order(["smollm2-135m", "qwen2.5-coder-1.5b", "gemma3-270m"], ["glue_sst2", "trec"], [0, 1])
