@@ -68,7 +68,10 @@ STAICC.md gives paired intervals and the accuracy in the same runs. A (model, da
 method, 1-15 min each, `diagnosis/parts/`), parts kept only under the same model and settings.
 
 Resumable: each (model, dataset, seed) unit is written when it finishes under benchmarks/results/staicc/units/ (with
-per-item probabilities beside it); run the same command again to continue. Every run appends to sittings.jsonl.
+per-item probabilities beside it); run the same command again to continue. Since qwen2.5-coder-1.5b's units (seed 0's
+up to ~2 h here, longer than a sitting can be) a unit also resumes by part (ICL under StaICC's sampler, zero-shot,
+DT, grad KV, each trained calibration; `units/parts/`, kept only under the same weights and settings; the unit says
+which parts it `resumed`). Every run appends to sittings.jsonl, naming the units and parts it finished.
 
 Cost (estimated on this 2-core CPU before any real-model unit ran; a tiny-model unit proves the flow, see below).
 From the ablation benchmark's confirmation units of smollm2-135m (benchmarks/results/ablations/confirm/units/, 300
@@ -322,6 +325,43 @@ def make_setup(lm, exp, demos: list[int], dev: list[int]):
     return Setup(lm, text, query_items(exp, dev, "demonstration"), BATCH, workspace=ws, demos=demo_items(exp, demos))
 
 
+class PromptMemo:
+    """A StaICC forward function that remembers each prompt's answer in a JSONL file as it goes, so that a kernel pass
+    stopped partway (ICL under StaICC's sampler: 1024 prompts, ~40 min for a seed-0 unit of the 1.5B model here)
+    resumes at the first prompt it had not answered. A prompt answered before (same text and label space) is given
+    the stored label probabilities (Python floats, exact through JSON); `hits` counts them, `reused_s` sums the
+    seconds they first took. The file's first line is `settings` (weights, options): a file made under others is
+    started over. A torn last line (a kill while writing) is ignored."""
+
+    def __init__(self, path: Path, forward, settings: dict):
+        self.path, self.forward, self.hits, self.reused_s, self.seen = path, forward, 0, 0.0, {}
+        settings = json.loads(json.dumps(settings))
+        lines = path.read_text().splitlines() if path.exists() else []
+        if not lines or json.loads(lines[0]).get("settings") != settings:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"settings": settings}) + "\n")
+            lines = []
+        for line in lines[1:]:
+            with contextlib.suppress(ValueError, KeyError):
+                entry = json.loads(line)
+                self.seen[entry["key"]] = entry
+
+    def __call__(self, prompt: str, label_space: list[str], **kw):
+        import hashlib
+
+        key = hashlib.sha256(json.dumps([prompt, label_space, kw], sort_keys=True).encode()).hexdigest()
+        if key in self.seen:
+            self.hits, self.reused_s = self.hits + 1, self.reused_s + self.seen[key]["seconds"]
+            return list(self.seen[key]["probs"])
+        t = time.perf_counter()
+        probs = [float(x) for x in self.forward(prompt=prompt, label_space=label_space, **kw)]
+        entry = {"key": key, "probs": probs, "seconds": round(time.perf_counter() - t, 4)}
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.seen[key] = entry
+        return probs
+
+
 class LastLogits:
     """The model as StaICC's kernel calls it (`model(ids, output_hidden_states=True)`, `.device`), computing the
     vocabulary logits of the last position alone: the kernel reads `logits[0][-1]` and the last hidden state and
@@ -538,14 +578,23 @@ def zero_shot_check(setup, tests, rows: list[dict], n: int = KERNEL_CHECK) -> di
 def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
              source: tuple[dict, list[dict]] | None = None,
              calibrations: dict | None = None,
-             zero_shot: tuple[dict, list[dict]] | None = None) -> tuple[dict, list[dict]]:
+             zero_shot: tuple[dict, list[dict]] | None = None,
+             done: dict | None = None, save=None,
+             memo: tuple[Path, dict] | None = None) -> tuple[dict, list[dict]]:
     """Every method on one (model, dataset, seed); -> (unit, per-item rows). `exp`: StaICC's experimentor of the
     dataset (built here when None; tests pass a smaller one). `source`: an earlier unit of the model and dataset
     (`sampler_source`) whose ICL under StaICC's sampler is taken, not run again, where its first prompts reproduce
     (`sampler_check`; else it runs as before). `calibrations`: StaICC's calibrations as earlier units trained them
     (`calibration_source`), each taken where its first prompts reproduce, else trained again. The calibrations
     trained here are in unit["calibration_states"] (`write_unit` puts them beside the unit). `zero_shot`: an earlier
-    unit's (`sampler_source(key="zero_shot")`), taken where its first items reproduce (`zero_shot_check`)."""
+    unit's (`sampler_source(key="zero_shot")`), taken where its first items reproduce (`zero_shot_check`).
+
+    Resumable by part (a large model's unit can outlast a sitting): `done` is an interrupted run's record
+    ({"parts", "part_s"}), whose finished parts are kept; `save(record)` is called after each part that costs
+    minutes: ICL under StaICC's sampler, zero-shot, DT, grad KV, each trained calibration. ICL on the fixed set is run
+    again on a resume (StaICC's calibrations read its last hidden states, which are not kept; minutes at most).
+    `memo`: (file, settings) where ICL under StaICC's sampler remembers each prompt's answer while it runs
+    (`PromptMemo`; removed once the part is kept), so that it too resumes partway."""
     from StaICC.prefabricate_inference import standard_calibration as sc
     from tqdm.auto import tqdm
 
@@ -557,6 +606,8 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
     tests = query_items(exp, range(n))
     bar = tqdm(total=len(COLUMNS) + 1, desc=f"{lm.name} {dataset} seed {seed}", disable=not progress, leave=False)
     probs, infos, refused, times = {}, {}, {}, {}
+    record = done or {"parts": {}, "part_s": {}}
+    kept = dict(record["parts"])            # what an interrupted run finished, as it left it
 
     def timed(key, fn):
         t = time.perf_counter()
@@ -565,9 +616,19 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
         bar.update(1)
         return out
 
+    def keep(key, part):                    # a finished part, saved at once: a resume starts after it
+        record["parts"][key], record["part_s"][key] = part, times[key]
+        if save is not None:
+            save(record)
+
+    def resumed(key):                       # a kept part's time, as the run that made it measured it
+        times[key] = record["part_s"][key]
+        bar.update(1)
+        return kept[key]
+
     # StaICC's sampler (a set per query, each test item twice), its own kernel and metrics; the same for every seed
     # here (StaICC's own fixed seed), so taken from an earlier unit of the model where its first prompts reproduce
-    shared = {}
+    shared, memo_hits = {}, {}
 
     def staicc_sampler():
         with quiet():
@@ -582,11 +643,25 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
                 return {"metrics": was["metrics"]["icl_staicc"], "correct": was["correct"]["icl_staicc"],
                         "probs": flat}
             # it did not reproduce: run here, the check kept beside
+        forward = kernel(lm) if memo is None else PromptMemo(memo[0], kernel(lm), memo[1])
         with quiet():
-            res, _, out = exp.auto_run(forward_inference=kernel(lm), return_outputs=True)
+            res, _, out = exp.auto_run(forward_inference=forward, return_outputs=True)
+        if memo is not None and forward.hits:
+            memo_hits.update(prompts=forward.hits, seconds=round(forward.reused_s, 3))
         return {"metrics": {k: round(100 * float(v), 4) for k, v in res.items()},
                 "correct": [int(p == g) for p, g in zip(out["predicted"], out["groundtruth"])], "probs": out["prob."]}
-    default = timed("icl_staicc", staicc_sampler)
+    if "icl_staicc" in kept:
+        default = resumed("icl_staicc")["default"]
+        shared.update(kept["icl_staicc"]["shared"])
+    else:
+        default = timed("icl_staicc", staicc_sampler)
+        default = {**default, "probs": [[float(x) for x in p] for p in default["probs"]]}
+        if memo_hits:                       # the seconds of the prompts a stopped run answered: the part's whole time
+            times["icl_staicc"] = round(times["icl_staicc"] + memo_hits["seconds"], 3)
+        keep("icl_staicc", {"default": default, "shared": {k: v for k, v in shared.items() if k == "icl_staicc"},
+                            **({"prompts_resumed": memo_hits} if memo_hits else {})})
+        if memo is not None:
+            memo[0].unlink(missing_ok=True)
     with quiet():
         exp.set_demonstration_sampler([list(demos) for _ in range(n)])   # the fixed set, for every query
     # deepthink's methods on the fixed set, read out as StaICC reads
@@ -598,17 +673,28 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
         shared["zero_shot"] = {**origin(was, "zero_shot"), "check": check, "taken": reproduces(check)}
         return shared["zero_shot"]["taken"]
     for key in OURS:
+        if key in kept:
+            part = resumed(key)
+            if part["probs"] is not None:   # None: the method refused the demonstrations (why in "refused")
+                probs[key] = part["probs"]
+            for into, name in ((infos, "info"), (refused, "refused"), (shared, "shared"), (taken_metrics, "taken")):
+                if name in part:
+                    into[key] = part[name]
+            continue
         if key == "zero_shot" and zero_shot is not None and len(zero_shot[1]) == n and timed(key, zero_shot_taken):
             was, rows = zero_shot
             probs[key], infos[key] = [r[key] for r in rows], was["methods"].get(key, {})
             taken_metrics[key] = (was["metrics"][key], was["correct"][key])
-            continue
-        scored = timed(key, functools.partial(run_ours, key, setup, tests, infos, refused, key == "icl"))
-        if scored is not None:
-            s, merges = scored
-            probs[key] = [softmax(r) for r in s.logprob]
-            if key == "icl":
-                icl_logprob, icl_hidden, merged = s.logprob, s.last_hidden, merges
+        else:
+            scored = timed(key, functools.partial(run_ours, key, setup, tests, infos, refused, key == "icl"))
+            if scored is not None:
+                s, merges = scored
+                probs[key] = [softmax(r) for r in s.logprob]
+                if key == "icl":
+                    icl_logprob, icl_hidden, merged = s.logprob, s.last_hidden, merges
+        if key != "icl":
+            keep(key, {"probs": probs.get(key), **{name: into[key] for into, name in (
+                (infos, "info"), (refused, "refused"), (shared, "shared"), (taken_metrics, "taken")) if key in into}})
     # deepthink's calibrated ICL: content-free queries through StaICC's template, their mean log-prob subtracted
 
     def icl_cc():
@@ -628,6 +714,18 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
     # from an earlier unit of the model where its first prompts reproduce)
     writer, states = exp.prompt_former.write_prompt_from_dataline, {}
     for key, name in STAICC_CAL.items():
+        if key in kept:                     # trained (or taken) by the interrupted run: its state restored
+            part = resumed(key)
+            c = restore(getattr(sc, name)(space), part["state"])
+            infos[key] = part["info"]
+            for into, field in ((shared, "shared"), (states, "stored")):
+                if field in part:
+                    into[key] = part[field]
+            with quiet():
+                probs[key] = [list(map(float, c.inference(p, None, h))) for p, h in zip(probs["icl"], icl_hidden)]
+            continue
+        trained_here = {}
+
         def cal(key=key, name=name):
             with quiet():
                 if name == "batch_calibration":
@@ -656,8 +754,12 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
                     c = trained(first)
                     states[key] = {"state": calibration_state(c), "first": first.probs}
                 infos[key] = {"failed": bool(getattr(c, "failed", False))}
+                trained_here["state"] = calibration_state(c)
                 return [c.inference(p, None, h) for p, h in zip(probs["icl"], icl_hidden)]
         probs[key] = [list(map(float, p)) for p in timed(key, cal)]
+        if trained_here:
+            keep(key, {"state": trained_here["state"], "info": infos[key], **{field: into[key] for into, field in (
+                (shared, "shared"), (states, "stored")) if key in into}})
     bar.close()
 
     metrics, correct = {"icl_staicc": default["metrics"]}, {"icl_staicc": default["correct"]}
@@ -669,7 +771,11 @@ def run_unit(lm, dataset: str, seed: int, progress: bool = True, exp=None,
             "adapter_check": check, "kernel_check": checked, **({"shared": shared} if shared else {}), "n_test": n,
             "demonstrations": {"indices": demos, "text": setup.demonstrations,
                                "tokens": len(tok(setup.demonstrations).input_ids)},
-            "dev_indices": dev, "wall_s": {**times, "total": round(time.perf_counter() - t0, 3)},
+            "dev_indices": dev, "wall_s": {**times, "total": round(time.perf_counter() - t0 + sum(
+                record["part_s"][k] for k in kept), 3)},       # a resumed unit: this run's time and its kept parts'
+            **({"resumed": sorted(kept)} if kept else {}),
+            **({"prompts_resumed": record["parts"]["icl_staicc"]["prompts_resumed"]}
+               if "prompts_resumed" in record["parts"].get("icl_staicc", {}) else {}),
             **({"calibration_states": states} if states else {})}
     rows = []
     for i, e in enumerate(tests):
@@ -685,6 +791,18 @@ def unit_path(dataset: str, model: str, seed: int, root: Path | None = None) -> 
     from deepthink.io import safe_name
 
     return (root or RESULTS) / "units" / f"{safe_name(model)}__{dataset}__seed{seed}.json"
+
+
+def unit_parts(path: Path) -> Path:
+    """Where an unfinished unit keeps its finished parts (`run_unit`'s `done`), until the unit is written."""
+    return path.parent / "parts" / path.name
+
+
+def unit_files(root: Path | None = None) -> set[str]:
+    """The finished units, and each kept part of an unfinished one (what a sitting records)."""
+    d = (root or RESULTS) / "units"
+    parts = {f"{f.stem}: {p}" for f in (d / "parts").glob("*.json") for p in json.loads(f.read_text())["parts"]}
+    return {f.stem for f in d.glob("*.json")} | parts
 
 
 def unit_state(path: Path, cfg: dict) -> str:
@@ -772,6 +890,7 @@ def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "
     Units whose dev methods are redone (`redo_dev`) are among them and also appended to `redone` as they finish."""
     from deepthink.evaluation.provenance import environment, git_hash
     from deepthink.evaluation.runner import cached_model
+    from deepthink.io import write_atomic
 
     git_hash()
     cfg, cache, done = config(), {}, []
@@ -797,12 +916,23 @@ def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "
                 + f"  [{unit['redone']['wall_s']:.0f}s]")
             continue
         path.with_suffix(".calibrations.jsonl").unlink(missing_ok=True)    # an interrupted run's, if any
+        part, settings = unit_parts(path), {"model_fingerprint": lm.fingerprint, "config": cfg}
+        earlier = json.loads(part.read_text()) if part.exists() else None
+        if earlier is not None and earlier.pop("settings", None) != json.loads(json.dumps(settings)):
+            log(f"{path.stem}: the parts an earlier run left were made under other settings; starting over")
+            earlier = None
+        elif earlier is not None:
+            log(f"{path.stem}: resuming after {', '.join(earlier['parts'])}")
         unit, rows = run_unit(lm, dataset, seed, progress, source=sampler_source(model, dataset, lm.fingerprint, cfg),
                               calibrations=calibration_source(model, dataset, lm.fingerprint, cfg),
-                              zero_shot=sampler_source(model, dataset, lm.fingerprint, cfg, "zero_shot"))
+                              zero_shot=sampler_source(model, dataset, lm.fingerprint, cfg, "zero_shot"),
+                              done=earlier, save=lambda rec: write_atomic(part, json.dumps({**rec,
+                                                                                           "settings": settings})),
+                              memo=(part.with_suffix(".icl_staicc.jsonl"), settings))
         unit.update({"model_source": lm.source, "model_fingerprint": lm.fingerprint, "device": str(device),
                      "config": cfg, "environment": environment()})
         write_unit(path, unit, rows)
+        part.unlink(missing_ok=True)
         done.append(path.stem)
         log(f"{model} {dataset} seed {seed}: " + "  ".join(
             f"{LABELS[k]} {unit['metrics'][k]['accuracy']:.1f}" for k in COLUMNS if k in unit["metrics"])
@@ -1510,7 +1640,7 @@ def main(argv=None) -> int:
         set_threads()                   # the physical cores, as the other benchmarks
 
         out = RESULTS / "diagnosis" if args.diagnose else RESULTS
-        files = diagnosis_files if args.diagnose else (lambda: {f.stem for f in (out / "units").glob("*.json")})
+        files = diagnosis_files if args.diagnose else unit_files
         before = files()
         interrupt_on_sigterm()     # a kill ends the sitting as Ctrl-C does: recorded, the units written kept
         sitting = Sitting("python benchmarks/staicc.py " + " ".join(sys.argv[1:] if argv is None else argv))

@@ -206,6 +206,105 @@ def test_a_unit_resumes_and_the_tables_are_written(sst2, tiny_model_dir, tmp_pat
         st.main(argv)
 
 
+def test_an_interrupted_unit_resumes_after_its_finished_parts(sst2, tiny_model_dir, tmp_path, monkeypatch):
+    """A large model's unit can outlast a sitting: each finished part is kept (units/parts/) and the next run does
+    only the rest (ICL on the fixed set again: its last hidden states are not kept), StaICC's kernel pass resuming at
+    the first prompt it had not answered, giving the numbers an uninterrupted run gives; the sittings record the kept
+    parts; parts made under other settings are done again."""
+    st = load_benchmark("staicc")
+    monkeypatch.setattr(st, "RESULTS", tmp_path / "staicc")
+    monkeypatch.setattr(st, "MARKDOWN", tmp_path / "STAICC.md")
+    monkeypatch.setattr(st, "README", tmp_path / "README.md")
+    (tmp_path / "README.md").write_text(f"{st.README_MARK[0]}\n{st.README_MARK[1]}\n")
+    monkeypatch.setattr(st, "DEV_SIZE", 4)
+    monkeypatch.setattr(st, "CALIBRATION_NUMBER", 4)
+    monkeypatch.setattr(st, "OURS", {"zero_shot": {}, "icl": {}, "dt_dev": {"steps": 2}, "grad_kv": {"steps": 2}})
+    monkeypatch.setattr(st, "experimentor", lambda dataset, kind="Normal": small(st, sst2))
+    from deepthink.evaluation.runner import cached_model
+
+    whole, whole_rows = st.run_unit(cached_model({}, str(tiny_model_dir), "cpu"), "glue_sst2", 0, False,
+                                    exp=small(st, sst2))
+    ran, real_ours, real_state, real_kernel, stop, prompts = [], st.run_ours, st.calibration_state, st.kernel, {}, []
+
+    def counting_kernel(lm, *a, **k):
+        run = real_kernel(lm, *a, **k)
+
+        def forward(**kw):
+            if stop.get("at") == "prompt 5" and len(prompts) == 4:
+                raise KeyboardInterrupt             # partway through StaICC's sampler's 24 prompts
+            prompts.append(kw["prompt"])
+            return run(**kw)
+        forward.keywords = run.keywords
+        return forward if not a and not k else run  # only the pass of ICL under StaICC's sampler counted
+
+    def ours(key, *a, **k):
+        if stop.get("at") == key:
+            raise KeyboardInterrupt
+        ran.append(key)
+        return real_ours(key, *a, **k)
+
+    def state(c):
+        if stop.get("at") == "staicc_hc" and hasattr(c, "centroid"):
+            raise KeyboardInterrupt                 # during hidden calibration, after contextual and domain
+        return real_state(c)
+    monkeypatch.setattr(st, "run_ours", ours)
+    monkeypatch.setattr(st, "calibration_state", state)
+    monkeypatch.setattr(st, "kernel", counting_kernel)
+    argv = ["--models", str(tiny_model_dir), "--datasets", "glue_sst2", "--seeds", "0", "--quiet"]
+    path = st.unit_path("glue_sst2", str(tiny_model_dir), 0)
+    part = st.unit_parts(path)
+    memo = part.with_suffix(".icl_staicc.jsonl")
+    stop["at"] = "prompt 5"
+    with pytest.raises(KeyboardInterrupt):
+        st.main(argv)
+    assert not part.exists() and len(memo.read_text().splitlines()) == 1 + 4      # settings, then 4 answers
+    with memo.open("a") as f:
+        f.write('{"key": "torn')                    # a kill while writing
+    stop["at"], prompts[:] = "grad_kv", []
+    with pytest.raises(KeyboardInterrupt):
+        st.main(argv)
+    assert len(prompts) == 2 * N_TEST - 4 and not memo.exists()    # the 4 answered prompts not run again
+    first = json.loads(part.read_text())
+    assert list(first["parts"]) == ["icl_staicc", "zero_shot", "dt_dev"] and not path.exists()
+    assert first["parts"]["icl_staicc"]["prompts_resumed"]["prompts"] == 4
+    assert ran == ["zero_shot", "icl", "dt_dev"]
+    stop["at"], ran[:] = "staicc_hc", []
+    with pytest.raises(KeyboardInterrupt):
+        st.main(argv)
+    assert ran == ["icl", "grad_kv"]                # the kept parts not run again
+    assert list(json.loads(part.read_text())["parts"]) == ["icl_staicc", "zero_shot", "dt_dev", "grad_kv",
+                                                           "staicc_cc", "staicc_dc"]
+    sittings = [json.loads(l) for l in (tmp_path / "staicc" / "sittings.jsonl").read_text().splitlines()]
+    assert [s["done"] for s in sittings] == [[], [f"{path.stem}: {k}" for k in ("dt_dev", "icl_staicc", "zero_shot")],
+                                             [f"{path.stem}: {k}" for k in ("grad_kv", "staicc_cc", "staicc_dc")]]
+    stop.clear()
+    ran[:] = []
+    st.main(argv)
+    assert ran == ["icl"] and not part.exists()
+    unit = json.loads(path.read_text())
+    assert unit["resumed"] == sorted(["icl_staicc", "zero_shot", "dt_dev", "grad_kv", "staicc_cc", "staicc_dc"])
+    assert unit["wall_s"]["icl_staicc"] == first["part_s"]["icl_staicc"]      # as the run that made it measured it
+    assert unit["prompts_resumed"]["prompts"] == 4
+    stored = path.with_suffix(".calibrations.jsonl").read_text().splitlines()
+    assert "calibration_states" not in unit and len(stored) == 3         # kept trainings stored beside, as ever
+    for k in st.COLUMNS:                            # what an uninterrupted run gives
+        assert unit["correct"][k] == whole["correct"][k]
+        assert unit["metrics"][k] == pytest.approx(whole["metrics"][k], abs=1e-3)
+    rows = [json.loads(l) for l in path.with_suffix(".predictions.jsonl").read_text().splitlines()]
+    for r, w in zip(rows, whole_rows):
+        for k in st.COLUMNS:
+            assert r[k] == (pytest.approx(w[k], abs=1e-5) if k != "icl_staicc" else
+                            [pytest.approx(p, abs=1e-5) for p in w[k]])
+    # parts left under other settings (another dev split size) are not taken: seed 1 runs whole
+    other = st.unit_path("glue_sst2", str(tiny_model_dir), 1)
+    st.unit_parts(other).write_text(json.dumps({**first, "settings": {**first["settings"], "config": {
+        **first["settings"]["config"], "dev_size": 5}}}))
+    ran[:] = []
+    st.main(argv[:-2] + ["1", "--quiet"])
+    assert ran == ["icl", "dt_dev", "grad_kv"] and "resumed" not in json.loads(other.read_text())
+    assert not st.unit_parts(other).exists()
+
+
 def test_staiccs_sampler_is_the_same_for_every_seed_and_a_source_that_does_not_reproduce_is_not_taken(
         sst2, tiny_model_dir, tmp_path, monkeypatch):
     """ICL under StaICC's own sampler does not depend on the seed here: a freshly built experimentor draws the same
