@@ -99,6 +99,10 @@ plus the diagnosis. Measured with all three (git d316c6b, 2026-12-06): gemma3-27
 against 756-1242 s at seed 0 (~3.8x less; their calibrations were still trained, seed 2 takes them). At such rates
 the ~45 small-model units then left are ~4 h and qwen2.5-coder-1.5b's 30 ~20 h (seed 0 ~3x qwen2.5-coder-0.5b's
 less its fixed-set kernel pass, ~75 min a unit; seeds 1-2 ~20-25 min), ~24 h plus the diagnosis (~8 h, estimated).
+Measured (git e08c9b4, 2026-12-07): qwen2.5-coder-1.5b's first unit (glue_sst2 seed 0) took 93 min, ~5x
+qwen2.5-coder-0.5b's same unit less its fixed-set kernel pass (StaICC's sampler pass 3.3 s a prompt); at that rate
+its 29 units left are ~35-39 h, and its seed-0 units of the larger datasets (agnews ~3 h) outlast a sitting, so units
+resume by part and by prompt (above).
 """
 from __future__ import annotations
 
@@ -1606,7 +1610,7 @@ def write_markdown() -> Path:
     return MARKDOWN
 
 
-LATE = ["qwen2.5-coder-1.5b"]      # run after every other model's seeds: about 3x qwen2.5-coder-0.5b's time a unit
+LATE = ["qwen2.5-coder-1.5b"]      # run after every other model's seeds: about 5x qwen2.5-coder-0.5b's time a unit
 
 
 def job_order(model_names: list[str], datasets: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
