@@ -69,7 +69,7 @@ method, 1-15 min each, `diagnosis/parts/`), parts kept only under the same model
 
 Resumable: each (model, dataset, seed) unit is written when it finishes under benchmarks/results/staicc/units/ (with
 per-item probabilities beside it); run the same command again to continue. Since qwen2.5-coder-1.5b's units (seed 0's
-up to ~2 h here, longer than a sitting can be) a unit also resumes by part (ICL under StaICC's sampler, zero-shot,
+up to ~3 h here, longer than a sitting can be) a unit also resumes by part (ICL under StaICC's sampler, zero-shot,
 DT, grad KV, each trained calibration; `units/parts/`, kept only under the same weights and settings; the unit says
 which parts it `resumed`). Every run appends to sittings.jsonl, naming the units and parts it finished.
 
@@ -802,6 +802,18 @@ def unit_parts(path: Path) -> Path:
     return path.parent / "parts" / path.name
 
 
+def kept_parts(part: Path, settings: dict, log=print) -> dict | None:
+    """The record an interrupted unit or diagnosis left in `part` (its finished parts, `part_s`), or None where there
+    is none or it was made under other `settings` (then it is done again, and said so)."""
+    earlier = json.loads(part.read_text()) if part.exists() else None
+    if earlier is not None and earlier.pop("settings", None) != json.loads(json.dumps(settings)):
+        log(f"{part.stem}: the parts an earlier run left were made under other settings; starting over")
+        return None
+    if earlier is not None:
+        log(f"{part.stem}: resuming after {', '.join(earlier['part_s'])}")
+    return earlier
+
+
 def unit_files(root: Path | None = None) -> set[str]:
     """The finished units, and each kept part of an unfinished one (what a sitting records)."""
     d = (root or RESULTS) / "units"
@@ -921,12 +933,7 @@ def run(jobs: list[tuple[str, str, int]], progress: bool = True, device: str = "
             continue
         path.with_suffix(".calibrations.jsonl").unlink(missing_ok=True)    # an interrupted run's, if any
         part, settings = unit_parts(path), {"model_fingerprint": lm.fingerprint, "config": cfg}
-        earlier = json.loads(part.read_text()) if part.exists() else None
-        if earlier is not None and earlier.pop("settings", None) != json.loads(json.dumps(settings)):
-            log(f"{path.stem}: the parts an earlier run left were made under other settings; starting over")
-            earlier = None
-        elif earlier is not None:
-            log(f"{path.stem}: resuming after {', '.join(earlier['parts'])}")
+        earlier = kept_parts(part, settings, log)
         unit, rows = run_unit(lm, dataset, seed, progress, source=sampler_source(model, dataset, lm.fingerprint, cfg),
                               calibrations=calibration_source(model, dataset, lm.fingerprint, cfg),
                               zero_shot=sampler_source(model, dataset, lm.fingerprint, cfg, "zero_shot"),
@@ -1695,12 +1702,7 @@ def run_diagnosis(model_names: list[str], datasets: list[str], progress: bool, d
                 continue
             lm = cached_model(cache, model, device)
             settings, part = diagnosis_settings(lm), path.parent / "parts" / path.name
-            earlier = json.loads(part.read_text()) if part.exists() else None
-            if earlier is not None and earlier.pop("settings", None) != settings:
-                print(f"{path.stem}: the parts an earlier run left were made under other settings; starting over")
-                earlier = None
-            elif earlier is not None:
-                print(f"{path.stem}: resuming after {', '.join(earlier['part_s'])}")
+            earlier = kept_parts(part, settings)
             r = diagnose(lm, d, progress, done=earlier,
                          save=lambda rec: write_atomic(part, json.dumps({**rec, "settings": settings})))
             r.update({**settings, "environment": environment()})
