@@ -71,7 +71,8 @@ Resumable: each (model, dataset, seed) unit is written when it finishes under be
 per-item probabilities beside it); run the same command again to continue. Since qwen2.5-coder-1.5b's units (seed 0's
 up to ~3 h here, longer than a sitting can be) a unit also resumes by part (ICL under StaICC's sampler, zero-shot,
 DT, grad KV, each trained calibration; `units/parts/`, kept only under the same weights and settings; the unit says
-which parts it `resumed`). Every run appends to sittings.jsonl, naming the units and parts it finished.
+which parts it `resumed`). Every run appends to sittings.jsonl, naming the units it finished, the parts of
+unfinished ones it kept and how many prompts of an unfinished ICL-under-StaICC's-sampler pass it answered.
 
 Cost (estimated on this 2-core CPU before any real-model unit ran; a tiny-model unit proves the flow, see below).
 From the ablation benchmark's confirmation units of smollm2-135m (benchmarks/results/ablations/confirm/units/, 300
@@ -795,6 +796,14 @@ def unit_path(dataset: str, model: str, seed: int, root: Path | None = None) -> 
     from deepthink.io import safe_name
 
     return (root or RESULTS) / "units" / f"{safe_name(model)}__{dataset}__seed{seed}.json"
+
+
+def memo_prompts(root: Path | None = None) -> dict[str, int]:
+    """Per unfinished unit, the prompts of ICL under StaICC's sampler answered and kept so far (`PromptMemo`'s file:
+    its settings line, then a line a prompt; a torn last line not counted), for the sittings log: a sitting can end
+    inside that pass alone."""
+    memos = ((root or RESULTS) / "units" / "parts").glob("*.icl_staicc.jsonl")
+    return {f.name.removesuffix(".icl_staicc.jsonl"): max(0, f.read_text().count("\n") - 1) for f in memos}
 
 
 def unit_parts(path: Path) -> Path:
@@ -1652,7 +1661,7 @@ def main(argv=None) -> int:
 
         out = RESULTS / "diagnosis" if args.diagnose else RESULTS
         files = diagnosis_files if args.diagnose else unit_files
-        before = files()
+        before, answered = files(), memo_prompts()
         interrupt_on_sigterm()     # a kill ends the sitting as Ctrl-C does: recorded, the units written kept
         sitting = Sitting("python benchmarks/staicc.py " + " ".join(sys.argv[1:] if argv is None else argv))
         error, redone = None, []
@@ -1666,8 +1675,11 @@ def main(argv=None) -> int:
             error = stopped_by(e)
             raise
         finally:                        # the units this sitting finished, whatever stopped it
-            new = sorted(files() - before) + [f"{u} (dev methods redone)" for u in redone]
-            sitting.record(out / "sittings.jsonl", new, 1, error)
+            new = files() - before
+            parts = sorted(n for n in new if ": " in n)     # "unit: part", a part of a unit not finished yet
+            prompts = {u: n - answered.get(u, 0) for u, n in memo_prompts().items() if n > answered.get(u, 0)}
+            new = sorted(new - set(parts)) + [f"{u} (dev methods redone)" for u in redone]
+            sitting.record(out / "sittings.jsonl", new, 1, error, parts=parts, prompts=prompts)
             if error is not None and new:   # stopped: the tables still show what finished, then the stop goes on
                 try:
                     print(f"stopped; wrote {write_markdown()} from the units finished")

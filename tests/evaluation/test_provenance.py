@@ -26,6 +26,16 @@ def test_sittings_are_appended_and_listed_in_order(tmp_path):
     assert "0 unit(s) finished (none)" in lines[1] and lines[0].startswith(f"- {first['start']} – {first['end']}:")
 
 
+def test_a_sitting_that_only_moved_long_units_on_says_how_far(tmp_path):
+    log = tmp_path / "sittings.jsonl"
+    Sitting("python bench.py").record(log, ["a__seed0"], parts=["b__seed0: zero_shot"], prompts={"c__seed0": 614})
+    entry = json.loads(log.read_text())
+    assert entry["units"] == 1 and entry["parts"] == ["b__seed0: zero_shot"] and entry["prompts"] == {"c__seed0": 614}
+    line = sitting_lines(log)[0]
+    assert "1 unit(s) finished (a__seed0), 1 part(s) of unfinished units kept (b__seed0: zero_shot), " in line
+    assert "614 prompt(s) of c__seed0 answered and kept, " in line
+
+
 def test_a_failed_sitting_says_what_stopped_it(tmp_path):
     log = tmp_path / "sittings.jsonl"
     err = stopped_by(ValueError("463 prefix + 78 query tokens exceed the window\nsecond line"))

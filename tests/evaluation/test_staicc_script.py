@@ -275,8 +275,11 @@ def test_an_interrupted_unit_resumes_after_its_finished_parts(sst2, tiny_model_d
     assert list(json.loads(part.read_text())["parts"]) == ["icl_staicc", "zero_shot", "dt_dev", "grad_kv",
                                                            "staicc_cc", "staicc_dc"]
     sittings = [json.loads(l) for l in (tmp_path / "staicc" / "sittings.jsonl").read_text().splitlines()]
-    assert [s["done"] for s in sittings] == [[], [f"{path.stem}: {k}" for k in ("dt_dev", "icl_staicc", "zero_shot")],
-                                             [f"{path.stem}: {k}" for k in ("grad_kv", "staicc_cc", "staicc_dc")]]
+    assert [s["done"] for s in sittings] == [[], [], []] and [s["units"] for s in sittings] == [0, 0, 0]
+    assert [s.get("parts") for s in sittings] == [None, [f"{path.stem}: {k}" for k in ("dt_dev", "icl_staicc",
+                                                                                       "zero_shot")],
+                                                  [f"{path.stem}: {k}" for k in ("grad_kv", "staicc_cc", "staicc_dc")]]
+    assert [s.get("prompts") for s in sittings] == [{path.stem: 4}, None, None]   # the torn line not counted
     stop.clear()
     ran[:] = []
     st.main(argv)
@@ -464,8 +467,9 @@ def test_diagnosis_compares_icl_and_grad_kv_on_fixed_sets_and_resumes_by_part(ss
         st.main(argv)
     assert len(json.loads(part.read_text())["part_s"]) == 3
     sittings = [json.loads(l) for l in (diag / "sittings.jsonl").read_text().splitlines()]
-    assert [s["done"] for s in sittings] == [[f"{part.stem}: template icl", f"{part.stem}: template icl_staicc"],
-                                             [f"{part.stem}: template grad_kv"]]      # (sorted)
+    assert [s["parts"] for s in sittings] == [[f"{part.stem}: template icl", f"{part.stem}: template icl_staicc"],
+                                              [f"{part.stem}: template grad_kv"]]     # (sorted)
+    assert [s["done"] for s in sittings] == [[], []]
     tampered = json.loads(part.read_text())
     tampered["settings"]["config"]["dev_size"] = 5
     part.write_text(json.dumps(tampered))

@@ -65,12 +65,18 @@ class Sitting:
         self.start, self._t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
         git_hash()  # taken now (cached for the process): the sitting records the code it started with
 
-    def record(self, log: Path, done: list[str], processes: int = 1, error: str | None = None) -> dict:
-        """Append this sitting, with the units it finished (``done``) and what stopped it (``error``, if anything
-        did), as one line of ``log``."""
+    def record(self, log: Path, done: list[str], processes: int = 1, error: str | None = None, *,
+               parts: list[str] = (), prompts: dict[str, int] | None = None) -> dict:
+        """Append this sitting, with the units it finished (``done``), the parts of unfinished units it kept
+        (``parts``), the prompts it answered and kept per unfinished unit (``prompts``) and what stopped it
+        (``error``, if anything did), as one line of ``log``: a sitting that only moved a long unit on says so."""
         entry = {"start": self.start, "end": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  "command": self.command, "units": len(done), "done": sorted(done),
                  "minutes": (time.perf_counter() - self._t0) / 60, "git": git_hash(), "processes": processes}
+        if parts:
+            entry["parts"] = sorted(parts)
+        if prompts:
+            entry["prompts"] = dict(sorted(prompts.items()))
         if error:
             entry["error"] = error
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +92,10 @@ def sitting_lines(log: Path) -> list[str]:
     out = []
     for line in log.read_text().splitlines():
         s = json.loads(line)
+        parts = s.get("parts", [])
+        kept = [f"{len(parts)} part(s) of unfinished units kept ({', '.join(parts)}), "] if parts else []
+        kept += [f"{n} prompt(s) of {unit} answered and kept, " for unit, n in s.get("prompts", {}).items()]
         out.append(f"- {s['start']} – {s['end']}: {s['command']} — {s['units']} unit(s) finished "
-                   f"({', '.join(s['done']) or 'none'}), {s['minutes']:.1f} min, git {s['git']}"
+                   f"({', '.join(s['done']) or 'none'}), {''.join(kept)}{s['minutes']:.1f} min, git {s['git']}"
                    + (f"; stopped by {s['error']}" if s.get("error") else ""))
     return out
