@@ -823,11 +823,11 @@ def kept_parts(part: Path, settings: dict, log=print) -> dict | None:
     return earlier
 
 
-def unit_files(root: Path | None = None) -> set[str]:
-    """The finished units, and each kept part of an unfinished one (what a sitting records)."""
+def unit_files(root: Path | None = None) -> tuple[set[str], set[str]]:
+    """The finished units, and each kept part of an unfinished one as "unit: part" (what a sitting records)."""
     d = (root or RESULTS) / "units"
     parts = {f"{f.stem}: {p}" for f in (d / "parts").glob("*.json") for p in json.loads(f.read_text())["parts"]}
-    return {f.stem for f in d.glob("*.json")} | parts
+    return {f.stem for f in d.glob("*.json")}, parts
 
 
 def unit_state(path: Path, cfg: dict) -> str:
@@ -1661,7 +1661,7 @@ def main(argv=None) -> int:
 
         out = RESULTS / "diagnosis" if args.diagnose else RESULTS
         files = diagnosis_files if args.diagnose else unit_files
-        before, answered = files(), memo_prompts()
+        (units_before, parts_before), answered = files(), memo_prompts()
         interrupt_on_sigterm()     # a kill ends the sitting as Ctrl-C does: recorded, the units written kept
         sitting = Sitting("python benchmarks/staicc.py " + " ".join(sys.argv[1:] if argv is None else argv))
         error, redone = None, []
@@ -1675,10 +1675,10 @@ def main(argv=None) -> int:
             error = stopped_by(e)
             raise
         finally:                        # the units this sitting finished, whatever stopped it
-            new = files() - before
-            parts = sorted(n for n in new if ": " in n)     # "unit: part", a part of a unit not finished yet
+            units_after, parts_after = files()
+            parts = sorted(parts_after - parts_before)
             prompts = {u: n - answered.get(u, 0) for u, n in memo_prompts().items() if n > answered.get(u, 0)}
-            new = sorted(new - set(parts)) + [f"{u} (dev methods redone)" for u in redone]
+            new = sorted(units_after - units_before) + [f"{u} (dev methods redone)" for u in redone]
             sitting.record(out / "sittings.jsonl", new, 1, error, parts=parts, prompts=prompts)
             if error is not None and new:   # stopped: the tables still show what finished, then the stop goes on
                 try:
@@ -1694,11 +1694,12 @@ def diagnosis_settings(lm) -> dict:
     return json.loads(json.dumps({"model_fingerprint": lm.fingerprint, "config": config(), "diag_seeds": DIAG_SEEDS}))
 
 
-def diagnosis_files(root: Path | None = None) -> set[str]:
-    """The finished (model, dataset) diagnoses, and each part of an unfinished one (what a sitting records)."""
+def diagnosis_files(root: Path | None = None) -> tuple[set[str], set[str]]:
+    """The finished (model, dataset) diagnoses, and each part of an unfinished one as "diagnosis: part" (what a
+    sitting records)."""
     d = (root or RESULTS) / "diagnosis"
     parts = {f"{f.stem}: {p}" for f in (d / "parts").glob("*.json") for p in json.loads(f.read_text())["part_s"]}
-    return {f.stem for f in d.glob("*__*.json")} | parts
+    return {f.stem for f in d.glob("*__*.json")}, parts
 
 
 def run_diagnosis(model_names: list[str], datasets: list[str], progress: bool, device: str = "cpu") -> list[str]:
