@@ -73,6 +73,7 @@ up to ~3 h here, longer than a sitting can be) a unit also resumes by part (ICL 
 DT, grad KV, each trained calibration; `units/parts/`, kept only under the same weights and settings; the unit says
 which parts it `resumed`). Every run appends to sittings.jsonl, naming the units it finished, the parts of
 unfinished ones it kept and how many prompts of an unfinished ICL-under-StaICC's-sampler pass it answered.
+`--until HH:MM` (UTC) ends a sitting by itself at that time, as a kill does (recorded, everything finished kept).
 
 Cost (estimated on this 2-core CPU before any real-model unit ran; a tiny-model unit proves the flow, see below).
 From the ablation benchmark's confirmation units of smollm2-135m (benchmarks/results/ablations/confirm/units/, 300
@@ -1650,11 +1651,20 @@ def main(argv=None) -> int:
     p.add_argument("--diagnose", action="store_true", help="StaICC's template and demonstration sensitivity of ICL "
                    "against grad KV, one (model, dataset) at a time, resumable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--until", metavar="TIME", help="end the sitting at this UTC time, HH:MM (the next one) or "
+                   "'YYYY-MM-DD HH:MM', as a kill does: recorded, finished units and kept parts stay")
     args = p.parse_args(argv)
     if args.seeds is not None and any(s < 0 for s in args.seeds):
         p.error("--seeds must be integers >= 0")
+    until = None
+    if args.until is not None and not args.write_only:
+        from deepthink.evaluation.provenance import stop_time
+        try:
+            until = stop_time(args.until)
+        except ValueError as e:
+            p.error(str(e))
     if not args.write_only:
-        from deepthink.evaluation.provenance import Sitting, interrupt_on_sigterm, stopped_by
+        from deepthink.evaluation.provenance import Sitting, interrupt_at, interrupt_on_sigterm, stopped_by
         from deepthink.models import set_threads
 
         set_threads()                   # the physical cores, as the other benchmarks
@@ -1666,11 +1676,13 @@ def main(argv=None) -> int:
         sitting = Sitting("python benchmarks/staicc.py " + " ".join(sys.argv[1:] if argv is None else argv))
         error, redone = None, []
         try:
-            if args.diagnose:
-                run_diagnosis(args.models or ["smollm2-135m"], args.datasets or DATASETS, not args.quiet, args.device)
-            else:
-                run(job_order(args.models or models(), args.datasets or DATASETS, args.seeds or SEEDS),
-                    not args.quiet, args.device, redone=redone)
+            with interrupt_at(until):   # --until: the sitting ends itself then, as a kill would
+                if args.diagnose:
+                    run_diagnosis(args.models or ["smollm2-135m"], args.datasets or DATASETS, not args.quiet,
+                                  args.device)
+                else:
+                    run(job_order(args.models or models(), args.datasets or DATASETS, args.seeds or SEEDS),
+                        not args.quiet, args.device, redone=redone)
         except BaseException as e:      # recorded (a failed sitting costs time too), then raised
             error = stopped_by(e)
             raise

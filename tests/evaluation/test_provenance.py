@@ -79,3 +79,37 @@ def test_a_kill_ends_a_sitting_as_an_interrupt_does():
         assert stopped_by(e.value) == "KeyboardInterrupt: SIGTERM"
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_until_reads_a_utc_time_still_to_come():
+    import datetime as dt
+
+    from deepthink.evaluation.provenance import stop_time
+
+    now = dt.datetime(2026, 12, 8, 1, 0, tzinfo=dt.timezone.utc).timestamp()
+    assert stop_time("03:05", now) - now == 2 * 3600 + 5 * 60        # later today
+    assert stop_time("00:30", now) - now == 23 * 3600 + 30 * 60      # already past today: tomorrow's
+    assert stop_time("2026-12-09 01:00", now) - now == 24 * 3600
+    with pytest.raises(ValueError, match="already past"):
+        stop_time("2026-12-08 00:59", now)
+    for bad in ("3pm", "25:00", "2026-12-09T01:00", ""):
+        with pytest.raises(ValueError, match="HH:MM"):
+            stop_time(bad, now)
+
+
+def test_a_sitting_ends_itself_at_its_until_time_and_the_timer_goes_with_it():
+    import time
+
+    from deepthink.evaluation.provenance import interrupt_at
+
+    before = signal.getsignal(signal.SIGALRM)
+    with pytest.raises(KeyboardInterrupt) as e:
+        with interrupt_at(time.time() + 0.2):
+            time.sleep(30)                          # the interrupt comes long before this ends
+    assert stopped_by(e.value).startswith("KeyboardInterrupt: --until ") and str(e.value).endswith(" UTC reached")
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) == before
+    with interrupt_at(time.time() + 60):            # left in time: nothing fires later
+        pass
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    with interrupt_at(None):                        # no --until: no timer at all
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

@@ -626,3 +626,25 @@ def test_when_to_use_which_follows_the_rule_written_first():
     line = st.recommendation_line("m", close)
     assert "use **ICL + CC (deepthink)**" in line and "StaICC hidden cal." in line and "not clearly" in line
     assert "grad KV against it +0.0" in line and "batch" not in line
+
+
+def test_until_ends_a_sitting_by_itself_and_the_sitting_says_so(tmp_path, monkeypatch):
+    import time
+
+    from deepthink.evaluation import provenance
+
+    st = load_benchmark("staicc")
+    monkeypatch.setattr(st, "RESULTS", tmp_path / "staicc")
+    for bad in (["--until", "2000-01-01 00:00"], ["--until", "at three"]):     # refused before anything runs
+        with pytest.raises(SystemExit):
+            st.main(bad)
+    assert not (tmp_path / "staicc" / "sittings.jsonl").exists()
+    monkeypatch.setattr(provenance, "stop_time", lambda text: time.time() + 0.3)   # "HH:MM" is 0.3 s away
+    monkeypatch.setattr(st, "run", lambda *a, **k: time.sleep(60))                 # a sitting longer than that
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt, match="--until .* UTC reached"):
+        st.main(["--models", "smollm2-135m", "--until", "03:05", "--quiet"])
+    assert time.perf_counter() - t0 < 30
+    entry = json.loads((tmp_path / "staicc" / "sittings.jsonl").read_text())
+    assert entry["error"].startswith("KeyboardInterrupt: --until ") and entry["units"] == 0
+    assert "--until 03:05" in entry["command"]

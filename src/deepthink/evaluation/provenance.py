@@ -1,6 +1,7 @@
 """Provenance recorded with every result: versions, platform, and the git commit of the code that ran."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import platform
@@ -48,6 +49,51 @@ def interrupt_on_sigterm() -> None:
     def _raise(*_):
         raise KeyboardInterrupt("SIGTERM")
     signal.signal(signal.SIGTERM, _raise)
+
+
+def stop_time(text: str, now: float | None = None) -> float:
+    """A benchmark's ``--until``: "HH:MM" (UTC; the next such time, today or tomorrow) or "YYYY-MM-DD HH:MM" (UTC,
+    still to come) -> seconds since the epoch. ValueError, saying what to write, for anything else."""
+    import datetime as dt
+
+    now, utc, given = time.time() if now is None else now, dt.timezone.utc, text.strip()
+    try:
+        if len(given) <= 5:
+            hm = dt.datetime.strptime(given, "%H:%M").time()
+            day = dt.datetime.fromtimestamp(now, utc).date()
+            when = dt.datetime.combine(day, hm, utc)
+            if when.timestamp() <= now:
+                when += dt.timedelta(days=1)
+        else:
+            when = dt.datetime.strptime(given, "%Y-%m-%d %H:%M").replace(tzinfo=utc)
+    except ValueError:
+        raise ValueError(f"--until {text!r}: write a UTC time as HH:MM or 'YYYY-MM-DD HH:MM'") from None
+    if when.timestamp() <= now:
+        raise ValueError(f"--until {text!r} is already past (now {time.strftime('%Y-%m-%d %H:%M', time.gmtime(now))}"
+                         " UTC)")
+    return when.timestamp()
+
+
+@contextlib.contextmanager
+def interrupt_at(when: float | None):
+    """Inside it, the sitting ends at ``when`` (seconds since the epoch; None: never) as a kill does (see
+    interrupt_on_sigterm), with KeyboardInterrupt("--until YYYY-MM-DD HH:MM UTC reached"): a long benchmark stops
+    itself before a session ends, with no watcher process beside it. Raised in the main thread at its next Python
+    step (a model call under way finishes first). Leaving it cancels the timer."""
+    if when is None:
+        yield
+        return
+    label = time.strftime("%Y-%m-%d %H:%M", time.gmtime(when))
+
+    def _raise(*_):
+        raise KeyboardInterrupt(f"--until {label} UTC reached")
+    before = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, max(when - time.time(), 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def stopped_by(e: BaseException) -> str:
