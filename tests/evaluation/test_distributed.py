@@ -70,7 +70,10 @@ def assert_same_runs(a, b, report=True):
                 for timed in ("wall_s", "environment", "memory_mb", "scoring"):   # seconds and bytes held differ
                     u.pop(timed)
                 u["methods"] = method_results(u)
-            assert_same_json(ua, ub, where=name)     # floats within 1e-5: two processes sum in another order
+            # floats within 1e-5 relative: two processes sum in another order; and within 1.5e-4 absolute, since a
+            # unit writes its dev items' log-probabilities rounded to 4 decimals, where that noise at a rounding
+            # boundary moves one by 1e-4 (-6.4363 on one process against -6.4364 on two, seen on a fresh clone)
+            assert_same_json(ua, ub, abs=1.5e-4, where=name)
     assert (b / "results.json").exists() or not report
 
 
